@@ -1,0 +1,20 @@
+# SmallTalk LM: an asynchronous mixture of language models (paper: shared/paper).
+# Stages: data -> routers (EM) -> shards -> experts -> evaluation -> report.
+
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+
+
+rule all:
+    input:
+        get_final_outputs(),
+    default_target: True

@@ -1,0 +1,5 @@
+import sys
+
+from smalltalk.cli import main
+
+sys.exit(main())

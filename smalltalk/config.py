@@ -1,0 +1,174 @@
+"""The workflow configuration: one schema, checked the same way by Snakemake and the CLI.
+
+`config.schema.yaml` (beside this file) types every key and gives its default; what JSON
+Schema cannot say (fractions summing to 1, M < S) is checked here. All problems are
+reported together, each naming its key, before any job starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator, validators
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+SPLITS = ("train", "val", "test")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message lists every problem with its key."""
+
+
+def load_schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _with_defaults(validator_class):
+    """A validator that fills in schema defaults while it walks (the jsonschema FAQ recipe)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _key(path) -> str:
+    return ".".join(str(part) for part in path) or "(top level)"
+
+
+def semantic_errors(config: dict[str, Any]) -> list[str]:
+    """Checks that span several keys, which JSON Schema cannot express."""
+    errors = []
+    splits = config.get("splits", {})
+    if all(isinstance(splits.get(name), int | float) for name in SPLITS):
+        total = sum(splits[name] for name in SPLITS)
+        if not math.isclose(total, 1.0, abs_tol=1e-9):
+            errors.append(f"splits: fractions must sum to 1, got {total:g}")
+        if splits["train"] <= 0:
+            errors.append("splits.train: the train split must be non-empty (> 0)")
+    seq_len = config.get("seq_len")
+    prefix_len = config.get("routing", {}).get("prefix_len")
+    if isinstance(seq_len, int) and isinstance(prefix_len, int) and prefix_len >= seq_len:
+        errors.append(
+            f"routing.prefix_len: the routing prefix M={prefix_len} must be shorter than "
+            f"seq_len S={seq_len}"
+        )
+    vocab_size = config.get("tokenizer", {}).get("vocab_size")
+    if config.get("tokenizer", {}).get("model") is None and isinstance(vocab_size, int):
+        if vocab_size < 300:
+            errors.append("tokenizer.vocab_size: byte fallback needs at least 300 pieces")
+    return errors
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of `config` with defaults filled in, or raise ConfigError listing all problems."""
+    config = copy.deepcopy(config)
+    validator = _with_defaults(Draft202012Validator)(load_schema())
+    errors = [
+        f"{_key(error.absolute_path)}: {error.message}"
+        for error in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    ]
+    errors += semantic_errors(config)
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return config
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file and validate it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
+    return validate_config(raw)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class DataConfig:
+    """How corpus files become token sequences (stages 1-2)."""
+
+    inputs: tuple[str, ...]
+    """Glob patterns selecting the corpus files."""
+    files_per_chunk: int
+    """Input files per tokenize job."""
+    text_field: str
+    """Text field of plain JSON lines / Parquet inputs."""
+    id_field: str
+    """Document id field of plain JSON lines / Parquet inputs."""
+    source_field: str
+    """Source (domain) label field of plain JSON lines / Parquet inputs."""
+    on_bad_record: str
+    """'error' stops at the first bad record; 'skip' counts and drops it."""
+    splits: dict[str, float]
+    """Fractions of documents in train / val / test."""
+    seq_len: int
+    """Context length S; sequences hold S+1 tokens."""
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> DataConfig:
+        fields = config["fields"]
+        return cls(
+            inputs=tuple(config["inputs"]),
+            files_per_chunk=config["files_per_chunk"],
+            text_field=fields["text"],
+            id_field=fields["id"],
+            source_field=fields["source"],
+            on_bad_record=config["on_bad_record"],
+            splits={name: float(config["splits"][name]) for name in SPLITS},
+            seq_len=config["seq_len"],
+        )
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class TokenizerConfig:
+    """SentencePiece training (stage 1)."""
+
+    model: str | None
+    """An existing .model to use instead of training one."""
+    vocab_size: int
+    """Vocabulary size V."""
+    sample_bytes: int
+    """Bytes of train-split text to train on."""
+    sample_files: int
+    """At most this many input files are read for the sample."""
+    character_coverage: float
+    """Characters outside this coverage are encoded as bytes."""
+    seed: int
+    """Seed of SentencePiece's own sampling."""
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TokenizerConfig:
+        return cls(**config["tokenizer"], seed=config["seed"])
+
+
+def write_resolved_config(config: dict[str, Any], path: str | Path) -> Path:
+    """Write the validated config (overrides included) for jobs to read; untouched if unchanged.
+
+    Leaving an identical file alone keeps its mtime, so re-planning never looks like a change.
+    """
+    path = Path(path)
+    text = "# Resolved by the workflow from config.yaml and command-line overrides.\n"
+    text += yaml.safe_dump(config, sort_keys=False)
+    if path.is_file() and path.read_text() == text:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(text)
+    os.replace(temp, path)
+    return path

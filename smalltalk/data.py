@@ -1,0 +1,567 @@
+"""Corpus files in, token sequences out (design stages 1-2).
+
+Readers stream documents from RedPajama-V2 `*.json.gz`, SlimPajama / RedPajama-1T
+`*.jsonl.zst`, plain `*.jsonl[.gz|.zst]` and Parquet, in constant memory. A chunk (a
+group of input files) is tokenized into `tokens/{split}/{chunk}.parquet`: documents are
+split by a stable hash of their id, joined with EOS and packed into sequences of S+1
+tokens.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from smalltalk.config import SPLITS, DataConfig
+
+GLOB_CHARS = "*?["
+UNKNOWN_SOURCE = "unknown"
+SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
+ORDINAL_BITS = 30  # seq_id = chunk << 32 | split << 30 | ordinal
+ENCODE_BATCH_BYTES = 4 << 20
+ROW_GROUP_SEQUENCES = 1024
+
+
+@dataclass(slots=True, frozen=True)
+class Document:
+    id: str
+    text: str
+    source: str
+
+
+class BadRecordError(ValueError):
+    """A record (or a whole file) that cannot be read; names the file and the line."""
+
+    def __init__(self, path: str | os.PathLike, line: int | None, reason: str):
+        self.path = str(path)
+        self.line = line
+        self.reason = reason
+        where = f"{self.path}, line {line}" if line is not None else self.path
+        super().__init__(f"{where}: {reason}")
+
+
+OnBadRecord = Callable[[BadRecordError], None] | None
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        # read_across_frames: zstd CLI output and pzstd write several frames.
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            open(path, "rb"), read_across_frames=True, closefd=True
+        )
+        return io.BufferedReader(reader, buffer_size=1 << 20)
+    return open(path, "rb")
+
+
+def _meta_source(meta) -> str | None:
+    if isinstance(meta, str):  # some RedPajama-1T dumps store meta as a JSON string
+        try:
+            meta = json.loads(meta)
+        except json.JSONDecodeError:
+            return None
+    if isinstance(meta, dict):
+        source = meta.get("redpajama_set_name")
+        return source if isinstance(source, str) and source else None
+    return None
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".json.gz", ".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _json_lines(
+    path: Path,
+    doc_key: str,
+    text_field: str,
+    id_field: str,
+    source_field: str,
+    on_bad_record: OnBadRecord,
+) -> Iterator[Document]:
+    # RedPajama-V2 files are named {lang}_{head|middle}.json.gz and carry no domain label.
+    default_source = _stem(path) if path.name.lower().endswith(".json.gz") else UNKNOWN_SOURCE
+    line_no = 0
+    records = 0
+    with _open_binary(path) as stream:
+        lines = iter(stream)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                break
+            except (EOFError, OSError, zlib.error, zstandard.ZstdError) as error:
+                _report(
+                    BadRecordError(
+                        path, line_no + 1, f"truncated or corrupt compressed data ({error})"
+                    ),
+                    on_bad_record,
+                )
+                return
+            line_no += 1
+            if not raw.strip():
+                continue
+            records += 1
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                _report(BadRecordError(path, line_no, f"not UTF-8 ({error})"), on_bad_record)
+                continue
+            except json.JSONDecodeError as error:
+                _report(BadRecordError(path, line_no, f"invalid JSON ({error})"), on_bad_record)
+                continue
+            if not isinstance(record, dict):
+                _report(BadRecordError(path, line_no, "not a JSON object"), on_bad_record)
+                continue
+            text = record.get(text_field, record.get("raw_content"))
+            if not isinstance(text, str):
+                _report(
+                    BadRecordError(path, line_no, f"no text (field '{text_field}')"),
+                    on_bad_record,
+                )
+                continue
+            doc_id = record.get(id_field, record.get("doc_id"))
+            source = record.get(source_field)
+            if not isinstance(source, str) or not source:
+                source = _meta_source(record.get("meta")) or default_source
+            yield Document(
+                id=str(doc_id) if doc_id is not None else f"{doc_key}/{line_no - 1}",
+                text=text,
+                source=source,
+            )
+    if records == 0:
+        _report(BadRecordError(path, None, "file is empty (no records)"), on_bad_record)
+
+
+def _parquet(
+    path: Path,
+    doc_key: str,
+    text_field: str,
+    id_field: str,
+    source_field: str,
+    on_bad_record: OnBadRecord,
+) -> Iterator[Document]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        _report(BadRecordError(path, None, f"not a readable Parquet file ({error})"), on_bad_record)
+        return
+    names = set(parquet.schema_arrow.names)
+    if text_field not in names:
+        _report(
+            BadRecordError(path, None, f"no text column '{text_field}' (has {sorted(names)})"),
+            on_bad_record,
+        )
+        return
+    columns = [name for name in (text_field, id_field, source_field) if name in names]
+    if parquet.metadata.num_rows == 0:
+        _report(BadRecordError(path, None, "file is empty (no records)"), on_bad_record)
+        return
+    row = 0
+    for batch in parquet.iter_batches(columns=columns, batch_size=1024):
+        data = batch.to_pydict()
+        texts = data[text_field]
+        ids = data.get(id_field, [None] * len(texts))
+        sources = data.get(source_field, [None] * len(texts))
+        for text, doc_id, source in zip(texts, ids, sources, strict=True):
+            row += 1
+            if not isinstance(text, str):
+                _report(
+                    BadRecordError(path, row, f"no text (column '{text_field}' is null)"),
+                    on_bad_record,
+                )
+                continue
+            yield Document(
+                id=str(doc_id) if doc_id is not None else f"{doc_key}/{row - 1}",
+                text=text,
+                source=source if isinstance(source, str) and source else UNKNOWN_SOURCE,
+            )
+
+
+def _report(error: BadRecordError, on_bad_record: OnBadRecord) -> None:
+    if on_bad_record is None:
+        raise error
+    on_bad_record(error)
+
+
+def read_documents(
+    path: str | os.PathLike,
+    *,
+    doc_key: str | None = None,
+    text_field: str = "text",
+    id_field: str = "id",
+    source_field: str = "source",
+    on_bad_record: OnBadRecord = None,
+) -> Iterator[Document]:
+    """Stream the documents of one corpus file, whatever its format, in constant memory.
+
+    The format follows the name: `*.parquet` (columns `text_field`, optional `id_field`
+    and `source_field`); `*.json.gz` (RedPajama-V2: text in `raw_content`, id `doc_id`);
+    `*.jsonl`, `*.jsonl.gz`, `*.jsonl.zst` (text in `text_field`, optional id and source;
+    SlimPajama's source is `meta.redpajama_set_name`). Documents without an id get
+    `{doc_key}/{line index}`, where `doc_key` defaults to the path as given.
+
+    A bad record raises BadRecordError naming the file and line, unless `on_bad_record`
+    is given: then it receives the error and reading goes on (with the next file, when
+    the compressed stream itself is broken).
+    """
+    path = Path(path)
+    doc_key = doc_key if doc_key is not None else str(path)
+    name = path.name.lower()
+    if not path.is_file():
+        _report(BadRecordError(path, None, "no such file"), on_bad_record)
+        return iter(())
+    fields = dict(text_field=text_field, id_field=id_field, source_field=source_field)
+    if name.endswith(".parquet"):
+        return _parquet(path, doc_key, on_bad_record=on_bad_record, **fields)
+    if name.endswith((".json.gz", ".jsonl", ".jsonl.gz", ".jsonl.zst")):
+        return _json_lines(path, doc_key, on_bad_record=on_bad_record, **fields)
+    raise BadRecordError(
+        path,
+        None,
+        "unsupported format (expected .parquet, .json.gz, .jsonl, .jsonl.gz or .jsonl.zst)",
+    )
+
+
+# --------------------------------------------------------------------------- chunks
+
+
+@dataclass(slots=True, frozen=True)
+class Chunk:
+    index: int
+    name: str
+    files: tuple[str, ...]
+
+
+def _static_prefix(pattern: str) -> str:
+    """The directory part of a glob pattern before its first wildcard."""
+    parts = Path(pattern).parts
+    static = []
+    for part in parts[:-1]:
+        if any(char in part for char in GLOB_CHARS):
+            break
+        static.append(part)
+    return str(Path(*static)) if static else "."
+
+
+def plan_chunks(
+    inputs: Iterable[str], files_per_chunk: int, base_dir: str | os.PathLike | None = None
+) -> list[Chunk]:
+    """Expand the input globs (sorted, duplicates removed) into chunks of consecutive files.
+
+    Relative patterns are taken from `base_dir` (default: the working directory) and the
+    returned paths stay as the patterns wrote them. A pattern matching no file is an
+    error: a silently empty corpus is never what the user meant.
+    """
+    import glob
+
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    files: dict[str, None] = {}
+    for position, pattern in enumerate(inputs):
+        absolute = pattern if os.path.isabs(pattern) else str(base / pattern)
+        matches = sorted(
+            path for path in glob.glob(absolute, recursive=True) if os.path.isfile(path)
+        )
+        if not matches:
+            raise FileNotFoundError(f"inputs[{position}]: '{pattern}' matches no file")
+        for match in matches:
+            shown = match if os.path.isabs(pattern) else os.path.relpath(match, base)
+            files.setdefault(shown)
+    ordered = list(files)
+    count = -(-len(ordered) // files_per_chunk)
+    width = max(5, len(str(count - 1)))
+    return [
+        Chunk(
+            index=index,
+            name=f"c{index:0{width}d}",
+            files=tuple(ordered[index * files_per_chunk : (index + 1) * files_per_chunk]),
+        )
+        for index in range(count)
+    ]
+
+
+def document_key(path: str, inputs: Iterable[str]) -> str:
+    """A file's name relative to the static prefix of its input pattern.
+
+    Used in generated document ids so that splits do not change when a corpus moves.
+    """
+    normalized = os.path.normpath(path)
+    owners = []
+    for pattern in inputs:
+        prefix = os.path.normpath(_static_prefix(pattern))
+        inside = normalized.startswith(prefix.rstrip(os.sep) + os.sep)
+        if inside or (prefix == "." and not os.path.isabs(normalized)):
+            owners.append(prefix)
+    return os.path.relpath(normalized, max(owners, key=len)) if owners else normalized
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def split_of(doc_id: str, splits: dict[str, float]) -> str:
+    """The split of a document: a stable hash of its id, compared with cumulative fractions."""
+    digest = hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest()
+    position = int.from_bytes(digest, "little") / 2**64
+    cumulative = 0.0
+    for name in SPLITS:
+        cumulative += splits[name]
+        if position < cumulative:
+            return name
+    return next(name for name in reversed(SPLITS) if splits[name] > 0)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@dataclass(slots=True)
+class SplitStats:
+    documents: int = 0
+    empty_documents: int = 0
+    text_bytes: int = 0
+    tokens: int = 0  # document tokens plus one EOS each
+    sequences: int = 0
+    dropped_tokens: int = 0  # the final remainder, shorter than one sequence
+
+
+class SequencePacker:
+    """Joins documents (each followed by EOS) and cuts the stream into sequences of `length`.
+
+    A sequence's `source` is that of the document holding its first token.
+    """
+
+    def __init__(self, length: int, eos_id: int, dtype: np.dtype):
+        self.length = length
+        self.eos_id = eos_id
+        self.dtype = dtype
+        self.carry = np.empty(0, dtype=dtype)
+        self.carry_source = ""
+
+    def add(
+        self, documents: list[list[int]], sources: list[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (tokens (n, length), sources (n,)) of the sequences completed by `documents`."""
+        if not documents:
+            return np.empty((0, self.length), self.dtype), np.empty(0, dtype=object)
+        lengths = np.fromiter((len(doc) + 1 for doc in documents), np.int64, len(documents))
+        eos = (self.eos_id,)
+        flat = np.fromiter(
+            chain.from_iterable(chain(doc, eos) for doc in documents),
+            dtype=self.dtype,
+            count=int(lengths.sum()),
+        )
+        doc_starts = len(self.carry) + np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        doc_sources = np.asarray(sources, dtype=object)
+        if len(self.carry):
+            doc_starts = np.concatenate(([0], doc_starts))
+            doc_sources = np.concatenate((np.asarray([self.carry_source], object), doc_sources))
+        stream = np.concatenate((self.carry, flat))
+        count = len(stream) // self.length
+        used = count * self.length
+        sequence_starts = np.arange(count, dtype=np.int64) * self.length
+        owners = np.searchsorted(doc_starts, sequence_starts, side="right") - 1
+        self.carry = stream[used:].copy()
+        if len(self.carry):
+            owner = np.searchsorted(doc_starts, used, side="right") - 1
+            self.carry_source = doc_sources[owner]
+        return stream[:used].reshape(count, self.length), doc_sources[owners]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def token_schema(vocab_size: int) -> pa.Schema:
+    value_type = pa.uint16() if vocab_size <= 2**16 else pa.uint32()
+    return pa.schema(
+        [
+            pa.field("seq_id", pa.int64(), nullable=False),
+            pa.field("tokens", pa.list_(value_type), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+        ]
+    )
+
+
+def _sequence_table(
+    schema: pa.Schema, seq_ids: np.ndarray, tokens: np.ndarray, sources: np.ndarray
+) -> pa.Table:
+    count, length = tokens.shape
+    offsets = pa.array(np.arange(count + 1, dtype=np.int32) * length)
+    values = pa.array(tokens.reshape(-1), type=schema.field("tokens").type.value_type)
+    return pa.Table.from_arrays(
+        [
+            pa.array(seq_ids, pa.int64()),
+            pa.ListArray.from_arrays(offsets, values, type=schema.field("tokens").type),
+            pa.array(sources.tolist(), pa.string()),
+        ],
+        schema=schema,
+    )
+
+
+@dataclass(slots=True)
+class ChunkStats:
+    chunk: str
+    files: list[str]
+    splits: dict[str, SplitStats] = field(default_factory=lambda: {s: SplitStats() for s in SPLITS})
+    bad_records: int = 0
+    bad_record_examples: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def tokenize_chunk(
+    *,
+    chunk: Chunk,
+    data: DataConfig,
+    tokenizer_model: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    stats_path: str | os.PathLike,
+    threads: int = 1,
+) -> ChunkStats:
+    """Tokenize one chunk into `{out_dir}/{split}/{chunk.name}.parquet` and a stats JSON.
+
+    Outputs appear only when the whole chunk succeeded: everything is written to
+    temporary names and renamed at the end, and removed if anything fails.
+    """
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    vocab_size = processor.get_piece_size()
+    dtype = token_dtype(vocab_size)
+    schema = token_schema(vocab_size)
+    length = data.seq_len + 1
+    if chunk.index >= 2**31:
+        raise ValueError(f"chunk index {chunk.index} does not fit the seq_id layout")
+
+    stats = ChunkStats(chunk=chunk.name, files=list(chunk.files))
+    out_dir = Path(out_dir)
+    finals = {split: out_dir / split / f"{chunk.name}.parquet" for split in SPLITS}
+    temps = {split: path.with_name(f".{path.name}.tmp-{os.getpid()}") for split, path in finals.items()}
+    stats_path = Path(stats_path)
+    stats_temp = stats_path.with_name(f".{stats_path.name}.tmp-{os.getpid()}")
+    writers: dict[str, pq.ParquetWriter] = {}
+    packers = {split: SequencePacker(length, processor.eos_id(), dtype) for split in SPLITS}
+
+    def on_bad_record(error: BadRecordError) -> None:
+        stats.bad_records += 1
+        if len(stats.bad_record_examples) < 20:
+            stats.bad_record_examples.append(str(error))
+
+    handler = on_bad_record if data.on_bad_record == "skip" else None
+
+    def flush(batch: list[Document]) -> None:
+        encoded = processor.encode([doc.text for doc in batch], num_threads=threads)
+        by_split: dict[str, tuple[list, list]] = {split: ([], []) for split in SPLITS}
+        for doc, ids in zip(batch, encoded, strict=True):
+            split = split_of(doc.id, data.splits)
+            split_stats = stats.splits[split]
+            split_stats.documents += 1
+            split_stats.text_bytes += len(doc.text.encode("utf-8"))
+            split_stats.tokens += len(ids) + 1
+            by_split[split][0].append(ids)
+            by_split[split][1].append(doc.source)
+        for split, (token_lists, sources) in by_split.items():
+            tokens, seq_sources = packers[split].add(token_lists, sources)
+            write(split, tokens, seq_sources)
+
+    def write(split: str, tokens: np.ndarray, sources: np.ndarray) -> None:
+        if not len(tokens):
+            return
+        split_stats = stats.splits[split]
+        ordinals = split_stats.sequences + np.arange(len(tokens), dtype=np.int64)
+        if ordinals[-1] >= 2**ORDINAL_BITS:
+            raise ValueError(f"chunk {chunk.name} holds too many {split} sequences for seq_id")
+        seq_ids = (chunk.index << 32) | (SPLIT_CODES[split] << ORDINAL_BITS) | ordinals
+        split_stats.sequences += len(tokens)
+        writers[split].write_table(
+            _sequence_table(schema, seq_ids, tokens, sources), row_group_size=ROW_GROUP_SEQUENCES
+        )
+
+    try:
+        for split, temp in temps.items():
+            temp.parent.mkdir(parents=True, exist_ok=True)
+            writers[split] = pq.ParquetWriter(temp, schema, compression="zstd")
+        batch: list[Document] = []
+        batch_bytes = 0
+        for path in chunk.files:
+            documents = read_documents(
+                path,
+                doc_key=document_key(path, data.inputs),
+                text_field=data.text_field,
+                id_field=data.id_field,
+                source_field=data.source_field,
+                on_bad_record=handler,
+            )
+            for doc in documents:
+                if not doc.text.strip():
+                    stats.splits[split_of(doc.id, data.splits)].empty_documents += 1
+                    continue
+                batch.append(doc)
+                batch_bytes += len(doc.text)
+                if batch_bytes >= ENCODE_BATCH_BYTES:
+                    flush(batch)
+                    batch, batch_bytes = [], 0
+        flush(batch)
+        for split, packer in packers.items():
+            stats.splits[split].dropped_tokens = len(packer.carry)
+        for writer in writers.values():
+            writer.close()
+        writers.clear()
+        stats_temp.parent.mkdir(parents=True, exist_ok=True)
+        stats_temp.write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+        for split in SPLITS:
+            os.replace(temps[split], finals[split])
+        os.replace(stats_temp, stats_path)
+    finally:
+        for writer in writers.values():
+            writer.close()
+        for temp in (*temps.values(), stats_temp):
+            temp.unlink(missing_ok=True)
+    return stats
+
+
+def summarize_stats(stats_paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """One TSV row per split with the totals of every chunk's stats file, plus bad records."""
+    totals = {split: SplitStats() for split in SPLITS}
+    chunks = bad_records = 0
+    for path in stats_paths:
+        stats = json.loads(Path(path).read_text())
+        chunks += 1
+        bad_records += stats["bad_records"]
+        for split, values in stats["splits"].items():
+            for name, value in values.items():
+                setattr(totals[split], name, getattr(totals[split], name) + value)
+    columns = list(SplitStats.__dataclass_fields__)
+    lines = ["\t".join(["split", "chunks", *columns, "bad_records"])]
+    for split, split_stats in totals.items():
+        values = [getattr(split_stats, name) for name in columns]
+        lines.append("\t".join(map(str, [split, chunks, *values, bad_records])))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    temp.write_text("\n".join(lines) + "\n")
+    os.replace(temp, out)
+    return out

@@ -1,0 +1,108 @@
+"""Train the SentencePiece tokenizer on a sample of the train split (design stage 1)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from smalltalk.config import DataConfig, TokenizerConfig
+from smalltalk.data import BadRecordError, document_key, read_documents, split_of
+
+log = logging.getLogger(__name__)
+
+# SentencePiece reads one sentence per line; longer lines are cut so none is dropped.
+MAX_SENTENCE_BYTES = 8192
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+def sample_files(files: list[str], count: int) -> list[str]:
+    """At most `count` files spread evenly over the sorted list (always the first and last)."""
+    if len(files) <= count:
+        return list(files)
+    picks = np.unique(np.linspace(0, len(files) - 1, count).round().astype(int))
+    return [files[i] for i in picks]
+
+
+def sample_sentences(
+    files: list[str], data: DataConfig, tokenizer: TokenizerConfig
+) -> Iterator[str]:
+    """Lines of train-split documents, an equal byte budget per sampled file."""
+    chosen = sample_files(sorted(files), tokenizer.sample_files)
+    budget_per_file = max(1, tokenizer.sample_bytes // len(chosen))
+    skipped: list[BadRecordError] = []
+    handler = skipped.append if data.on_bad_record == "skip" else None
+    for path in chosen:
+        taken = 0
+        documents = read_documents(
+            path,
+            doc_key=document_key(path, data.inputs),
+            text_field=data.text_field,
+            id_field=data.id_field,
+            source_field=data.source_field,
+            on_bad_record=handler,
+        )
+        for doc in documents:
+            if split_of(doc.id, data.splits) != "train":
+                continue
+            for line in doc.text.splitlines():
+                if not line.strip():
+                    continue
+                encoded = line.encode("utf-8")
+                for start in range(0, len(encoded), MAX_SENTENCE_BYTES):
+                    piece = encoded[start : start + MAX_SENTENCE_BYTES]
+                    yield piece.decode("utf-8", errors="ignore")
+                taken += len(encoded)
+            if taken >= budget_per_file:
+                break
+    if skipped:
+        log.warning("skipped %d bad records while sampling, first: %s", len(skipped), skipped[0])
+
+
+def train_tokenizer(
+    *,
+    files: list[str],
+    data: DataConfig,
+    tokenizer: TokenizerConfig,
+    out_model: str | os.PathLike,
+    threads: int = 1,
+) -> Path:
+    """Train a byte-fallback BPE SentencePiece model and write it atomically to `out_model`."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sample_sentences(files, data, tokenizer),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=tokenizer.vocab_size,
+        byte_fallback=True,
+        character_coverage=tokenizer.character_coverage,
+        # Keep text as it is: code and man pages live on their indentation.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=-1,
+        max_sentence_length=MAX_SENTENCE_BYTES * 2,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        num_threads=threads,
+        minloglevel=1,
+    )
+    out_model = Path(out_model)
+    out_model.parent.mkdir(parents=True, exist_ok=True)
+    temp = out_model.with_name(f".{out_model.name}.tmp-{os.getpid()}")
+    try:
+        temp.write_bytes(model.getvalue())
+        os.replace(temp, out_model)
+    finally:
+        temp.unlink(missing_ok=True)
+    return out_model

@@ -1,0 +1,63 @@
+"""Shared fixtures: corpus files in every supported format, written by the tests themselves."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+REPO = Path(__file__).resolve().parents[1]
+
+DOMAINS = {
+    "bible": "and the lord spake unto moses saying thou shalt not israel king".split(),
+    "code": "def return self import class for in if else none while yield".split(),
+    "dictionary": "noun verb adjective obsolete etymology see defn plural latin".split(),
+}
+
+
+def make_records(count: int, seed: int = 0, min_words: int = 5, max_words: int = 120):
+    """Records with SlimPajama-style meta: text plus meta.redpajama_set_name."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(count):
+        domain = rng.choice(sorted(DOMAINS))
+        words = rng.choices(DOMAINS[domain], k=rng.randint(min_words, max_words))
+        records.append({"text": " ".join(words), "meta": {"redpajama_set_name": domain}})
+    return records
+
+
+def json_lines(records) -> bytes:
+    return b"".join(json.dumps(record).encode() + b"\n" for record in records)
+
+
+def write_jsonl(path: Path, records) -> Path:
+    """Write JSON lines, compressed by the file's suffix (.gz, .zst or none)."""
+    data = json_lines(records)
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data, mtime=0)
+    elif path.name.endswith(".zst"):
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def write_parquet(path: Path, rows: dict) -> Path:
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> list[Path]:
+    """Three SlimPajama-style .jsonl.zst files of 200 records each."""
+    paths = []
+    for index in range(3):
+        path = tmp_path / "corpus" / f"part-{index}.jsonl.zst"
+        path.parent.mkdir(exist_ok=True)
+        paths.append(write_jsonl(path, make_records(200, seed=index)))
+    return paths

@@ -1,0 +1,244 @@
+"""Splits, packing and the tokenize stage: determinism, conservation, atomic outputs."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_records, write_jsonl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from smalltalk.config import DataConfig, TokenizerConfig, validate_config
+from smalltalk.data import (
+    BadRecordError,
+    SequencePacker,
+    document_key,
+    plan_chunks,
+    split_of,
+    tokenize_chunk,
+)
+from smalltalk.tokenizer import train_tokenizer
+
+SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
+
+
+def data_config(tmp_path, **overrides) -> DataConfig:
+    config = {
+        "inputs": [str(tmp_path / "corpus" / "*.jsonl.zst")],
+        "splits": SPLITS,
+        "seq_len": 32,
+        "routing": {"n_experts": 2, "prefix_len": 8},
+        "tokenizer": {"vocab_size": 300, "sample_bytes": 50_000},
+    } | overrides
+    return DataConfig.from_config(validate_config(config))
+
+
+@pytest.fixture
+def tokenizer_model(tmp_path, corpus):
+    config = validate_config(
+        {
+            "inputs": [str(tmp_path / "corpus" / "*.jsonl.zst")],
+            "splits": SPLITS,
+            "seq_len": 32,
+            "routing": {"n_experts": 2, "prefix_len": 8},
+            "tokenizer": {"vocab_size": 300, "sample_bytes": 50_000},
+        }
+    )
+    return train_tokenizer(
+        files=[str(p) for p in corpus],
+        data=DataConfig.from_config(config),
+        tokenizer=TokenizerConfig.from_config(config),
+        out_model=tmp_path / "tok" / "spm.model",
+    )
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_split_is_a_stable_function_of_the_id():
+    ids = [f"doc-{i}" for i in range(20000)]
+    first = [split_of(i, SPLITS) for i in ids]
+    assert first == [split_of(i, SPLITS) for i in ids]
+    counts = Counter(first)
+    assert abs(counts["train"] / 20000 - 0.8) < 0.02
+    assert abs(counts["val"] / 20000 - 0.1) < 0.02
+    # Pinned values: a change here would silently move documents between splits.
+    assert [split_of(f"doc-{i}", SPLITS) for i in range(8)] == [
+        split_of(f"doc-{i}", dict(SPLITS)) for i in range(8)
+    ]
+    assert split_of("anything", {"train": 1.0, "val": 0.0, "test": 0.0}) == "train"
+
+
+def test_document_key_is_relative_to_the_pattern_prefix():
+    assert document_key("/data/rpv2/2023-06/0000/en_head.json.gz", ["/data/rpv2/**/*.json.gz"]) == (
+        "2023-06/0000/en_head.json.gz"
+    )
+    assert document_key("data/demo/a.jsonl.zst", ["data/demo/*.jsonl.zst"]) == "a.jsonl.zst"
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.lists(st.integers(0, 5), max_size=30), max_size=12),
+    batches=st.integers(1, 4),
+    seq_len=st.integers(1, 16),
+)
+def test_packing_loses_no_token_except_the_remainder(lengths, batches, seq_len):
+    documents = [[3 + (i % 7)] * len(doc) for i, doc in enumerate(lengths)]
+    sources = [f"s{i}" for i in range(len(documents))]
+    packer = SequencePacker(seq_len, eos_id=2, dtype=np.dtype(np.uint16))
+    sequences, seq_sources = [], []
+    step = max(1, -(-len(documents) // batches))
+    for start in range(0, len(documents), step):
+        tokens, src = packer.add(documents[start : start + step], sources[start : start + step])
+        assert tokens.shape[1] == seq_len
+        sequences.append(tokens)
+        seq_sources.extend(src)
+    expected = [token for doc in documents for token in (*doc, 2)]
+    packed = np.concatenate([*sequences, np.empty((0, seq_len), np.uint16)]).reshape(-1)
+    assert list(packed) + list(packer.carry) == expected
+    assert len(packer.carry) < seq_len
+    # Each sequence's source is the document holding its first token.
+    owner = np.repeat(np.arange(len(documents)), [len(d) + 1 for d in documents])
+    assert seq_sources == [sources[owner[i * seq_len]] for i in range(len(seq_sources))]
+
+
+# --------------------------------------------------------------------------- tokenize
+
+
+def tokenize(tmp_path, corpus, model, name="out", **overrides):
+    data = data_config(tmp_path, **overrides)
+    results = []
+    for chunk in plan_chunks(data.inputs, data.files_per_chunk):
+        results.append(
+            tokenize_chunk(
+                chunk=chunk,
+                data=data,
+                tokenizer_model=model,
+                out_dir=tmp_path / name,
+                stats_path=tmp_path / name / "stats" / f"{chunk.name}.json",
+            )
+        )
+    return results
+
+
+def test_tokenize_conserves_tokens_and_ids(tmp_path, corpus, tokenizer_model):
+    all_stats = tokenize(tmp_path, corpus, tokenizer_model)
+    seq_ids = []
+    for stats in all_stats:
+        assert stats.splits["train"].documents + stats.splits["val"].documents + stats.splits[
+            "test"
+        ].documents == 200
+        for split, split_stats in stats.splits.items():
+            table = pq.read_table(tmp_path / "out" / split / f"{stats.chunk}.parquet")
+            assert table.schema.field("tokens").type.value_type == "uint16"
+            assert table.num_rows == split_stats.sequences
+            assert all(len(t) == 33 for t in table.column("tokens").to_pylist())
+            # Every token is in a sequence except the final remainder, which is counted.
+            assert split_stats.tokens == split_stats.sequences * 33 + split_stats.dropped_tokens
+            assert split_stats.dropped_tokens < 33
+            assert set(table.column("source").to_pylist()) <= {"bible", "code", "dictionary"}
+            seq_ids += table.column("seq_id").to_pylist()
+        on_disk = json.loads((tmp_path / "out" / "stats" / f"{stats.chunk}.json").read_text())
+        assert on_disk["splits"]["train"]["sequences"] == stats.splits["train"].sequences
+    assert len(seq_ids) == len(set(seq_ids))
+
+
+def test_tokenize_decodes_back_to_the_documents(tmp_path, corpus, tokenizer_model):
+    import sentencepiece as spm
+
+    tokenize(tmp_path, corpus, tokenizer_model, splits={"train": 1.0, "val": 0.0, "test": 0.0})
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    table = pq.read_table(tmp_path / "out" / "train" / "c00000.parquet")
+    stream = np.concatenate(table.column("tokens").to_numpy()).tolist()
+    boundaries = [i for i, token in enumerate(stream) if token == processor.eos_id()]
+    documents = [processor.decode(stream[a + 1 : b]) for a, b in zip([-1, *boundaries], boundaries)]
+    texts = [record["text"] for record in make_records(200, seed=0)]
+    # All but the documents in the dropped remainder come back exactly, in order.
+    assert documents == texts[: len(documents)]
+    assert len(documents) >= 195
+
+
+def test_tokenize_is_deterministic(tmp_path, corpus, tokenizer_model):
+    tokenize(tmp_path, corpus, tokenizer_model, name="a")
+    tokenize(tmp_path, corpus, tokenizer_model, name="b")
+    for split in ("train", "val", "test"):
+        for chunk in ("c00000", "c00001", "c00002"):
+            a = (tmp_path / "a" / split / f"{chunk}.parquet").read_bytes()
+            b = (tmp_path / "b" / split / f"{chunk}.parquet").read_bytes()
+            assert a == b
+
+
+def test_a_failed_chunk_leaves_nothing_and_spares_the_others(tmp_path, corpus, tokenizer_model):
+    tokenize(tmp_path, corpus, tokenizer_model)
+    before = {
+        path: path.read_bytes() for path in (tmp_path / "out").rglob("*") if path.is_file()
+    }
+    bad = tmp_path / "corpus" / "part-1.jsonl.zst"
+    records = make_records(200, seed=1)
+    write_jsonl(bad, records[:150])
+    with open(bad, "ab") as handle:  # a second zstd frame holding an invalid line
+        import zstandard
+
+        handle.write(zstandard.ZstdCompressor().compress(b'{"text": "fine"}\n{"text": \n'))
+    data = data_config(tmp_path)
+    chunk = plan_chunks(data.inputs, 1)[1]
+    for path in (tmp_path / "out").rglob("c00001*"):
+        path.unlink()
+    with pytest.raises(BadRecordError, match=r"part-1.jsonl.zst, line 152: invalid JSON"):
+        tokenize_chunk(
+            chunk=chunk,
+            data=data,
+            tokenizer_model=tokenizer_model,
+            out_dir=tmp_path / "out",
+            stats_path=tmp_path / "out" / "stats" / "c00001.json",
+        )
+    left = {path for path in (tmp_path / "out").rglob("*") if path.is_file()}
+    assert not [path for path in left if "c00001" in path.name]
+    for path, content in before.items():
+        if "c00001" not in path.name:
+            assert path.read_bytes() == content
+
+    # With on_bad_record: skip the same chunk succeeds and counts the bad line.
+    data = data_config(tmp_path, on_bad_record="skip")
+    stats = tokenize_chunk(
+        chunk=chunk,
+        data=data,
+        tokenizer_model=tokenizer_model,
+        out_dir=tmp_path / "out",
+        stats_path=tmp_path / "out" / "stats" / "c00001.json",
+    )
+    assert stats.bad_records == 1
+    assert "line 152" in stats.bad_record_examples[0]
+    assert sum(s.documents for s in stats.splits.values()) == 151
+
+
+def test_tokenizer_training_is_deterministic(tmp_path, corpus, tokenizer_model):
+    config = validate_config(
+        {
+            "inputs": [str(tmp_path / "corpus" / "*.jsonl.zst")],
+            "splits": SPLITS,
+            "seq_len": 32,
+            "routing": {"n_experts": 2, "prefix_len": 8},
+            "tokenizer": {"vocab_size": 300, "sample_bytes": 50_000},
+        }
+    )
+    again = train_tokenizer(
+        files=[str(p) for p in corpus],
+        data=DataConfig.from_config(config),
+        tokenizer=TokenizerConfig.from_config(config),
+        out_model=tmp_path / "tok2" / "spm.model",
+        threads=2,
+    )
+    import sentencepiece as spm
+
+    # The file records the thread count; the vocabulary itself must not depend on it.
+    first, second = (spm.SentencePieceProcessor(model_file=str(p)) for p in (tokenizer_model, again))
+    pieces = [(first.id_to_piece(i), first.get_score(i)) for i in range(first.get_piece_size())]
+    assert pieces == [(second.id_to_piece(i), second.get_score(i)) for i in range(300)]
