@@ -10,19 +10,32 @@ from smalltalk.config import SCHEMA_PATH, SPLITS, validate_config, write_resolve
 from smalltalk.data import plan_chunks
 
 # All problems at once, each naming its key; then Snakemake's own pass sets the defaults.
-config = validate_config(config)
+validate_config(config)
 
 
 validate(config, str(SCHEMA_PATH))
 
 
 # Jobs read the resolved config (command-line overrides included) from one file.
-CONFIG_FILE = write_resolved_config(config, os.path.join(config["results"], "config.yaml"))
-# Jobs run the package from this checkout: with the environment's python under conda,
-# else with the interpreter that runs Snakemake.
-PYTHON = "python" if workflow.deployment_settings.deployment_method else sys.executable
-SMALLTALK = f"PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}} {PYTHON} -m smalltalk"
-CHUNKS = {chunk.name: chunk for chunk in plan_chunks(config["inputs"], config["files_per_chunk"])}
+CONFIG_FILE = write_resolved_config(
+    config, os.path.join(config["results"], "config.yaml")
+)
+
+# Jobs run `python -m smalltalk` from this checkout: under conda with the environment's
+# python, else with the interpreter that runs Snakemake.
+shell.prefix(
+    # (Braces doubled twice: once for this f-string, once for Snakemake's formatting.)
+    f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+    + (
+        ""
+        if workflow.deployment_settings.deployment_method
+        else f"export PATH={os.path.dirname(sys.executable)}:$PATH; "
+    )
+)
+CHUNKS = {
+    chunk.name: chunk
+    for chunk in plan_chunks(config["inputs"], config["files_per_chunk"])
+}
 
 
 wildcard_constraints:
@@ -33,6 +46,11 @@ wildcard_constraints:
 def R(path):
     """A path under the results root."""
     return os.path.join(config["results"], path)
+
+
+def get_tokens_dir(wildcards, output):
+    """tokens/ from tokens/train/{chunk}.parquet."""
+    return os.path.dirname(os.path.dirname(output.train))
 
 
 def get_chunk_files(wildcards):

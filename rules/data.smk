@@ -10,16 +10,17 @@ rule train_tokenizer:
         R("logs/train_tokenizer.log"),
     benchmark:
         R("benchmarks/train_tokenizer.tsv")
-    params:
-        tokenizer=lookup(dpath="tokenizer", within=config),
+    conda:
+        "../envs/smalltalk.yaml"
     threads: workflow.cores
     resources:
         mem_mb=4000,
         runtime=120,
-    conda:
-        "../envs/smalltalk.yaml"
+    params:
+        config=CONFIG_FILE,
+        tokenizer=lookup(dpath="tokenizer", within=config),
     shell:
-        "{SMALLTALK} train-tokenizer --config {CONFIG_FILE} --out {output} "
+        "python -m smalltalk train-tokenizer --config {params.config} --out {output} "
         "--threads {threads} {input} > {log} 2>&1"
 
 
@@ -36,20 +37,21 @@ rule tokenize_chunk:
         R("logs/tokenize/{chunk}.log"),
     benchmark:
         R("benchmarks/tokenize/{chunk}.tsv")
-    params:
-        out_dir=R("tokens"),
-        fields=lookup(dpath="fields", within=config),
-        splits=lookup(dpath="splits", within=config),
-        seq_len=lookup(dpath="seq_len", within=config),
-        on_bad_record=lookup(dpath="on_bad_record", within=config),
+    conda:
+        "../envs/smalltalk.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=240,
-    conda:
-        "../envs/smalltalk.yaml"
+    params:
+        config=CONFIG_FILE,
+        out_dir=get_tokens_dir,
+        fields=lookup(dpath="fields", within=config),
+        splits=lookup(dpath="splits", within=config),
+        seq_len=lookup(dpath="seq_len", within=config),
+        on_bad_record=lookup(dpath="on_bad_record", within=config),
     shell:
-        "{SMALLTALK} tokenize --config {CONFIG_FILE} --chunk {wildcards.chunk} "
+        "python -m smalltalk tokenize --config {params.config} --chunk {wildcards.chunk} "
         "--tokenizer {input.tokenizer} --out-dir {params.out_dir} --stats {output.stats} "
         "--threads {threads} {input.files} > {log} 2>&1"
 
@@ -63,11 +65,11 @@ rule summarize_tokens:
         R("logs/summarize_tokens.log"),
     benchmark:
         R("benchmarks/summarize_tokens.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/smalltalk.yaml"
     shell:
-        "{SMALLTALK} summarize-tokens --out {output} {input} > {log} 2>&1"
+        "python -m smalltalk summarize-tokens --out {output} {input} > {log} 2>&1"

@@ -51,7 +51,9 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
     config = _config(args.config)
     data = DataConfig.from_config(config)
-    files = args.files or [f for c in plan_chunks(data.inputs, data.files_per_chunk) for f in c.files]
+    files = args.files or [
+        f for c in plan_chunks(data.inputs, data.files_per_chunk) for f in c.files
+    ]
     path = train_tokenizer(
         files=files,
         data=data,

@@ -65,8 +65,9 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
         # read_across_frames: zstd CLI output and pzstd write several frames.
+        raw = open(path, "rb")  # noqa: SIM115 -- closed by the stream reader (closefd)
         reader = zstandard.ZstdDecompressor().stream_reader(
-            open(path, "rb"), read_across_frames=True, closefd=True
+            raw, read_across_frames=True, closefd=True
         )
         return io.BufferedReader(reader, buffer_size=1 << 20)
     return open(path, "rb")
@@ -357,9 +358,7 @@ class SequencePacker:
         self.carry = np.empty(0, dtype=dtype)
         self.carry_source = ""
 
-    def add(
-        self, documents: list[list[int]], sources: list[str]
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def add(self, documents: list[list[int]], sources: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Returns (tokens (n, length), sources (n,)) of the sequences completed by `documents`."""
         if not documents:
             return np.empty((0, self.length), self.dtype), np.empty(0, dtype=object)
@@ -459,7 +458,9 @@ def tokenize_chunk(
     stats = ChunkStats(chunk=chunk.name, files=list(chunk.files))
     out_dir = Path(out_dir)
     finals = {split: out_dir / split / f"{chunk.name}.parquet" for split in SPLITS}
-    temps = {split: path.with_name(f".{path.name}.tmp-{os.getpid()}") for split, path in finals.items()}
+    temps = {
+        split: path.with_name(f".{path.name}.tmp-{os.getpid()}") for split, path in finals.items()
+    }
     stats_path = Path(stats_path)
     stats_temp = stats_path.with_name(f".{stats_path.name}.tmp-{os.getpid()}")
     writers: dict[str, pq.ParquetWriter] = {}

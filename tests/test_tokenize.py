@@ -132,9 +132,12 @@ def test_tokenize_conserves_tokens_and_ids(tmp_path, corpus, tokenizer_model):
     all_stats = tokenize(tmp_path, corpus, tokenizer_model)
     seq_ids = []
     for stats in all_stats:
-        assert stats.splits["train"].documents + stats.splits["val"].documents + stats.splits[
-            "test"
-        ].documents == 200
+        assert (
+            stats.splits["train"].documents
+            + stats.splits["val"].documents
+            + stats.splits["test"].documents
+            == 200
+        )
         for split, split_stats in stats.splits.items():
             table = pq.read_table(tmp_path / "out" / split / f"{stats.chunk}.parquet")
             assert table.schema.field("tokens").type.value_type == "uint16"
@@ -158,7 +161,8 @@ def test_tokenize_decodes_back_to_the_documents(tmp_path, corpus, tokenizer_mode
     table = pq.read_table(tmp_path / "out" / "train" / "c00000.parquet")
     stream = np.concatenate(table.column("tokens").to_numpy()).tolist()
     boundaries = [i for i, token in enumerate(stream) if token == processor.eos_id()]
-    documents = [processor.decode(stream[a + 1 : b]) for a, b in zip([-1, *boundaries], boundaries)]
+    starts = [0] + [b + 1 for b in boundaries[:-1]]
+    documents = [processor.decode(stream[a:b]) for a, b in zip(starts, boundaries, strict=True)]
     texts = [record["text"] for record in make_records(200, seed=0)]
     # All but the documents in the dropped remainder come back exactly, in order.
     assert documents == texts[: len(documents)]
@@ -177,9 +181,7 @@ def test_tokenize_is_deterministic(tmp_path, corpus, tokenizer_model):
 
 def test_a_failed_chunk_leaves_nothing_and_spares_the_others(tmp_path, corpus, tokenizer_model):
     tokenize(tmp_path, corpus, tokenizer_model)
-    before = {
-        path: path.read_bytes() for path in (tmp_path / "out").rglob("*") if path.is_file()
-    }
+    before = {path: path.read_bytes() for path in (tmp_path / "out").rglob("*") if path.is_file()}
     bad = tmp_path / "corpus" / "part-1.jsonl.zst"
     records = make_records(200, seed=1)
     write_jsonl(bad, records[:150])
@@ -239,6 +241,8 @@ def test_tokenizer_training_is_deterministic(tmp_path, corpus, tokenizer_model):
     import sentencepiece as spm
 
     # The file records the thread count; the vocabulary itself must not depend on it.
-    first, second = (spm.SentencePieceProcessor(model_file=str(p)) for p in (tokenizer_model, again))
+    first, second = (
+        spm.SentencePieceProcessor(model_file=str(p)) for p in (tokenizer_model, again)
+    )
     pieces = [(first.id_to_piece(i), first.get_score(i)) for i in range(first.get_piece_size())]
     assert pieces == [(second.id_to_piece(i), second.get_score(i)) for i in range(300)]

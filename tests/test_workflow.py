@@ -1,0 +1,127 @@
+"""The real Snakemake DAG: lint, formatting, dry runs, and the tiny config end to end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, make_records, write_jsonl
+
+BIN = Path(sys.executable).parent
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the repo's workflow in `workdir` (which sees the repo's data/ through a link)."""
+    data = workdir / "data"
+    if not data.exists():
+        data.symlink_to(REPO / "data")
+    result = subprocess.run(
+        [
+            str(BIN / "snakemake"),
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(workdir),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}"},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def test_lint_is_clean(tmp_path):
+    result = snakemake(tmp_path, "--lint")
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+def test_snakefmt_is_clean():
+    files = [str(REPO / "Snakefile"), *map(str, sorted((REPO / "rules").glob("*.smk")))]
+    result = subprocess.run([str(BIN / "snakefmt"), "--check", *files], capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    "configfile", [None, *sorted((REPO / "tests" / "configs").glob("*.yaml"))], ids=str
+)
+def test_dry_run(tmp_path, configfile):
+    args = ["-n", "--cores", "2"] + (["--configfile", str(configfile)] if configfile else [])
+    result = snakemake(tmp_path, *args)
+    assert "tokenize_chunk" in result.stdout
+
+
+def test_bad_config_stops_before_any_job(tmp_path):
+    result = snakemake(
+        tmp_path,
+        "--cores",
+        "1",
+        "--config",
+        "seq_len=16",
+        "routing={'prefix_len': 32}",
+        check=False,
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "routing.prefix_len" in output
+    assert "routing.n_experts" in output  # replaced section: the missing key is named too
+    assert not (tmp_path / "results" / "tokens").exists()
+
+
+def test_inputs_override_points_the_dag_at_another_corpus(tmp_path):
+    corpus = tmp_path / "other"
+    corpus.mkdir()
+    for index in range(5):
+        write_jsonl(corpus / f"part-{index}.jsonl.gz", make_records(10, seed=index))
+    result = snakemake(
+        tmp_path,
+        "-n",
+        "--cores",
+        "1",
+        "--config",
+        f"inputs=['{corpus}/*.jsonl.gz']",
+        "files_per_chunk=2",
+    )
+    assert "tokenize_chunk" in result.stdout
+    # Five files in chunks of two: three tokenize jobs.
+    jobs = [
+        line for line in result.stdout.splitlines() if line.strip().startswith("tokenize_chunk")
+    ]
+    assert jobs and jobs[0].split()[-1] == "3"
+
+
+@pytest.mark.slow
+def test_tiny_config_end_to_end(tmp_path):
+    snakemake(tmp_path, "--cores", "2", "--configfile", str(TINY))
+    results = tmp_path / "results" / "tiny"
+    summary = (results / "tokens" / "summary.tsv").read_text().splitlines()
+    assert summary[0].split("\t")[:3] == ["split", "chunks", "documents"]
+    for chunk in ("c00000", "c00001"):
+        for split in ("train", "val", "test"):
+            table = pq.read_table(results / "tokens" / split / f"{chunk}.parquet")
+            assert table.column_names == ["seq_id", "tokens", "source"]
+        assert (results / "logs" / "tokenize" / f"{chunk}.log").exists()
+        assert (results / "benchmarks" / "tokenize" / f"{chunk}.tsv").exists()
+    train = pq.read_table(results / "tokens" / "train")
+    assert len(set(train.column("source").to_pylist())) >= 6
+    # A finished run leaves nothing to do.
+    again = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(TINY))
+    assert "Nothing to be done" in again.stdout + again.stderr
+    # Same config and seed: the same tokens, byte for byte.
+    shutil.copytree(results / "tokens", tmp_path / "first")
+    snakemake(tmp_path, "--cores", "2", "--configfile", str(TINY), "--forceall")
+    for path in (tmp_path / "first").rglob("*.parquet"):
+        assert (
+            path.read_bytes()
+            == (results / "tokens" / path.relative_to(tmp_path / "first")).read_bytes()
+        )
