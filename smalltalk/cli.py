@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (ConfigError, BadRecordError, FileNotFoundError) as error:
+    except (ConfigError, BadRecordError, FileNotFoundError, ValueError) as error:
+        log.debug("details", exc_info=True)
         print(f"smalltalk {args.command}: error: {error}", file=sys.stderr)
         return 1
 

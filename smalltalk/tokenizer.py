@@ -63,18 +63,7 @@ def sample_sentences(
         log.warning("skipped %d bad records while sampling, first: %s", len(skipped), skipped[0])
 
 
-def train_tokenizer(
-    *,
-    files: list[str],
-    data: DataConfig,
-    tokenizer: TokenizerConfig,
-    out_model: str | os.PathLike,
-    threads: int = 1,
-) -> Path:
-    """Train a byte-fallback BPE SentencePiece model and write it atomically to `out_model`."""
-    import sentencepiece as spm
-
-    model = io.BytesIO()
+def _train(spm, files, data, tokenizer, model, threads) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=sample_sentences(files, data, tokenizer),
         model_writer=model,
@@ -97,6 +86,31 @@ def train_tokenizer(
         num_threads=threads,
         minloglevel=1,
     )
+
+
+def train_tokenizer(
+    *,
+    files: list[str],
+    data: DataConfig,
+    tokenizer: TokenizerConfig,
+    out_model: str | os.PathLike,
+    threads: int = 1,
+) -> Path:
+    """Train a byte-fallback BPE SentencePiece model and write it atomically to `out_model`."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    try:
+        _train(spm, files, data, tokenizer, model, threads)
+    except RuntimeError as error:
+        if "Vocabulary size is smaller than required_chars" in str(error):
+            raise ValueError(
+                f"tokenizer.vocab_size={tokenizer.vocab_size} is too small for this corpus: "
+                "it must hold 256 byte pieces, 3 specials and every character within "
+                f"tokenizer.character_coverage={tokenizer.character_coverage} "
+                f"(SentencePiece: {error})"
+            ) from None
+        raise
     out_model = Path(out_model)
     out_model.parent.mkdir(parents=True, exist_ok=True)
     temp = out_model.with_name(f".{out_model.name}.tmp-{os.getpid()}")

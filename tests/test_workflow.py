@@ -17,10 +17,10 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the repo's workflow in `workdir` (which sees the repo's data/ through a link)."""
-    data = workdir / "data"
-    if not data.exists():
-        data.symlink_to(REPO / "data")
+    """Run the repo's workflow in `workdir`, which sees the repo's data/ and config.yaml."""
+    for name in ("data", "config.yaml"):
+        if not (workdir / name).exists():
+            (workdir / name).symlink_to(REPO / name)
     result = subprocess.run(
         [
             str(BIN / "snakemake"),
@@ -68,13 +68,14 @@ def test_bad_config_stops_before_any_job(tmp_path):
         "1",
         "--config",
         "seq_len=16",
-        "routing={'prefix_len': 32}",
+        "files_per_chunk=0",
         check=False,
     )
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert "routing.prefix_len" in output
-    assert "routing.n_experts" in output  # replaced section: the missing key is named too
+    # Both problems at once, each with its key: M=32 from config.yaml is not below S=16.
+    assert "routing.prefix_len: the routing prefix M=32 must be shorter than seq_len S=16" in output
+    assert "files_per_chunk: 0 is less than the minimum of 1" in output
     assert not (tmp_path / "results" / "tokens").exists()
 
 
