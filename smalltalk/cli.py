@@ -109,6 +109,28 @@ def cmd_summarize_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flops(args: argparse.Namespace) -> int:
+    import torch
+
+    from smalltalk import flops
+    from smalltalk.model import LM, PRESETS, ModelConfig
+
+    if args.paper:
+        print(flops.format_paper_table3())
+        return 0
+    for name in args.presets or sorted(PRESETS):
+        config = ModelConfig.from_preset(name)
+        with torch.device("meta"):  # counts parameters without allocating them
+            parameters = LM(config).num_parameters()
+        per_sequence = flops.inference_flops(config, config.seq_len)
+        print(
+            f"{name:12} {parameters / 1e6:9.2f}M params  L={config.n_layer:<3} d={config.n_embd:<5}"
+            f" V={config.vocab_size:<6} S={config.seq_len:<5}"
+            f" {per_sequence / 1e9:10.3f} GFLOPs inference per sequence"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smalltalk",
@@ -161,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         "files", nargs="*", type=Path, help="the chunk's files (default: from the input plan)"
     )
     add_threads(sub)
+
+    sub = add("flops", cmd_flops, "FLOPs of the model presets, or the paper's Table 3")
+    sub.add_argument(
+        "--paper", action="store_true", help="recompute the paper's Table 3 from Tables 1-2"
+    )
+    sub.add_argument("presets", nargs="*", help="preset names (default: all)")
 
     sub = add("summarize-tokens", cmd_summarize_tokens, "total the per-chunk stats per split")
     sub.add_argument("--out", type=Path, required=True, help="the TSV to write")

@@ -1,0 +1,259 @@
+"""The one language model of SmallTalk: routers, experts and the dense baseline at different sizes.
+
+A pre-norm, decoder-only Transformer with rotary positions (paper §3.1, App. A.1): RMSNorm, causal
+self-attention through `F.scaled_dot_product_attention`, a GELU MLP with FFW expansion 4, tied
+input/output embeddings and GPT-2's scaled residual initialisation. Read top to bottom: norm, rotary
+helpers, attention, MLP, block, `ModelConfig`, `LM`, then the paper's presets (Table 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain and no bias (Zhang & Sennrich, 2019)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+# ---- rotary position embedding (RoPE, Su et al. 2024; paper App. A.1) -------------------------
+
+
+def rotary_tables(head_dim: int, seq_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angles t · base^(-2i / head_dim) for t < seq_len, i < head_dim / 2."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hs/2,)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[i], x[i + hs/2]) of x (B, nh, T, hs) by its position's angle.
+
+    The dot product of a rotated query at position m and a rotated key at position n then depends on
+    m - n only, which is what makes the encoding relative.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, nh, T, hs)
+    return rotated.type_as(x)  # back to bf16 under autocast; the rotation itself ran in fp32
+
+
+# ---- the Transformer block ------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()  # batch, sequence length, n_embd
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.d_ff, bias=False)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(config.d_ff, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> ..
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm_1 = RMSNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), cos, sin)
+        return x + self.mlp(self.norm_2(x))
+
+
+# ---- configuration --------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """Architecture of one LM; the paper's symbols (App. A.2) are given for each field."""
+
+    vocab_size: int = 32000
+    """V: SentencePiece vocabulary size (App. A.1)."""
+    seq_len: int = 1024
+    """S: longest context the model accepts; all paper models use 1024 (§3.1)."""
+    n_layer: int
+    """L (experts, dense) or L_r (routers): number of Transformer blocks."""
+    n_head: int
+    """A or A_r: attention heads per block."""
+    n_embd: int
+    """H or H_r: hidden size."""
+    ffw_expansion: int = 4
+    """D_ff / H: the MLP's hidden width as a multiple of H (4 for every model in Table 1)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches (0 disables it)."""
+    rope_base: float = 10000.0
+    """Base of the rotary frequencies (Su et al. 2024 use 10000)."""
+
+    def __post_init__(self):
+        errors = []
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "ffw_expansion"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                errors.append(f"{name} must be a positive integer, got {value!r}")
+        if not errors and self.n_embd % self.n_head:
+            errors.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        elif not errors and self.head_dim % 2:
+            errors.append(
+                f"n_embd / n_head = {self.head_dim} must be even: rotary embeddings rotate pairs"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            errors.append(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if not self.rope_base > 1.0:
+            errors.append(f"rope_base must be greater than 1, got {self.rope_base!r}")
+        if errors:
+            raise ValueError("invalid ModelConfig: " + "; ".join(errors))
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def d_ff(self) -> int:
+        """D_ff (App. A.2): the MLP's hidden width."""
+        return self.ffw_expansion * self.n_embd
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
+        """A copy of `PRESETS[name]` with some fields replaced, e.g. `vocab_size=tokenizer_size`."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# ---- the language model ---------------------------------------------------------------------
+
+
+class LM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Tied input/output embeddings: the paper's 4.4M router only counts 4.4M parameters if its
+        # 32000 x 96 table is stored once (untied it would be 7.5M), see PRESETS below. The
+        # state dict names it twice; safetensors' save_model/load_model store it once.
+        self.lm_head.weight = self.wte.weight
+        # Rotary tables are derived, not learned: kept out of the state dict (persistent=False).
+        cos, sin = rotary_tables(config.head_dim, config.seq_len, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (S, hs/2)
+        self.register_buffer("rope_sin", sin, persistent=False)  # (S, hs/2)
+
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each block adds two residual branches, so the output projections
+        # start at std 0.02 / sqrt(2 L) to keep the residual stream's variance from growing with L.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameters stored (the tied embedding once), without the token embedding if asked."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() if exclude_embeddings else n
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for the next token at every position of idx (B, T), and, given targets (B, T),
+        the mean cross-entropy over positions whose target is not -1 (Eq. 1 divided by its count).
+        """
+        B, T = idx.size()
+        if self.config.seq_len < T:
+            raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.config.seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hs/2) each
+        x = self.drop(self.wte(idx))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, cos, sin)  # (B, T, C)
+        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(
+            logits.view(B * T, -1).float(), targets.reshape(B * T), ignore_index=-1
+        )  # (B*T, V) against (B*T,), in fp32 even under bf16 autocast
+        return logits, loss
+
+    def configure_optimizer(
+        self,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        device_type: str,
+    ) -> torch.optim.AdamW:
+        """AdamW (§3.1: β = (0.9, 0.99), decay 0.1) decaying matrices and embeddings only: norm
+        gains (1-D) are not decayed, as in nanoGPT. The fused kernel is used on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+
+# ---- presets --------------------------------------------------------------------------------
+
+# Table 1 of the paper, V = 32000 and S = 1024 (App. A.1, §3.1). The sizes in the names are the
+# paper's counts, which we reproduce with tied embeddings, bias-free linear layers and RMSNorm gains
+# (4.40M, 109.5M, 334.8M, 1.274B; see tests/test_model.py). Biases and LayerNorm shifts would add
+# under 0.4% and round the same; untied embeddings would make the 4.4M router 7.5M. Table 1's 64M
+# router (H = 416, 12 heads) is left out: 416 is not divisible by 12, and at 12 layers it would
+# hold 38M parameters, so that row has a typo we cannot resolve.
+PRESETS: dict[str, ModelConfig] = {
+    "router-4.4m": ModelConfig(n_layer=12, n_head=12, n_embd=96),
+    "router-110m": ModelConfig(n_layer=12, n_head=12, n_embd=768),
+    "expert-335m": ModelConfig(n_layer=24, n_head=16, n_embd=1024),
+    "expert-1.3b": ModelConfig(n_layer=24, n_head=16, n_embd=2048),
+    # Laptop-CPU demos: override vocab_size with the tokenizer's and seq_len with the data's.
+    "demo-router": ModelConfig(vocab_size=4096, seq_len=256, n_layer=2, n_head=2, n_embd=32),
+    "demo-expert": ModelConfig(vocab_size=4096, seq_len=256, n_layer=4, n_head=4, n_embd=128),
+    "tiny": ModelConfig(vocab_size=256, seq_len=64, n_layer=1, n_head=2, n_embd=32),
+}
