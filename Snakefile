@@ -12,6 +12,8 @@ configfile: "config.yaml"
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/routers.smk"
+include: "rules/shard.smk"
 
 
 rule all:

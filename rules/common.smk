@@ -38,8 +38,14 @@ CHUNKS = {
 }
 
 
+ROUNDS = range(config["routing"]["rounds"] + 1)  # r = 0 (random), 1..T
+EXPERTS = range(config["routing"]["n_experts"])
+
+
 wildcard_constraints:
     chunk=r"c\d+",
+    r=r"\d+",
+    e=r"\d+",
     split="|".join(SPLITS),
 
 
@@ -72,5 +78,71 @@ def get_token_files(split):
     return expand(R("tokens/{split}/{chunk}.parquet"), split=split, chunk=CHUNKS)
 
 
+def get_em_token_files(split):
+    """The split's files of at most routing.em_chunks chunks, spread evenly: EM's sample."""
+    from smalltalk.tokenizer import sample_files
+
+    chunks = sample_files(list(CHUNKS), config["routing"]["em_chunks"])
+    return expand(R("tokens/{split}/{chunk}.parquet"), split=split, chunk=chunks)
+
+
+def get_router_training_inputs(wildcards):
+    """Router e of round r trains on its share of block r-1, from its round r-1 weights."""
+    r = int(wildcards.r)
+    inputs = {
+        "block": R(f"routers/blocks/b{r - 1}.parquet"),
+        "assignment": R(f"routers/r{r - 1}/assignment.parquet"),
+        "tokenizer": get_tokenizer_model(),
+    }
+    if r > 1:
+        inputs["init"] = R(f"routers/r{r - 1}/e{wildcards.e}.safetensors")
+    return inputs
+
+
+def get_router_init_flag(wildcards, input):
+    return f"--init {input.init}" if "init" in input.keys() else ""
+
+
+def get_router_work_dir(wildcards, output):
+    """routers/r{r}/e{e}/ beside routers/r{r}/e{e}.safetensors: metrics, checkpoints."""
+    return os.path.splitext(output[0])[0]
+
+
+def get_assignment_inputs(wildcards):
+    r = int(wildcards.r)
+    inputs = {
+        "block": R(f"routers/blocks/b{r}.parquet"),
+        "probe": R("routers/probe.parquet"),
+        "scores": expand(R("routers/r{r}/scores/e{e}.parquet"), r=r, e=EXPERTS),
+        "probe_scores": expand(R("routers/r{r}/probe/e{e}.parquet"), r=r, e=EXPERTS),
+    }
+    if r > 1:
+        inputs["previous_probe_scores"] = expand(
+            R("routers/r{r}/probe/e{e}.parquet"), r=r - 1, e=EXPERTS
+        )
+    return inputs
+
+
+def get_previous_probe_flag(wildcards, input):
+    if "previous_probe_scores" not in input.keys():
+        return ""
+    return "--previous-probe-scores " + " ".join(input.previous_probe_scores)
+
+
+def get_final_routers():
+    return expand(R("routers/r{r}/e{e}.safetensors"), r=ROUNDS[-1], e=EXPERTS)
+
+
+def get_shard_files():
+    return expand(R("shards/expert={e}/{chunk}.parquet"), e=EXPERTS, chunk=CHUNKS)
+
+
 def get_final_outputs():
-    return [*get_token_files(SPLITS), R("tokens/summary.tsv")]
+    return [
+        *get_token_files(SPLITS),
+        R("tokens/summary.tsv"),
+        R("routers/diagnostics.parquet"),
+        R("routers/contingency.parquet"),
+        R("segmentation/check.json"),
+        R("ledger/communication.parquet"),
+    ]

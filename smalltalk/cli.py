@@ -131,6 +131,190 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vocab_size(tokenizer: Path) -> int:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
+
+
+def cmd_em_sample(args: argparse.Namespace) -> int:
+    from smalltalk.em import sample_blocks
+
+    config = _config(args.config)
+    routing = config["routing"]
+    sample_blocks(
+        train_files=args.train,
+        block_paths=args.blocks,
+        block_size=routing["sequences_per_round"],
+        probe_files=args.val,
+        probe_path=args.probe,
+        probe_size=routing["probe_sequences"],
+        seed=config["seed"],
+    )
+    return 0
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from smalltalk import em
+
+    config = _config(args.config)
+    n_experts = config["routing"]["n_experts"]
+    if args.round == 0:
+        em.assign_random_round(args.block, n_experts, config["seed"], args.out)
+        nll = None
+    else:
+        if len(args.scores) != n_experts:
+            raise ValueError(f"expected {n_experts} score files, got {len(args.scores)}")
+        _, nll, _ = em.assign_round(args.scores, args.out)
+    diagnostics, contingency = em.round_diagnostics(
+        round_index=args.round,
+        block_path=args.block,
+        assignment_path=args.out,
+        n_experts=n_experts,
+        nll=nll,
+        probe_path=args.probe,
+        probe_scores=args.probe_scores,
+        previous_probe_scores=args.previous_probe_scores,
+    )
+    em.write_parquet_atomically(contingency, args.contingency)
+    em.write_parquet_atomically(diagnostics, args.diagnostics)
+    row = diagnostics.to_pylist()[0]
+    log.info(
+        "round %d: %d sequences, NMI with sources %.3f, probe changed %.3f",
+        args.round,
+        row["sequences"],
+        row["nmi_source"],
+        row["probe_changed"],
+    )
+    del pq
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from smalltalk.config import model_config, train_config
+    from smalltalk.em import assigned_seq_ids
+    from smalltalk.train import fit
+
+    config = _config(args.config)
+    role = args.role
+    model = model_config(
+        config, "router" if role == "router" else "expert", vocab_size=_vocab_size(args.tokenizer)
+    )
+    seq_ids, prefix_len, first_round = None, None, True
+    if role == "router":
+        if args.assignment is None or args.round is None:
+            raise ValueError("a router needs --round and --assignment")
+        routing = config["routing"]
+        seq_ids = assigned_seq_ids(args.assignment, args.index)
+        if len(seq_ids) == 0:
+            raise ValueError(f"{args.assignment} assigns no sequence to router {args.index}")
+        # M tokens give the M-1 predictions the router is scored on (Eq. 9).
+        prefix_len = routing["prefix_len"] - 1 if routing["train_on"] == "prefix" else None
+        steps = routing["steps_per_round"]
+        first_round = args.round <= 1
+        seed_offset = 1000 * args.round + args.index
+    else:
+        steps = args.steps or config["training"]["expert"].get("steps")
+        if steps is None:
+            raise ValueError("training.expert.steps is not set")
+        seed_offset = 100_000 + (args.index or 0)
+    training = train_config(
+        config,
+        role,
+        steps=steps,
+        seed_offset=seed_offset,
+        first_round=first_round,
+        threads=args.threads,
+    )
+    fit(
+        model,
+        training,
+        args.data,
+        args.out_dir,
+        role=role,
+        init_from=args.init,
+        seq_ids=seq_ids,
+        prefix_len=prefix_len,
+        weights_path=args.weights,
+    )
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from smalltalk.config import model_config
+    from smalltalk.em import load_model, score_file
+
+    config = _config(args.config)
+    if len(args.tokens) != len(args.out):
+        raise ValueError("give one --out per --tokens")
+    model = load_model(
+        model_config(config, "router", vocab_size=_vocab_size(args.tokenizer)), args.weights
+    )
+    for tokens, out in zip(args.tokens, args.out, strict=True):
+        score_file(model, tokens, config["routing"]["prefix_len"], out)
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from smalltalk.config import model_config
+    from smalltalk.shard import shard_chunk
+
+    config = _config(args.config)
+    loads = shard_chunk(
+        tokens_path=args.tokens,
+        router_config=model_config(config, "router", vocab_size=_vocab_size(args.tokenizer)),
+        router_weights=args.routers,
+        prefix_len=config["routing"]["prefix_len"],
+        shard_paths=args.shards,
+        scores_path=args.scores,
+    )
+    log.info("%s: sequences per expert %s", args.tokens, loads.tolist())
+    return 0
+
+
+def cmd_check_shards(args: argparse.Namespace) -> int:
+    from smalltalk.shard import check_shards
+
+    config = _config(args.config)
+    report = check_shards(
+        train_files=args.train,
+        shard_files=args.shards,
+        n_experts=config["routing"]["n_experts"],
+        out=args.out,
+    )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    from smalltalk.shard import communication_ledger
+
+    config = _config(args.config)
+    table = communication_ledger(
+        assignment_paths=args.assignments,
+        shard_score_paths=args.shard_scores,
+        n_experts=config["routing"]["n_experts"],
+        out=args.out,
+    )
+    import duckdb
+
+    duckdb.from_arrow(table).show(max_width=200)
+    return 0
+
+
+def cmd_concat(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from smalltalk.em import write_parquet_atomically
+
+    tables = [pq.read_table(path) for path in args.inputs]
+    write_parquet_atomically(pa.concat_tables(tables, promote_options="default"), args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smalltalk",
@@ -189,6 +373,72 @@ def build_parser() -> argparse.ArgumentParser:
         "--paper", action="store_true", help="recompute the paper's Table 3 from Tables 1-2"
     )
     sub.add_argument("presets", nargs="*", help="preset names (default: all)")
+
+    sub = add("em-sample", cmd_em_sample, "draw the EM blocks and the probe set (Algorithm 1)")
+    add_config(sub)
+    sub.add_argument("--train", nargs="+", required=True, help="train token files to sample")
+    sub.add_argument("--val", nargs="+", required=True, help="validation token files (probe)")
+    sub.add_argument("--blocks", nargs="+", required=True, help="block files, rounds 0..T")
+    sub.add_argument("--probe", required=True, help="the probe file")
+
+    sub = add("assign", cmd_assign, "an EM round's assignment (random in round 0) and diagnostics")
+    add_config(sub)
+    sub.add_argument("--round", type=int, required=True, help="EM round r")
+    sub.add_argument("--block", required=True, help="the round's block of sequences")
+    sub.add_argument("--scores", nargs="*", default=[], help="the E routers' scores (r >= 1)")
+    sub.add_argument("--probe", help="the probe set")
+    sub.add_argument("--probe-scores", nargs="*", default=[], help="probe scores of round r")
+    sub.add_argument(
+        "--previous-probe-scores", nargs="*", default=[], help="probe scores of round r-1"
+    )
+    sub.add_argument("--out", required=True, help="the assignment to write")
+    sub.add_argument("--diagnostics", required=True, help="the diagnostics row to write")
+    sub.add_argument("--contingency", required=True, help="segment x source counts to write")
+
+    sub = add("train", cmd_train, "train one router, expert or the dense baseline")
+    add_config(sub)
+    sub.add_argument("--role", choices=["router", "expert", "dense"], required=True)
+    sub.add_argument("--index", type=int, default=0, help="router or expert index e")
+    sub.add_argument("--round", type=int, help="EM round r (routers)")
+    sub.add_argument("--assignment", help="the previous round's assignment (routers)")
+    sub.add_argument("--init", help="weights to start from (a router's previous round)")
+    sub.add_argument("--steps", type=int, help="optimizer steps (default: from the config)")
+    sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
+    sub.add_argument("--out-dir", required=True, help="metrics, checkpoints and summary")
+    sub.add_argument("--weights", help="final weights (default: OUT_DIR/model.safetensors)")
+    sub.add_argument("data", nargs="+", help="token Parquet files or directories")
+    add_threads(sub)
+
+    sub = add("score", cmd_score, "score sequence prefixes with one router (float16 NLL)")
+    add_config(sub)
+    sub.add_argument("--weights", required=True, help="router weights")
+    sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
+    sub.add_argument("--tokens", action="append", required=True, help="token file (repeatable)")
+    sub.add_argument("--out", action="append", required=True, help="scores file, one per --tokens")
+
+    sub = add("shard", cmd_shard, "route one train chunk with all routers into expert shards")
+    add_config(sub)
+    sub.add_argument("--tokens", required=True, help="the chunk's train token file")
+    sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
+    sub.add_argument("--routers", nargs="+", required=True, help="final router weights, e order")
+    sub.add_argument("--shards", nargs="+", required=True, help="shard files, e order")
+    sub.add_argument("--scores", required=True, help="the chunk's scores and assignment")
+
+    sub = add("check-shards", cmd_check_shards, "prove each train sequence is in one shard")
+    add_config(sub)
+    sub.add_argument("--train", nargs="+", required=True, help="train token files")
+    sub.add_argument("--shards", nargs="+", required=True, help="shard files")
+    sub.add_argument("--out", required=True, help="the check report (JSON)")
+
+    sub = add("ledger", cmd_ledger, "bytes of scores exchanged, next to the paper's App. A.4")
+    add_config(sub)
+    sub.add_argument("--assignments", nargs="+", required=True, help="EM assignments, r order")
+    sub.add_argument("--shard-scores", nargs="+", required=True, help="per-chunk shard scores")
+    sub.add_argument("--out", required=True, help="the ledger (Parquet)")
+
+    sub = add("concat", cmd_concat, "concatenate Parquet tables (per-round diagnostics)")
+    sub.add_argument("--out", required=True, help="the Parquet file to write")
+    sub.add_argument("inputs", nargs="+", help="Parquet files")
 
     sub = add("summarize-tokens", cmd_summarize_tokens, "total the per-chunk stats per split")
     sub.add_argument("--out", type=Path, required=True, help="the TSV to write")

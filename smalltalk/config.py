@@ -57,6 +57,16 @@ def semantic_errors(config: dict[str, Any]) -> list[str]:
             errors.append(f"splits: fractions must sum to 1, got {total:g}")
         if splits["train"] <= 0:
             errors.append("splits.train: the train split must be non-empty (> 0)")
+    for role in ("router", "expert"):
+        errors += _model_errors(config, role)
+    routing = config.get("routing", {})
+    steps = routing.get("steps_per_round")
+    warmup = config.get("training", {}).get("router", {}).get("warmup_steps")
+    if isinstance(steps, int) and isinstance(warmup, int) and warmup >= steps:
+        errors.append(
+            "training.router.warmup_steps: the warm-up (round 1 only) must be shorter than "
+            f"routing.steps_per_round={steps}"
+        )
     seq_len = config.get("seq_len")
     prefix_len = config.get("routing", {}).get("prefix_len")
     if isinstance(seq_len, int) and isinstance(prefix_len, int) and prefix_len >= seq_len:
@@ -65,6 +75,23 @@ def semantic_errors(config: dict[str, Any]) -> list[str]:
             f"seq_len S={seq_len}"
         )
     return errors
+
+
+def _model_errors(config: dict[str, Any], role: str) -> list[str]:
+    from smalltalk.model import PRESETS
+
+    section = config.get("models", {}).get(role)
+    if not isinstance(section, dict) or not isinstance(section.get("preset"), str):
+        return []
+    if section["preset"] not in PRESETS:
+        return [
+            f"models.{role}.preset: unknown preset {section['preset']!r}; one of {sorted(PRESETS)}"
+        ]
+    try:
+        model_config(config, role, vocab_size=config.get("tokenizer", {}).get("vocab_size", 1024))
+    except (ValueError, TypeError) as error:
+        return [f"models.{role}: {error}"]
+    return []
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -168,3 +195,35 @@ def write_resolved_config(config: dict[str, Any], path: str | Path) -> Path:
     temp.write_text(text)
     os.replace(temp, path)
     return path
+
+
+def model_config(config: dict[str, Any], role: str, *, vocab_size: int):
+    """The ModelConfig of a role ('router' or 'expert'; the dense baseline is an expert): its
+    preset, the config's overrides, V from the tokenizer and S from seq_len."""
+    import dataclasses
+
+    from smalltalk.model import PRESETS
+
+    section = dict(config["models"][role])
+    preset = PRESETS[section.pop("preset")]
+    return dataclasses.replace(preset, vocab_size=vocab_size, seq_len=config["seq_len"], **section)
+
+
+def train_config(
+    config: dict[str, Any],
+    role: str,
+    *,
+    steps: int,
+    seed_offset: int = 0,
+    first_round: bool = True,
+    threads: int | None = None,
+):
+    """The TrainConfig of a job. Routers warm up in EM round 1 only and then keep a constant
+    learning rate (App. A.1); experts and the dense baseline warm up and decay (cosine)."""
+    from smalltalk.train import TrainConfig
+
+    section = dict(config["training"]["router" if role == "router" else "expert"])
+    section.pop("steps", None)
+    if not first_round:
+        section["warmup_steps"] = 0
+    return TrainConfig(steps=steps, seed=config["seed"] + seed_offset, threads=threads, **section)

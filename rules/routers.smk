@@ -1,0 +1,174 @@
+# Stage 3: router EM (paper §2.2, Algorithm 1). Round 0 assigns block 0 at random; in round
+# r >= 1 router e trains on its share of block r-1, scores block r, and one gather job makes
+# the balanced assignment. Score vectors are all the routers exchange.
+
+
+rule sample_em_blocks:
+    input:
+        train=get_em_token_files("train"),
+        val=get_em_token_files("val"),
+    output:
+        blocks=expand(R("routers/blocks/b{r}.parquet"), r=ROUNDS),
+        probe=R("routers/probe.parquet"),
+    log:
+        R("logs/routers/sample_em_blocks.log"),
+    benchmark:
+        R("benchmarks/routers/sample_em_blocks.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        config=CONFIG_FILE,
+        routing=lookup(dpath="routing", within=config),
+    shell:
+        "python -m smalltalk em-sample --config {params.config} --train {input.train} "
+        "--val {input.val} --blocks {output.blocks} --probe {output.probe} > {log} 2>&1"
+
+
+rule assign_random:
+    input:
+        block=R("routers/blocks/b0.parquet"),
+    output:
+        assignment=R("routers/r0/assignment.parquet"),
+        diagnostics=R("routers/r0/diagnostics.parquet"),
+        contingency=R("routers/r0/contingency.parquet"),
+    log:
+        R("logs/routers/r0/assign.log"),
+    benchmark:
+        R("benchmarks/routers/r0/assign.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        config=CONFIG_FILE,
+    shell:
+        "python -m smalltalk assign --config {params.config} --round 0 --block {input.block} "
+        "--out {output.assignment} --diagnostics {output.diagnostics} "
+        "--contingency {output.contingency} > {log} 2>&1"
+
+
+rule train_router:
+    input:
+        unpack(get_router_training_inputs),
+    output:
+        R("routers/r{r}/e{e}.safetensors"),
+    log:
+        R("logs/routers/r{r}/train_e{e}.log"),
+    benchmark:
+        R("benchmarks/routers/r{r}/train_e{e}.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    params:
+        config=CONFIG_FILE,
+        out_dir=get_router_work_dir,
+        init=get_router_init_flag,
+        training=lookup(dpath="training/router", within=config),
+        model=lookup(dpath="models/router", within=config),
+    shell:
+        "python -m smalltalk train --config {params.config} --role router --index {wildcards.e} "
+        "--round {wildcards.r} --assignment {input.assignment} {params.init} "
+        "--tokenizer {input.tokenizer} --out-dir {params.out_dir} --weights {output} "
+        "--threads {threads} {input.block} > {log} 2>&1"
+
+
+rule score_router:
+    input:
+        weights=R("routers/r{r}/e{e}.safetensors"),
+        block=R("routers/blocks/b{r}.parquet"),
+        probe=R("routers/probe.parquet"),
+        tokenizer=get_tokenizer_model,
+    output:
+        scores=R("routers/r{r}/scores/e{e}.parquet"),
+        probe=R("routers/r{r}/probe/e{e}.parquet"),
+    log:
+        R("logs/routers/r{r}/score_e{e}.log"),
+    benchmark:
+        R("benchmarks/routers/r{r}/score_e{e}.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        config=CONFIG_FILE,
+    shell:
+        "python -m smalltalk score --config {params.config} --weights {input.weights} "
+        "--tokenizer {input.tokenizer} --tokens {input.block} --out {output.scores} "
+        "--tokens {input.probe} --out {output.probe} > {log} 2>&1"
+
+
+rule assign_round:
+    input:
+        unpack(get_assignment_inputs),
+    output:
+        assignment=R("routers/r{r}/assignment.parquet"),
+        diagnostics=R("routers/r{r}/diagnostics.parquet"),
+        contingency=R("routers/r{r}/contingency.parquet"),
+    log:
+        R("logs/routers/r{r}/assign.log"),
+    benchmark:
+        R("benchmarks/routers/r{r}/assign.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        config=CONFIG_FILE,
+        previous_probe=get_previous_probe_flag,
+    shell:
+        "python -m smalltalk assign --config {params.config} --round {wildcards.r} "
+        "--block {input.block} --scores {input.scores} --probe {input.probe} "
+        "--probe-scores {input.probe_scores} {params.previous_probe} "
+        "--out {output.assignment} --diagnostics {output.diagnostics} "
+        "--contingency {output.contingency} > {log} 2>&1"
+
+
+rule em_diagnostics:
+    input:
+        expand(R("routers/r{r}/diagnostics.parquet"), r=ROUNDS),
+    output:
+        R("routers/diagnostics.parquet"),
+    log:
+        R("logs/routers/em_diagnostics.log"),
+    benchmark:
+        R("benchmarks/routers/em_diagnostics.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m smalltalk concat --out {output} {input} > {log} 2>&1"
+
+
+rule em_contingency:
+    input:
+        expand(R("routers/r{r}/contingency.parquet"), r=ROUNDS),
+    output:
+        R("routers/contingency.parquet"),
+    log:
+        R("logs/routers/em_contingency.log"),
+    benchmark:
+        R("benchmarks/routers/em_contingency.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m smalltalk concat --out {output} {input} > {log} 2>&1"

@@ -1,0 +1,74 @@
+# Stage 4: the final routers segment every train chunk into per-expert Hive-style shards.
+
+
+rule shard_chunk:
+    input:
+        tokens=R("tokens/train/{chunk}.parquet"),
+        routers=get_final_routers(),
+        tokenizer=get_tokenizer_model,
+    output:
+        shards=expand(R("shards/expert={e}/{{chunk}}.parquet"), e=EXPERTS),
+        scores=R("segmentation/scores/{chunk}.parquet"),
+    log:
+        R("logs/shard/{chunk}.log"),
+    benchmark:
+        R("benchmarks/shard/{chunk}.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    params:
+        config=CONFIG_FILE,
+    shell:
+        "python -m smalltalk shard --config {params.config} --tokens {input.tokens} "
+        "--tokenizer {input.tokenizer} --routers {input.routers} --shards {output.shards} "
+        "--scores {output.scores} > {log} 2>&1"
+
+
+rule check_shards:
+    input:
+        train=get_token_files("train"),
+        shards=get_shard_files(),
+    output:
+        R("segmentation/check.json"),
+    log:
+        R("logs/shard/check.log"),
+    benchmark:
+        R("benchmarks/shard/check.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        config=CONFIG_FILE,
+    shell:
+        "python -m smalltalk check-shards --config {params.config} --train {input.train} "
+        "--shards {input.shards} --out {output} > {log} 2>&1"
+
+
+rule communication_ledger:
+    input:
+        assignments=expand(R("routers/r{r}/assignment.parquet"), r=ROUNDS),
+        shard_scores=expand(R("segmentation/scores/{chunk}.parquet"), chunk=CHUNKS),
+    output:
+        R("ledger/communication.parquet"),
+    log:
+        R("logs/ledger/communication.log"),
+    benchmark:
+        R("benchmarks/ledger/communication.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        config=CONFIG_FILE,
+    shell:
+        "python -m smalltalk ledger --config {params.config} "
+        "--assignments {input.assignments} --shard-scores {input.shard_scores} "
+        "--out {output} > {log} 2>&1"

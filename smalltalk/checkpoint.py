@@ -1,0 +1,188 @@
+"""Checkpoints that let a run go on exactly where it stopped, and weights files.
+
+    out_dir/ckpt/step-00001200/
+        model.safetensors   weights of the plain module (no `_orig_mod.` / `module.` prefixes)
+        state.pt            step, optimizer, RNG states, data cursor, resolved configs
+
+A checkpoint is written into a hidden temporary directory beside it and renamed into place in one
+`os.replace`, so a crash never leaves a half-written `step-*` that looks complete (nanoGPT saves
+over its only `ckpt.pt`). `state.pt` holds tensors and plain containers only and is read back with
+`torch.load(weights_only=True)`, which cannot run code from the file: RNG states are converted to
+tensors and tuples of ints on the way in and back on the way out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+
+CHECKPOINT_DIR = re.compile(r"step-(\d{8})")
+WEIGHTS, STATE = "model.safetensors", "state.pt"
+METADATA_KEY = "smalltalk"  # our header entry; save_model adds others, naming tied tensors
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`),
+    so saved names carry neither prefix and load into an uncompiled single-process model."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# ---- weights --------------------------------------------------------------------------------
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict | None = None):
+    """Write weights as safetensors, atomically. The tied embedding is stored once; `metadata`
+    (JSON-encoded into the header, e.g. the model config) makes the file self-describing."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_model(unwrap(model), str(tmp), metadata={METADATA_KEY: json.dumps(metadata or {})})
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load safetensors weights into `model` in place; every name must match."""
+    load_model(unwrap(model), path, strict=True, device=str(next(model.parameters()).device))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata stored by `save_weights` (empty for files written otherwise)."""
+    with safe_open(path, framework="pt") as weights:
+        return json.loads((weights.metadata() or {}).get(METADATA_KEY, "{}"))
+
+
+# ---- RNG states as tensors and plain tuples (what weights_only=True accepts) -----------------
+
+
+def rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),  # (version, tuple of 625 ints, gauss_next)
+        "numpy": {
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": numpy_state["state"]["pos"],
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {
+                "key": numpy_state["key"].numpy().astype(np.uint32),
+                "pos": numpy_state["pos"],
+            },
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+
+def checkpoint_steps(ckpt_dir: str | os.PathLike) -> list[int]:
+    """Steps of the complete checkpoints in `ckpt_dir`, ascending."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    steps = []
+    for entry in ckpt_dir.iterdir():
+        match = CHECKPOINT_DIR.fullmatch(entry.name)
+        if match and (entry / WEIGHTS).is_file() and (entry / STATE).is_file():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
+    return Path(ckpt_dir) / f"step-{step:08d}"
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    steps = checkpoint_steps(ckpt_dir)
+    return checkpoint_path(ckpt_dir, steps[-1]) if steps else None
+
+
+def save_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`.
+
+    `state` holds what else the run needs to go on (data cursor, configs, counters); it must be
+    made of tensors, numbers, strings and containers of them. RNG states are added here.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_dir.glob(".tmp-*"):  # left by a run killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
+    final = checkpoint_path(ckpt_dir, step)
+    tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
+    tmp.mkdir()
+    save_weights(model, tmp / WEIGHTS)
+    payload = {
+        **state,
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+    }
+    torch.save(payload, tmp / STATE)
+    _fsync(tmp / STATE)
+    if final.exists():  # only when a run is resumed from an older copy of this same step
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+    for old in checkpoint_steps(ckpt_dir)[:-keep_last]:
+        # Rename before deleting so a crash mid-delete leaves nothing named like a checkpoint.
+        doomed = ckpt_dir / f".tmp-delete-{old:08d}"
+        os.replace(checkpoint_path(ckpt_dir, old), doomed)
+        shutil.rmtree(doomed)
+    return final
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG states from checkpoint `path`; return the rest of its
+    state (step, data cursor, configs ...)."""
+    path = Path(path)
+    load_weights(model, path / WEIGHTS)
+    state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state.pop("optimizer"))  # moves the moments to the parameters' device
+    set_rng_state(state.pop("rng"))
+    return state

@@ -1,0 +1,320 @@
+"""Router EM (paper §2.2, Algorithm 1) as files that independent jobs exchange.
+
+Round 0 assigns a fresh block of N sequences at random; in round r = 1..T each router e
+trains on the sequences of block r-1 assigned to it, continuing from its round r-1 weights,
+then scores the prefixes of block r on its own. The gather job turns the E score vectors into
+a balanced assignment (§2.2, Fig. 1). Score vectors are the only thing routers exchange.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from smalltalk.model import LM, ModelConfig
+from smalltalk.routing import balanced_assign, random_balanced_assign, route
+from smalltalk.scoring import sequence_nll
+
+SCORE_BATCH = 256
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_parquet_atomically(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write `table` to a temporary name beside `path`, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, temp, compression="zstd")
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def token_matrix(tokens: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A list<uint16|uint32> column of equal-length rows as an (n, L) array, no Python loop."""
+    if isinstance(tokens, pa.ChunkedArray):
+        tokens = tokens.combine_chunks()
+    if len(tokens) == 0:
+        return np.empty((0, 0), dtype=np.uint16)
+    values = tokens.flatten().to_numpy()
+    return values.reshape(len(tokens), -1)
+
+
+def sampling_keys(seq_ids: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded pseudo-random key per seq_id (SplitMix64): sorting by it samples uniformly."""
+    with np.errstate(over="ignore"):
+        z = seq_ids.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _smallest_keys(files: Sequence[str | os.PathLike], count: int, seed: int) -> np.ndarray:
+    """The `count` seq_ids with the smallest sampling keys over all files, in key order."""
+    best_ids = np.empty(0, dtype=np.int64)
+    best_keys = np.empty(0, dtype=np.uint64)
+    for path in files:
+        new_ids = pq.read_table(path, columns=["seq_id"]).column("seq_id").to_numpy()
+        ids = np.concatenate((best_ids, new_ids))
+        keys = np.concatenate((best_keys, sampling_keys(new_ids, seed)))
+        if len(keys) > count:
+            keep = np.argpartition(keys, count - 1)[:count]
+            ids, keys = ids[keep], keys[keep]
+        best_ids, best_keys = ids, keys
+    order = np.argsort(best_keys, kind="stable")
+    return best_ids[order]
+
+
+def sample_blocks(
+    *,
+    train_files: Sequence[str | os.PathLike],
+    block_paths: Sequence[str | os.PathLike],
+    block_size: int,
+    probe_files: Sequence[str | os.PathLike],
+    probe_path: str | os.PathLike,
+    probe_size: int,
+    seed: int,
+) -> list[int]:
+    """Draw the EM blocks: len(block_paths) disjoint blocks of `block_size` train sequences
+    (Algorithm 1's 'N new sequences' per round) plus a fixed probe set of validation sequences
+    that every round's routers score, for diagnostics. Reads one row group at a time.
+    Returns the block sizes."""
+    needed = len(block_paths) * block_size
+    chosen = _smallest_keys(train_files, needed, seed)
+    if len(chosen) < needed:
+        raise ValueError(
+            f"EM needs routing.rounds + 1 = {len(block_paths)} blocks of "
+            f"routing.sequences_per_round = {block_size} train sequences, but the sampled "
+            f"chunks hold only {len(chosen)}: lower either or raise routing.em_chunks"
+        )
+    block_of = dict(zip(chosen.tolist(), (np.arange(needed) // block_size).tolist(), strict=True))
+    _gather(train_files, block_of, block_paths)
+    probe = _smallest_keys(probe_files, probe_size, seed + 1) if probe_size else np.empty(0)
+    _gather(probe_files, dict.fromkeys(probe.tolist(), 0), [probe_path])
+    return [block_size] * len(block_paths)
+
+
+def _gather(files: Sequence[str | os.PathLike], block_of: dict[int, int], paths: Sequence) -> None:
+    """Copy the rows whose seq_id is in `block_of` into the file of their block."""
+    temps = [Path(p).with_name(f".{Path(p).name}.tmp-{os.getpid()}") for p in paths]
+    writers: list[pq.ParquetWriter] = []
+    wanted = np.fromiter(block_of, dtype=np.int64, count=len(block_of))
+    try:
+        schema = pq.read_schema(files[0]) if files else None
+        for temp in temps:
+            temp.parent.mkdir(parents=True, exist_ok=True)
+            writers.append(pq.ParquetWriter(temp, schema, compression="zstd"))
+        for path in files:
+            parquet = pq.ParquetFile(path)
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group)
+                ids = table.column("seq_id").to_numpy()
+                hit = np.isin(ids, wanted)
+                if not hit.any():
+                    continue
+                rows = table.filter(pa.array(hit))
+                blocks = np.array([block_of[i] for i in ids[hit].tolist()])
+                for block in np.unique(blocks):
+                    writers[block].write_table(rows.filter(pa.array(blocks == block)))
+        for writer in writers:
+            writer.close()
+        writers.clear()
+        for temp, path in zip(temps, paths, strict=True):
+            os.replace(temp, path)
+    finally:
+        for writer in writers:
+            writer.close()
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def load_model(config: ModelConfig, weights: str | os.PathLike, device: str = "auto") -> LM:
+    from smalltalk.checkpoint import load_weights
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = LM(config)
+    load_weights(model, weights)
+    return model.to(device).eval()
+
+
+def prefix_nll(model: LM, tokens: np.ndarray, prefix_len: int) -> np.ndarray:
+    """Mean NLL per predicted token of each row's first M tokens (Eq. 9): (n,) float32."""
+    if len(tokens) == 0:
+        return np.empty(0, dtype=np.float32)
+    prefix = torch.from_numpy(tokens[:, :prefix_len].astype(np.int64))
+    nll = sequence_nll(model, prefix, end=prefix_len, batch_size=SCORE_BATCH, reduction="mean")
+    return nll.numpy()
+
+
+def score_file(
+    model: LM, tokens_path: str | os.PathLike, prefix_len: int, out: str | os.PathLike
+) -> Path:
+    """One router's scores for one file: `seq_id`, `nll` as float16 (the paper's 2 bytes)."""
+    table = pq.read_table(tokens_path, columns=["seq_id", "tokens"])
+    nll = prefix_nll(model, token_matrix(table.column("tokens")), prefix_len)
+    scores = pa.table(
+        {
+            "seq_id": table.column("seq_id"),
+            "nll": pa.array(nll.astype(np.float16), type=pa.float16()),
+        }
+    )
+    return write_parquet_atomically(scores, out)
+
+
+def read_scores(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray]:
+    """Gather E score files into (seq_ids (n,), nll (n, E) float32), rows in seq_id order."""
+    seq_ids, columns = None, []
+    for path in paths:
+        table = pq.read_table(path).sort_by("seq_id")
+        ids = table.column("seq_id").to_numpy()
+        if seq_ids is None:
+            seq_ids = ids
+        elif not np.array_equal(ids, seq_ids):
+            raise ValueError(f"{path}: scores a different set of sequences than {paths[0]}")
+        columns.append(table.column("nll").to_numpy().astype(np.float32))
+    return seq_ids, np.stack(columns, axis=1)
+
+
+# --------------------------------------------------------------------------- assignment
+
+
+def assign_random_round(
+    block_path: str | os.PathLike, n_experts: int, seed: int, out: str | os.PathLike
+) -> Path:
+    """Round 0 (Algorithm 1, line 3): a seeded random balanced assignment of block 0."""
+    seq_ids = np.sort(pq.read_table(block_path, columns=["seq_id"]).column("seq_id").to_numpy())
+    experts = random_balanced_assign(len(seq_ids), n_experts, seed)
+    return write_parquet_atomically(_assignment_table(seq_ids, experts), out)
+
+
+def assign_round(
+    score_paths: Sequence[str | os.PathLike], out: str | os.PathLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rounds 1..T (Algorithm 1, line 9): the balanced assignment of the gathered scores."""
+    seq_ids, nll = read_scores(score_paths)
+    experts = balanced_assign(nll)
+    write_parquet_atomically(_assignment_table(seq_ids, experts), out)
+    return seq_ids, nll, experts
+
+
+def _assignment_table(seq_ids: np.ndarray, experts: np.ndarray) -> pa.Table:
+    return pa.table(
+        {
+            "seq_id": pa.array(seq_ids, pa.int64()),
+            "expert": pa.array(experts.astype(np.int16), pa.int16()),
+        }
+    )
+
+
+def assigned_seq_ids(assignment_path: str | os.PathLike, expert: int) -> np.ndarray:
+    table = pq.read_table(assignment_path)
+    experts = table.column("expert").to_numpy()
+    return table.column("seq_id").to_numpy()[experts == expert]
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def normalized_mutual_information(labels_a: np.ndarray, labels_b: np.ndarray) -> float:
+    """NMI with the arithmetic-mean normalisation (scikit-learn's default); 1 when either labelling
+    is a single class and both agree, 0 for independent labellings."""
+    if len(labels_a) == 0:
+        return float("nan")
+    _, a = np.unique(labels_a, return_inverse=True)
+    _, b = np.unique(labels_b, return_inverse=True)
+    joint = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(joint, (a, b), 1)
+    joint /= joint.sum()
+    pa_, pb = joint.sum(axis=1), joint.sum(axis=0)
+    nonzero = joint > 0
+    mutual = float((joint[nonzero] * np.log(joint[nonzero] / np.outer(pa_, pb)[nonzero])).sum())
+    entropy_a = -float((pa_ * np.log(pa_)).sum())
+    entropy_b = -float((pb * np.log(pb)).sum())
+    if entropy_a == 0 and entropy_b == 0:
+        return 1.0
+    denominator = (entropy_a + entropy_b) / 2
+    return max(0.0, mutual / denominator) if denominator > 0 else 0.0
+
+
+def round_diagnostics(
+    *,
+    round_index: int,
+    block_path: str | os.PathLike,
+    assignment_path: str | os.PathLike,
+    n_experts: int,
+    nll: np.ndarray | None,
+    probe_path: str | os.PathLike | None = None,
+    probe_scores: Sequence[str | os.PathLike] | None = None,
+    previous_probe_scores: Sequence[str | os.PathLike] | None = None,
+) -> tuple[pa.Table, pa.Table]:
+    """One row of EM diagnostics for a round, and its segment x source contingency table.
+
+    load_*: share of the block per expert under the balanced assignment and under argmin routing
+    (no capacity, as at inference); changed: share of the probe sequences whose argmin expert
+    differs from the previous round's; mean routed prefix NLL; NMI of segments against sources.
+    """
+    block = pq.read_table(block_path, columns=["seq_id", "source"]).sort_by("seq_id")
+    assignment = pq.read_table(assignment_path).sort_by("seq_id")
+    if not np.array_equal(
+        block.column("seq_id").to_numpy(), assignment.column("seq_id").to_numpy()
+    ):
+        raise ValueError(f"{assignment_path} does not assign exactly the sequences of {block_path}")
+    experts = assignment.column("expert").to_numpy().astype(np.int64)
+    sources = np.asarray(block.column("source").to_pylist(), dtype=object)
+    n = max(len(experts), 1)
+    load = np.bincount(experts, minlength=n_experts) / n
+    row: dict[str, object] = {
+        "round": round_index,
+        "sequences": len(experts),
+        "nmi_source": normalized_mutual_information(experts, sources),
+        "max_load": float(load.max()) if len(load) else math.nan,
+        "mean_routed_nll": math.nan,
+        "argmin_max_load": math.nan,
+        "probe_nmi_source": math.nan,
+        "probe_changed": math.nan,
+    }
+    for e in range(n_experts):
+        row[f"load_e{e}"] = float(load[e])
+    if nll is not None:
+        row["mean_routed_nll"] = float(nll[np.arange(len(experts)), experts].mean())
+        argmin = np.bincount(route(nll), minlength=n_experts) / n
+        row["argmin_max_load"] = float(argmin.max())
+    if probe_scores and probe_path is not None:
+        probe_ids, probe_nll = read_scores(probe_scores)
+        probe_experts = route(probe_nll) if len(probe_ids) else np.empty(0, np.int64)
+        probe = pq.read_table(probe_path, columns=["seq_id", "source"]).sort_by("seq_id")
+        if not np.array_equal(probe.column("seq_id").to_numpy(), probe_ids):
+            raise ValueError(
+                f"{probe_scores[0]} does not score exactly the sequences of {probe_path}"
+            )
+        probe_sources = np.asarray(probe.column("source").to_pylist(), dtype=object)
+        row["probe_nmi_source"] = normalized_mutual_information(probe_experts, probe_sources)
+        if previous_probe_scores:
+            previous_ids, previous_nll = read_scores(previous_probe_scores)
+            if np.array_equal(previous_ids, probe_ids) and len(probe_ids):
+                row["probe_changed"] = float((route(previous_nll) != probe_experts).mean())
+    contingency = (
+        pa.table({"expert": experts, "source": sources.tolist()})
+        .group_by(["expert", "source"])
+        .aggregate([("expert", "count")])
+        .rename_columns(["expert", "source", "sequences"])
+        .sort_by([("expert", "ascending"), ("source", "ascending")])
+    )
+    round_column = pa.array([round_index] * contingency.num_rows, pa.int32())
+    contingency = contingency.add_column(0, "round", round_column)
+    return pa.Table.from_pylist([row]), contingency

@@ -1,0 +1,230 @@
+"""Segment the training set with the final routers (Algorithm 1, lines 12-13; design stage 4).
+
+One job per train chunk loads all E routers (they are tiny), scores every sequence's prefix,
+makes a balanced assignment within the chunk and writes each row into exactly one Hive-style
+shard, `shards/expert={e}/{chunk}.parquet`, so DuckDB reads all shards as one table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from smalltalk.em import load_model, prefix_nll, token_matrix, write_parquet_atomically
+from smalltalk.flops import score_exchange_bytes
+from smalltalk.model import ModelConfig
+from smalltalk.routing import balanced_assign
+
+
+def shard_chunk(
+    *,
+    tokens_path: str | os.PathLike,
+    router_config: ModelConfig,
+    router_weights: Sequence[str | os.PathLike],
+    prefix_len: int,
+    shard_paths: Sequence[str | os.PathLike],
+    scores_path: str | os.PathLike,
+) -> np.ndarray:
+    """Score, assign and write one chunk's shards; returns the sequences per expert."""
+    parquet = pq.ParquetFile(tokens_path)
+    nll_columns = []
+    for weights in router_weights:
+        model = load_model(router_config, weights)
+        parts = []
+        for group in range(parquet.num_row_groups):
+            tokens = token_matrix(parquet.read_row_group(group, columns=["tokens"]).column(0))
+            parts.append(prefix_nll(model, tokens, prefix_len))
+        nll_columns.append(np.concatenate(parts) if parts else np.empty(0, np.float32))
+    # The scores travel as float16 (2 bytes each, App. A.4); assign on exactly what is stored.
+    nll = np.stack(nll_columns, axis=1).astype(np.float16)
+    experts = balanced_assign(nll.astype(np.float32))
+    seq_ids = parquet.read(columns=["seq_id"]).column("seq_id").to_numpy()
+    write_parquet_atomically(
+        pa.table(
+            {
+                "seq_id": pa.array(seq_ids, pa.int64()),
+                "expert": pa.array(experts.astype(np.int16), pa.int16()),
+                "nll": pa.FixedSizeListArray.from_arrays(
+                    pa.array(nll.reshape(-1), pa.float16()), len(router_weights)
+                ),
+            }
+        ),
+        scores_path,
+    )
+    _write_shards(parquet, experts, shard_paths)
+    return np.bincount(experts, minlength=len(shard_paths))
+
+
+def _write_shards(parquet: pq.ParquetFile, experts: np.ndarray, shard_paths: Sequence) -> None:
+    temps = [Path(p).with_name(f".{Path(p).name}.tmp-{os.getpid()}") for p in shard_paths]
+    writers: list[pq.ParquetWriter] = []
+    try:
+        for temp in temps:
+            temp.parent.mkdir(parents=True, exist_ok=True)
+            writers.append(pq.ParquetWriter(temp, parquet.schema_arrow, compression="zstd"))
+        offset = 0
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group)
+            assigned = experts[offset : offset + table.num_rows]
+            offset += table.num_rows
+            for expert, writer in enumerate(writers):
+                rows = table.filter(pa.array(assigned == expert))
+                if rows.num_rows:
+                    writer.write_table(rows)
+        for writer in writers:
+            writer.close()
+        writers.clear()
+        for temp, path in zip(temps, shard_paths, strict=True):
+            os.replace(temp, path)
+    finally:
+        for writer in writers:
+            writer.close()
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+
+
+def check_shards(
+    *,
+    train_files: Sequence[str | os.PathLike],
+    shard_files: Sequence[str | os.PathLike],
+    n_experts: int,
+    out: str | os.PathLike,
+) -> dict:
+    """Prove with DuckDB that every train seq_id lands in exactly one shard and that every
+    chunk's per-expert count obeys the capacity ceil(n_chunk / E). Raises if not."""
+    con = duckdb.connect()
+    con.read_parquet([str(p) for p in train_files], filename=True).select(
+        "seq_id, filename AS file"
+    ).create_view("train")
+    con.read_parquet([str(p) for p in shard_files], hive_partitioning=True, filename=True).select(
+        "seq_id, expert, filename AS file"
+    ).create_view("shards")
+    (train_rows,) = con.execute("SELECT count(*) FROM train").fetchone()
+    (shard_rows,) = con.execute("SELECT count(*) FROM shards").fetchone()
+    (missing,) = con.execute(
+        "SELECT count(*) FROM train ANTI JOIN shards USING (seq_id)"
+    ).fetchone()
+    (duplicated,) = con.execute(
+        "SELECT count(*) FROM (SELECT seq_id FROM shards GROUP BY seq_id HAVING count(*) > 1)"
+    ).fetchone()
+    (foreign,) = con.execute(
+        "SELECT count(*) FROM shards ANTI JOIN train USING (seq_id)"
+    ).fetchone()
+    chunk = "regexp_extract(file, '([^/]+)\\.parquet$', 1)"
+    over_capacity = con.execute(
+        f"""
+        WITH sizes AS (SELECT {chunk} AS chunk, count(*) AS n FROM train GROUP BY 1),
+             loads AS (SELECT {chunk} AS chunk, expert, count(*) AS n FROM shards GROUP BY 1, 2)
+        SELECT loads.chunk, loads.expert, loads.n, ceil(sizes.n / $experts) AS capacity
+        FROM loads JOIN sizes USING (chunk)
+        WHERE loads.n > ceil(sizes.n / $experts)
+        """,
+        {"experts": n_experts},
+    ).fetchall()
+    per_expert = dict(
+        con.execute("SELECT expert, count(*) FROM shards GROUP BY 1 ORDER BY 1").fetchall()
+    )
+    report = {
+        "train_sequences": train_rows,
+        "shard_rows": shard_rows,
+        "missing": missing,
+        "duplicated": duplicated,
+        "not_in_train": foreign,
+        "over_capacity": [list(map(_plain, row)) for row in over_capacity],
+        "sequences_per_expert": {str(k): v for k, v in per_expert.items()},
+    }
+    problems = []
+    if missing:
+        problems.append(f"{missing} train sequences are in no shard")
+    if duplicated:
+        problems.append(f"{duplicated} sequences are in more than one shard")
+    if foreign:
+        problems.append(f"{foreign} shard rows are not train sequences")
+    if shard_rows != train_rows:
+        problems.append(f"{shard_rows} shard rows for {train_rows} train sequences")
+    if over_capacity:
+        problems.append(f"{len(over_capacity)} (chunk, expert) pairs exceed the capacity")
+    report["ok"] = not problems
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if problems:
+        raise ValueError("shard check failed: " + "; ".join(problems))
+    temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    temp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(temp, out)
+    return report
+
+
+def _plain(value):
+    return (
+        int(value) if isinstance(value, (int, np.integer, float)) and value == int(value) else value
+    )
+
+
+def communication_ledger(
+    *,
+    assignment_paths: Sequence[str | os.PathLike],
+    shard_score_paths: Sequence[str | os.PathLike],
+    n_experts: int,
+    out: str | os.PathLike,
+) -> pa.Table:
+    """Bytes of scores exchanged (2 bytes x sequences x routers) per EM round and for sharding,
+    then the paper's App. A.4 settings for comparison."""
+    from smalltalk import flops
+
+    rows = []
+    for r, path in enumerate(assignment_paths):
+        sequences = pq.read_metadata(path).num_rows
+        exchanged = 0 if r == 0 else score_exchange_bytes(sequences, n_experts)
+        rows.append(
+            _ledger_row("this run", f"EM round {r}", sequences, n_experts, exchanged, "all routers")
+        )
+    sharded = sum(pq.read_metadata(path).num_rows for path in shard_score_paths)
+    shard_bytes = score_exchange_bytes(sharded, n_experts)
+    rows.append(_ledger_row("this run", "sharding", sharded, n_experts, shard_bytes, "all routers"))
+    em_total = sum(row["bytes"] for row in rows if row["stage"].startswith("EM"))
+    rows.append(_ledger_row("this run", "EM total", None, n_experts, em_total, "all routers"))
+    rows.append(
+        _ledger_row("this run", "total", None, n_experts, em_total + shard_bytes, "all routers")
+    )
+    # App. A.4: 4.4M routers, 128k steps at batch 32 and S = 1024, an exchange every 45M tokens.
+    paper_rounds = flops.router_communication_rounds(
+        flops.PAPER_ROUTER_STEPS, flops.PAPER_ROUTER_BATCH, 1024, 45_000_000
+    )
+    for experts in (4, 8, 16, 32):
+        per_exchange = flops.router_bytes_per_exchange(45_000_000, experts, 1024)
+        rows.append(
+            _ledger_row(
+                "paper App. A.4",
+                f"EM, E={experts}: {paper_rounds} exchanges",
+                math.ceil(45_000_000 / 1024) * paper_rounds,
+                experts,
+                per_exchange * paper_rounds,
+                f"per router; {per_exchange / 1e6:.3f} MB per exchange",
+            )
+        )
+    table = pa.Table.from_pylist(rows)
+    write_parquet_atomically(table, out)
+    return table
+
+
+def _ledger_row(
+    scope: str, stage: str, sequences, routers: int, exchanged: float, note: str
+) -> dict:
+    return {
+        "scope": scope,
+        "stage": stage,
+        "sequences": sequences,
+        "routers": routers,
+        "bytes": float(exchanged),
+        "megabytes": float(exchanged) / 1e6,
+        "note": note,
+    }

@@ -1,0 +1,555 @@
+"""The one training loop of SmallTalk: routers, experts and the dense baseline (paper §2, App. A.1).
+
+The three roles are the same model at different sizes and differ only in data and schedule:
+
+    router  its round-r sequences (`seq_ids`), prefixes of M tokens (Eq. 9), warm-up + constant LR
+    expert  its shard, full sequences, warm-up + cosine decay
+    dense   all shards, full sequences, warm-up + cosine decay, as many tokens as all experts
+
+`fit()` reads top to bottom: resolve the device, precision and budget; build the data stream,
+model and optimizer; resume from the newest checkpoint in `out_dir/ckpt` if there is one; loop;
+write `metrics.parquet`, `summary.json` and, last, `model.safetensors`. Only the final weights
+mark a finished run, so a workflow never takes a half-trained model for a finished one.
+
+Under `torchrun` (WORLD_SIZE > 1) the same loop runs with DistributedDataParallel (NCCL on CUDA,
+gloo on CPU) at the same global batch; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from smalltalk.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_weights,
+)
+from smalltalk.flops import training_flops
+from smalltalk.model import LM, ModelConfig
+from smalltalk.stream import TokenStream
+
+ROLES = ("router", "expert", "dense")
+SCHEDULE_BY_ROLE = {"router": "constant", "expert": "cosine", "dense": "cosine"}  # App. A.1
+# Settings a resumed run may change without changing what it computes.
+RESUMABLE_CHANGES = {"ckpt_every", "keep_last", "log_every", "threads", "compile", "device"}
+
+
+# ---- configuration --------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """How one model is trained. The paper's values (App. A.1, Tables 1-2) are noted per field."""
+
+    steps: int | None = None
+    """Optimizer steps to train. Give exactly one of `steps` and `max_tokens`."""
+    max_tokens: int | None = None
+    """Token budget instead of `steps`: floor(max_tokens / tokens per step) steps, never more."""
+    batch_size: int = 32
+    """Sequences per optimizer step over all processes and micro-batches (Table 2: 32 routers,
+    128 experts, 512-2048 dense)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; a process holds batch_size / (grad_accum · world size)
+    sequences at a time."""
+    schedule: str = "auto"
+    """'cosine': linear warm-up, then cosine decay to `min_lr` (experts, dense); 'constant':
+    linear warm-up, then `lr` (routers, App. A.1); 'auto': chosen by the role."""
+    lr: float = 5e-4
+    """Peak learning rate (experts 5e-4, routers 1e-4, §3.1)."""
+    min_lr: float = 5e-5
+    """Learning rate the cosine schedule reaches at the last step."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up (experts 3000, routers 1000). Routers continuing from the previous
+    EM round warm up only in the first round: later rounds pass 0."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay on matrices and embeddings, not on norm gains."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW (β1, β2)."""
+    grad_clip: float = 0.1
+    """Largest global gradient L2 norm; larger gradients are scaled down. 0 disables clipping."""
+    seed: int = 0
+    """Seeds weight initialisation, data order and dropout."""
+    shuffle_buffer: int = 16384
+    """Rows permuted together by the data stream (memory: rows · (S+1) tokens)."""
+    ckpt_every: int = 1000
+    """Steps between checkpoints (K); 0 disables them."""
+    keep_last: int = 2
+    """Checkpoints kept (k); older ones are deleted."""
+    log_every: int = 10
+    """Steps between rows of `metrics.parquet` (each costs one device sync)."""
+    device: str = "auto"
+    """'auto' (CUDA if present, else CPU), 'cpu' or 'cuda'."""
+    precision: str = "auto"
+    """'bf16' autocast, 'fp32', or 'auto': bf16 on CUDA and on CPUs with native bf16 dot
+    products (AVX512-BF16, AMX), fp32 elsewhere. Weights and optimizer stay fp32 (App. A.1)."""
+    compile: bool = False
+    """Compile the model with torch.compile (faster steps after a slow first one)."""
+    threads: int | None = None
+    """CPU threads for PyTorch's kernels (torch.set_num_threads); None keeps PyTorch's default."""
+
+    def __post_init__(self):
+        errors = []
+        if (self.steps is None) == (self.max_tokens is None):
+            errors.append("give exactly one of steps and max_tokens")
+        for name in ("steps", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                errors.append(f"{name} must be at least 1, got {value}")
+        for name in ("batch_size", "grad_accum", "shuffle_buffer", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "ckpt_every", "weight_decay", "grad_clip", "min_lr"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.grad_accum >= 1 and self.batch_size % self.grad_accum:
+            errors.append(f"batch_size {self.batch_size} is not divisible by grad_accum")
+        if self.steps is not None and self.steps >= 1 and self.warmup_steps >= self.steps:
+            errors.append(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
+        if not self.lr > 0:
+            errors.append(f"lr must be positive, got {self.lr}")
+        elif self.min_lr > self.lr:
+            errors.append(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            errors.append(f"betas must be two numbers in [0, 1), got {self.betas}")
+        choices = {
+            "schedule": ("auto", "cosine", "constant"),
+            "device": ("auto", "cpu", "cuda"),
+            "precision": ("auto", "bf16", "fp32"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                errors.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.threads is not None and self.threads < 1:
+            errors.append(f"threads must be at least 1 or None, got {self.threads}")
+        if errors:
+            raise ValueError("invalid TrainConfig: " + "; ".join(errors))
+
+    def total_steps(self, tokens_per_step: int) -> int:
+        """Optimizer steps of the run: `steps`, or as many whole steps as `max_tokens` pays for."""
+        if self.steps is not None:
+            return self.steps
+        steps = self.max_tokens // tokens_per_step
+        if steps <= self.warmup_steps:
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) pays for {steps} steps of {tokens_per_step} "
+                f"tokens: it must be more than warmup_steps ({self.warmup_steps})"
+            )
+        return steps
+
+
+# ---- learning-rate schedules (App. A.1) -----------------------------------------------------
+
+
+def learning_rate(step: int, config: TrainConfig, schedule: str, total_steps: int) -> float:
+    """LR at 0-based `step`: linear warm-up to `lr` over `warmup_steps`, then `lr` ('constant',
+    routers) or a cosine decay reaching `min_lr` exactly at the last step ('cosine', experts)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if schedule == "constant":
+        return config.lr
+    progress = (step - config.warmup_steps) / max(1, total_steps - 1 - config.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # 1 -> 0
+    return config.min_lr + cosine * (config.lr - config.min_lr)
+
+
+# ---- device, precision, processes -----------------------------------------------------------
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX tiles).
+
+    With them oneDNN's bf16 matmuls beat fp32 (here 1.5x on a 1024² product); without them bf16 is
+    emulated and slower than fp32. A flag check rather than a timing, so that the choice, and with
+    it every number a run produces, does not depend on how busy the machine was at start-up.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence getattr
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast (matmuls in bf16, reductions and the loss in fp32) or nothing for fp32.
+    No fp16 anywhere, hence no gradient scaler."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass(frozen=True, slots=True)
+class Processes:
+    """This process's place among the data-parallel processes started by torchrun."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_processes(device: str) -> Processes:
+    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Processes(0, 1, torch.device(device))
+    if device == "cuda":
+        local = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(local)
+    else:
+        local = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+    return Processes(torch.distributed.get_rank(), world_size, local)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak tensor memory on a GPU; on the CPU, the process's peak resident set (all of it)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+# ---- one optimizer step ---------------------------------------------------------------------
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    lr: float,
+    grad_clip: float,
+    autocast,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over the micro-batches, summing their gradients, then clip and step.
+
+    Returns the step's mean loss and the gradient norm before clipping as device tensors: reading
+    them is the caller's choice, as it waits for the device.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = 0.0
+    for i, (inputs, targets) in enumerate(micro_batches):
+        # Under DDP, all-reduce the gradients once, in the last micro-batch's backward pass.
+        last = i == len(micro_batches) - 1
+        no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) else nullcontext()
+        with nullcontext() if last else no_sync:
+            with autocast:
+                _, loss = model(inputs, targets)
+            (loss / len(micro_batches)).backward()  # mean over the step's micro-batches
+        loss_sum = loss_sum + loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / len(micro_batches), grad_norm
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+METRICS_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("tokens", pa.int64()),  # trained so far, all processes together
+        ("loss", pa.float64()),  # mean training loss over the steps since the previous row
+        ("lr", pa.float64()),
+        ("grad_norm", pa.float64()),  # before clipping, at this row's step
+        ("tokens_per_s", pa.float64()),  # over the steps since the previous row
+        ("flops", pa.float64()),  # cumulative training FLOPs, Eq. 10 (float: 1e21 > int64)
+        ("seconds", pa.float64()),  # training wall time so far, over resumed segments too
+    ]
+)
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Rows of `metrics.parquet`, rewritten whole (and atomically) when saved: a log holds one row
+    per `log_every` steps, small enough to rewrite at every checkpoint."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+
+    def resume(self, step: int) -> None:
+        """Take up the rows of a previous run up to `step`, the checkpoint resumed from."""
+        if self.path.exists():
+            rows = pq.read_table(self.path).to_pylist()
+            self.rows = [row for row in rows if row["step"] <= step]
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def save(self) -> None:
+        table = pa.Table.from_pylist(self.rows, schema=METRICS_SCHEMA)
+        _write_atomically(self.path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def _check_resumable(saved: dict[str, Any], current: dict[str, Any], ckpt: Path) -> None:
+    """Refuse to continue a checkpoint made with other settings: the run would be neither."""
+    differences = [
+        f"{key}: {saved[key]!r} -> {current[key]!r}"
+        for key in ("role", "model_config", "steps", "seq_len", "schedule")
+        if saved[key] != current[key]
+    ]
+    differences += [
+        f"train_config.{key}: {value!r} -> {current['train_config'][key]!r}"
+        for key, value in saved["train_config"].items()
+        if key not in RESUMABLE_CHANGES and value != current["train_config"][key]
+    ]
+    if differences:
+        raise ValueError(
+            f"{ckpt} was made with other settings ({'; '.join(differences)}); "
+            f"delete {ckpt.parent} to start afresh"
+        )
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
+
+def fit(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    data_files,
+    out_dir: str | os.PathLike,
+    *,
+    role: str,
+    init_from: str | os.PathLike | None = None,
+    seq_ids: np.ndarray | None = None,
+    prefix_len: int | None = None,
+    weights_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Train one LM on token Parquet files and write its results to `out_dir`; return the summary.
+
+    data_files: token Parquet files or directories of them. init_from: safetensors weights to start
+    from (a router's previous EM round) instead of a fresh initialisation; a checkpoint in
+    `out_dir/ckpt`, if any, takes precedence over both. seq_ids: train only on these sequences.
+    prefix_len: train on the first M tokens of each sequence only (routers, Eq. 9).
+    weights_path: where the final weights go (default `out_dir/model.safetensors`).
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    config = train_config
+    out_dir = Path(out_dir)
+    procs = start_processes(config.device)
+    device = procs.device
+    precision = resolve_precision(config.precision, device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in fp32
+    log = (lambda line: tqdm.write(line, file=sys.stderr)) if procs.is_main else (lambda _: None)
+
+    # Every process reads the same global micro-batch and keeps its share of the rows.
+    micro_batch = config.batch_size // config.grad_accum
+    if micro_batch % procs.world_size:
+        raise ValueError(
+            f"batch_size / grad_accum = {micro_batch} does not split over "
+            f"{procs.world_size} processes"
+        )
+    stream = TokenStream(
+        data_files,
+        batch_size=micro_batch,
+        seed=config.seed,
+        shuffle_buffer=config.shuffle_buffer,
+        prefix_len=prefix_len,
+        seq_ids=seq_ids,
+        rank=procs.rank,
+        world_size=procs.world_size,
+    )
+    seq_len = stream.seq_len  # T: S, or M for prefixes
+    if seq_len > model_config.seq_len:
+        raise ValueError(
+            f"the data has {seq_len} tokens per example, the model {model_config.seq_len}"
+        )
+    tokens_per_step = config.batch_size * seq_len
+    total_steps = config.total_steps(tokens_per_step)
+    schedule = SCHEDULE_BY_ROLE[role] if config.schedule == "auto" else config.schedule
+
+    torch.manual_seed(config.seed)  # identical initial weights in every process
+    model = LM(model_config).to(device)
+    if init_from is not None:
+        load_weights(model, init_from)
+    optimizer = model.configure_optimizer(config.lr, config.weight_decay, config.betas, device.type)
+    torch.manual_seed(config.seed + procs.rank)  # but a different dropout mask in each
+
+    resolved = {
+        "role": role,
+        "model_config": dataclasses.asdict(model_config),
+        "train_config": dataclasses.asdict(config),
+        "steps": total_steps,
+        "seq_len": seq_len,
+        "schedule": schedule,
+        "prefix_len": prefix_len,
+        "init_from": None if init_from is None else str(init_from),
+        "device": str(device),
+        "precision": precision,
+        "world_size": procs.world_size,
+    }
+    step, seconds_before = 0, 0.0
+    metrics = MetricsLog(out_dir / "metrics.parquet")
+    ckpt = latest_checkpoint(out_dir / "ckpt")
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        _check_resumable(state["resolved"], resolved, ckpt)
+        step, seconds_before = state["step"], state["seconds"]
+        stream.load_state_dict(state["stream"])
+        metrics.resume(step)
+        if procs.rank:  # the checkpoint holds rank 0's RNG; keep the other ranks' masks distinct
+            torch.manual_seed(config.seed + procs.rank + 1_000_003 * step)
+
+    train_model = torch.compile(model) if config.compile else model
+    if procs.world_size > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        train_model = DistributedDataParallel(train_model, device_ids=device_ids)
+    train_model.train()
+    autocast = autocast_context(device, precision)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_params = model.num_parameters()
+    log(
+        f"{role}: {n_params:,} parameters ({model.num_parameters(exclude_embeddings=True):,} "
+        f"without embeddings) | {tokens_per_step:,} tokens per step ({config.batch_size} x "
+        f"{seq_len}, {config.grad_accum} micro-batches, {procs.world_size} processes) | "
+        f"{total_steps:,} steps = {total_steps * tokens_per_step:,} tokens | planned training "
+        f"FLOPs {training_flops(model_config, total_steps, config.batch_size, seq_len):.3e} "
+        f"(Eq. 10) | {device} {precision} | {schedule} lr {config.lr:g}, warm-up "
+        f"{config.warmup_steps}" + (f" | resumed from {ckpt.name}" if ckpt is not None else "")
+    )
+
+    def to_device(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if device.type == "cuda":  # pinned host memory lets the copy overlap the previous step
+            return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+        return batch
+
+    batches = iter(stream)
+    progress = tqdm(
+        total=total_steps,
+        initial=step,
+        unit="step",
+        file=sys.stderr,
+        disable=None if procs.is_main else True,
+    )
+    start_step, loop_start = step, time.perf_counter()
+    interval_start, interval_steps, interval_loss = loop_start, 0, torch.zeros((), device=device)
+    while step < total_steps:
+        lr = learning_rate(step, config, schedule, total_steps)
+        micro_batches = [to_device(next(batches)) for _ in range(config.grad_accum)]
+        loss, grad_norm = train_step(
+            train_model,
+            optimizer,
+            micro_batches,
+            lr=lr,
+            grad_clip=config.grad_clip,
+            autocast=autocast,
+        )
+        step += 1
+        interval_loss += loss
+        interval_steps += 1
+        progress.update()
+
+        checkpoint_due = config.ckpt_every and step % config.ckpt_every == 0 and step < total_steps
+        if step % config.log_every == 0 or checkpoint_due or step == total_steps:
+            if procs.world_size > 1:  # the loss of the global batch, not of this rank's share
+                torch.distributed.all_reduce(interval_loss, op=torch.distributed.ReduceOp.AVG)
+            mean_loss = (interval_loss / interval_steps).item()  # sync: waits for the device
+            now = time.perf_counter()
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"training loss is {mean_loss} at step {step}")
+            row = {
+                "step": step,
+                "tokens": step * tokens_per_step,
+                "loss": mean_loss,
+                "lr": lr,
+                "grad_norm": grad_norm.item(),  # sync, but the device is idle already
+                "tokens_per_s": interval_steps * tokens_per_step / (now - interval_start),
+                "flops": float(training_flops(model_config, step, config.batch_size, seq_len)),
+                "seconds": seconds_before + now - loop_start,
+            }
+            metrics.append(row)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+            if progress.disable:
+                log(
+                    f"step {step}/{total_steps} | loss {mean_loss:.4f} | lr {lr:.3e} | "
+                    f"grad norm {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tokens/s"
+                )
+            interval_start, interval_steps = now, 0
+            interval_loss = torch.zeros((), device=device)
+
+        if checkpoint_due and procs.is_main:
+            # Metrics first: a resumed run drops the rows past its checkpoint, but cannot recover
+            # rows that never reached the disk.
+            metrics.save()
+            state = {
+                "resolved": resolved,
+                "stream": stream.state_dict(),
+                "seconds": seconds_before + time.perf_counter() - loop_start,
+            }
+            save_checkpoint(out_dir / "ckpt", step, model, optimizer, state, config.keep_last)
+    progress.close()
+
+    seconds = seconds_before + time.perf_counter() - loop_start
+    tokens = total_steps * tokens_per_step
+    trained_here = (step - start_step) * tokens_per_step
+    summary = {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": trained_here / max(time.perf_counter() - loop_start, 1e-9),
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "flops": training_flops(model_config, total_steps, config.batch_size, seq_len),
+        "parameters": n_params,
+        "parameters_without_embeddings": model.num_parameters(exclude_embeddings=True),
+        "final_loss": metrics.rows[-1]["loss"] if metrics.rows else None,
+        "resumed_from_step": start_step,
+        **resolved,
+    }
+    if procs.is_main:
+        metrics.save()
+        _write_atomically(
+            out_dir / "summary.json",
+            lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"),
+        )
+        metadata = {"role": role, "model_config": resolved["model_config"], "step": step}
+        final = Path(weights_path) if weights_path is not None else out_dir / "model.safetensors"
+        save_weights(model, final, metadata=metadata)  # last: marks the run done
+        log(
+            f"done: {tokens:,} tokens in {seconds:,.1f} s ({summary['tokens_per_s']:,.0f} tokens/s "
+            f"here), peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB"
+        )
+    if procs.world_size > 1:
+        torch.distributed.barrier()  # nobody leaves before rank 0 has written the results
+    return summary

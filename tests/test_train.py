@@ -1,0 +1,337 @@
+"""The training loop and its data stream: schedules, optimizer groups, gradient accumulation,
+learning, metrics, budgets, and the stream's filters, cursor and memory bound."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_model, save_model
+
+from smalltalk.model import LM, PRESETS
+from smalltalk.stream import TokenStream
+from smalltalk.train import (
+    METRICS_SCHEMA,
+    TrainConfig,
+    autocast_context,
+    cpu_supports_bf16,
+    fit,
+    learning_rate,
+    resolve_precision,
+    train_step,
+)
+
+TINY = dataclasses.replace(PRESETS["tiny"], vocab_size=64, seq_len=32)
+
+
+def write_tokens(
+    path: Path,
+    n_rows: int,
+    *,
+    seq_len: int = 32,
+    vocab_size: int = 64,
+    first_seq_id: int = 0,
+    row_group_size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """A token Parquet file as the tokenizer writes it: seq_id, tokens (S+1 uint16), source.
+
+    Each row counts up from a random start with a random stride of 1-3 (mod V): a structure a tiny
+    model learns in seconds. Token 0 of each row is its seq_id mod V, so tests can tell rows apart.
+    """
+    rng = np.random.default_rng(seed)
+    seq_ids = np.arange(first_seq_id, first_seq_id + n_rows, dtype=np.int64)
+    strides = rng.integers(1, 4, n_rows)
+    tokens = (seq_ids[:, None] + strides[:, None] * np.arange(seq_len + 1)) % vocab_size
+    offsets = pa.array(np.arange(n_rows + 1, dtype=np.int32) * (seq_len + 1))
+    table = pa.table(
+        {
+            "seq_id": pa.array(seq_ids),
+            "tokens": pa.ListArray.from_arrays(offsets, pa.array(tokens.ravel().astype(np.uint16))),
+            "source": pa.array(["synthetic"] * n_rows),
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+@pytest.fixture
+def token_dir(tmp_path: Path) -> Path:
+    """Three files of 160 rows in row groups of 64: 480 sequences of S = 32 tokens."""
+    for i in range(3):
+        write_tokens(tmp_path / "tokens" / f"{i}.parquet", 160, first_seq_id=1000 * i, seed=i)
+    return tmp_path / "tokens"
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """fit(threads=1) sets PyTorch's thread count for the whole process: put it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def config(**overrides) -> TrainConfig:
+    """Small steps on one thread: on a busy machine, more threads mostly wait for each other."""
+    values = dict(
+        steps=20, batch_size=8, lr=1e-2, min_lr=1e-3, warmup_steps=2, precision="fp32", threads=1
+    )
+    return TrainConfig(**(values | overrides))
+
+
+# ---- TrainConfig ----------------------------------------------------------------------------
+
+
+def test_config_reports_every_bad_field_by_name():
+    with pytest.raises(ValueError) as error:
+        TrainConfig(steps=10, warmup_steps=10, batch_size=6, grad_accum=4, precision="fp16")
+    message = str(error.value)
+    for expected in ("warmup_steps (10) must be < steps (10)", "grad_accum", "precision"):
+        assert expected in message
+    with pytest.raises(ValueError, match="exactly one of steps and max_tokens"):
+        TrainConfig(steps=10, max_tokens=1000)
+    with pytest.raises(ValueError, match="exactly one of steps and max_tokens"):
+        TrainConfig()
+
+
+def test_token_budget_buys_whole_steps_only():
+    assert TrainConfig(max_tokens=1000, batch_size=4).total_steps(tokens_per_step=4 * 32) == 7
+    with pytest.raises(ValueError, match="max_tokens"):
+        TrainConfig(max_tokens=1000, batch_size=4, warmup_steps=7).total_steps(128)
+
+
+# ---- schedules (App. A.1) -------------------------------------------------------------------
+
+
+def test_cosine_warms_up_linearly_then_decays_to_min_lr():
+    cfg = TrainConfig(steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    lrs = [learning_rate(step, cfg, "cosine", 100) for step in range(100)]
+    assert lrs[:10] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[-1] == pytest.approx(1e-4)
+    assert lrs[55] == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4), rel=0.05)  # halfway
+
+
+def test_constant_warms_up_then_holds():
+    cfg = TrainConfig(steps=50, lr=1e-4, warmup_steps=5)
+    lrs = [learning_rate(step, cfg, "constant", 50) for step in range(50)]
+    assert lrs[4] == pytest.approx(1e-4) and lrs[0] == pytest.approx(2e-5)
+    assert lrs[5:] == [1e-4] * 45
+    no_warmup = TrainConfig(steps=50, lr=1e-4, warmup_steps=0)  # later EM rounds
+    assert learning_rate(0, no_warmup, "constant", 50) == 1e-4
+
+
+# ---- optimizer and step ---------------------------------------------------------------------
+
+
+def test_weight_decay_applies_to_matrices_and_embeddings_only():
+    model = LM(TINY)
+    optimizer = model.configure_optimizer(1e-3, 0.1, (0.9, 0.99), "cpu")
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(
+        p.dim() < 2 for p in plain["params"]
+    )
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == (
+        model.num_parameters()
+    )
+    assert optimizer.defaults["betas"] == (0.9, 0.99)
+
+
+def test_two_accumulated_micro_batches_equal_one_batch_of_twice_the_size():
+    torch.manual_seed(0)
+    inputs = torch.randint(0, TINY.vocab_size, (8, 32))
+    targets = torch.randint(0, TINY.vocab_size, (8, 32))
+    results = []
+    for micro_batches in (
+        [(inputs, targets)],
+        [(inputs[:4], targets[:4]), (inputs[4:], targets[4:])],
+    ):
+        torch.manual_seed(1)
+        model = LM(TINY)
+        optimizer = model.configure_optimizer(1e-2, 0.1, (0.9, 0.99), "cpu")
+        loss, grad_norm = train_step(
+            model,
+            optimizer,
+            micro_batches,
+            lr=1e-2,
+            grad_clip=0.1,
+            autocast=autocast_context(torch.device("cpu"), "fp32"),
+        )
+        results.append((loss, grad_norm, [p.detach().clone() for p in model.parameters()]))
+    (loss_a, norm_a, params_a), (loss_b, norm_b, params_b) = results
+    assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-6)
+    assert norm_a.item() == pytest.approx(norm_b.item(), rel=1e-5)
+    for a, b in zip(params_a, params_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_cpu_precision_follows_the_processor():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_supports_bf16() else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32"
+
+
+# ---- fit ------------------------------------------------------------------------------------
+
+
+def test_fit_learns_and_writes_its_results(token_dir: Path, tmp_path: Path, capsys):
+    out = tmp_path / "expert"
+    summary = fit(TINY, config(steps=60, log_every=5, ckpt_every=25), token_dir, out, role="expert")
+
+    metrics = pq.read_table(out / "metrics.parquet")
+    assert metrics.schema.equals(METRICS_SCHEMA)
+    rows = metrics.to_pylist()
+    assert [r["step"] for r in rows] == list(range(5, 61, 5))
+    assert rows[-1]["loss"] < 0.4 * rows[0]["loss"]  # from ~ln 64 = 4.2 to about 1
+    assert rows[-1]["tokens"] == 60 * 8 * 32 and rows[-1]["lr"] == pytest.approx(1e-3)
+    assert all(r["flops"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+
+    assert (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["step-00000025", "step-00000050"]
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["tokens"] == summary["tokens"] == 60 * 8 * 32
+    assert on_disk["schedule"] == "cosine" and on_disk["precision"] == "fp32"
+    for key in ("seconds", "tokens_per_s", "peak_memory_bytes", "flops", "train_config"):
+        assert key in on_disk
+    header = capsys.readouterr().err.splitlines()[0]
+    assert "expert" in header and "without embeddings" in header and "FLOPs" in header
+
+
+def test_fit_honours_a_token_budget(token_dir: Path, tmp_path: Path):
+    summary = fit(
+        TINY,
+        config(steps=None, max_tokens=5000, warmup_steps=0),
+        token_dir,
+        tmp_path / "out",
+        role="dense",
+    )
+    assert summary["steps"] == 5000 // (8 * 32) == 19
+    assert summary["tokens"] == 19 * 8 * 32 <= 5000
+
+
+def test_router_trains_on_prefixes_from_given_weights(token_dir: Path, tmp_path: Path):
+    start = tmp_path / "previous-round.safetensors"
+    torch.manual_seed(123)
+    save_model(LM(TINY), str(start))
+    summary = fit(
+        TINY,
+        config(steps=2, lr=1e-12, min_lr=0.0, warmup_steps=0),
+        token_dir,
+        tmp_path / "router",
+        role="router",
+        init_from=start,
+        prefix_len=8,
+    )
+    assert summary["schedule"] == "constant" and summary["seq_len"] == 8
+    assert summary["tokens"] == 2 * 8 * 8
+    before, after = LM(TINY), LM(TINY)
+    load_model(before, start)
+    load_model(after, tmp_path / "router" / "model.safetensors")
+    for a, b in zip(before.parameters(), after.parameters(), strict=True):
+        torch.testing.assert_close(a, b)  # lr 1e-12: continued from, not re-initialised
+
+
+def test_fit_refuses_to_resume_a_different_run(token_dir: Path, tmp_path: Path):
+    fit(TINY, config(steps=10, ckpt_every=5), token_dir, tmp_path / "out", role="expert")
+    (tmp_path / "out" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"train_config\.lr"):
+        fit(TINY, config(steps=10, lr=1e-3), token_dir, tmp_path / "out", role="expert")
+
+
+def test_bf16_autocast_trains_on_cpu(token_dir: Path, tmp_path: Path):
+    summary = fit(TINY, config(steps=3, precision="bf16"), token_dir, tmp_path / "o", role="expert")
+    assert summary["precision"] == "bf16" and math.isfinite(summary["final_loss"])
+
+
+# ---- the data stream ------------------------------------------------------------------------
+
+
+def first_tokens(stream: TokenStream, n_batches: int) -> list[list[int]]:
+    """Token 0 of every row of the next n batches: the row's seq_id mod V (see write_tokens)."""
+    batches = iter(stream)
+    return [next(batches)[0][:, 0].tolist() for _ in range(n_batches)]
+
+
+def test_an_epoch_visits_every_row_once_in_a_seeded_order(tmp_path: Path):
+    for i in range(3):  # vocabulary 2^16, so token 0 is the seq_id itself
+        write_tokens(tmp_path / f"{i}.parquet", 100, vocab_size=65536, first_seq_id=100 * i)
+    stream = TokenStream(tmp_path, batch_size=10, seed=3, shuffle_buffer=40)
+    epochs = first_tokens(stream, 60)
+    first, second = sum(epochs[:30], []), sum(epochs[30:], [])
+    assert sorted(first) == sorted(second) == list(range(300))
+    assert first != second and first != sorted(first)
+    again = TokenStream(sorted(tmp_path.glob("*.parquet"), reverse=True), batch_size=10, seed=3)
+    again.shuffle_buffer = 40
+    assert sum(first_tokens(again, 30), []) == first  # listing order does not matter
+
+
+def test_stream_filters_seq_ids_and_cuts_prefixes(tmp_path: Path):
+    write_tokens(tmp_path / "a.parquet", 200, vocab_size=65536)
+    chosen = np.arange(0, 200, 7)
+    stream = TokenStream(tmp_path, batch_size=4, seq_ids=chosen, prefix_len=5)
+    inputs, targets = next(iter(stream))
+    assert inputs.shape == targets.shape == (4, 5) and inputs.dtype == torch.int64
+    torch.testing.assert_close(inputs[:, 1:], targets[:, :-1])
+    seen = sum(first_tokens(stream, 2 * math.ceil(len(chosen) / 4)), [])
+    assert set(seen) == set(chosen.tolist())
+    with pytest.raises(ValueError, match="no token rows"):
+        next(iter(TokenStream(tmp_path, batch_size=4, seq_ids=np.array([10**9]))))
+
+
+@pytest.mark.parametrize("seq_ids", [None, np.arange(0, 480, 3)])
+def test_stream_resumes_from_its_cursor(token_dir: Path, seq_ids):
+    def stream():
+        return TokenStream(token_dir, batch_size=7, seed=5, shuffle_buffer=50, seq_ids=seq_ids)
+
+    reference = first_tokens(stream(), 100)  # several epochs, cursors mid-buffer and mid-group
+    for k in (1, 13, 68, 71):
+        interrupted = stream()
+        first_tokens(interrupted, k)
+        resumed = stream()
+        resumed.load_state_dict(interrupted.state_dict())
+        assert first_tokens(resumed, 100 - k) == reference[k:]
+
+
+def test_data_parallel_ranks_split_the_global_batch(token_dir: Path):
+    whole = next(iter(TokenStream(token_dir, batch_size=8, seed=1)))[0]
+    shares = [
+        next(iter(TokenStream(token_dir, batch_size=8, seed=1, rank=r, world_size=2)))[0]
+        for r in range(2)
+    ]
+    torch.testing.assert_close(torch.stack(shares, dim=1).reshape(8, -1), whole)
+
+
+def test_stream_reads_row_groups_never_whole_files(tmp_path: Path):
+    # 4096 rows of 1025 uint16 tokens = 8 MiB of tokens, in row groups of 256 rows (0.5 MiB).
+    write_tokens(tmp_path / "big.parquet", 4096, seq_len=1024, vocab_size=65536, row_group_size=256)
+    pool = pa.proxy_memory_pool(pa.default_memory_pool())  # counts what Arrow allocates
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        stream = TokenStream(tmp_path, batch_size=32, shuffle_buffer=256, read_rows=128)
+        rows = sum(len(batch) for batch in first_tokens(stream, 4096 // 32))
+        del stream
+    finally:
+        gc.collect()  # free every buffer of `pool` while it is still the pool they came from
+        pa.set_memory_pool(previous)
+    assert rows == 4096
+    assert pool.max_memory() < 3 * 2**20, pool.max_memory()  # a few row groups; whole: 15 MiB
+
+
+def test_stream_rejects_rows_of_other_lengths(tmp_path: Path):
+    write_tokens(tmp_path / "a.parquet", 10, seq_len=32)
+    write_tokens(tmp_path / "b.parquet", 10, seq_len=16)
+    stream = TokenStream(sorted(tmp_path.glob("*.parquet")), batch_size=20, shuffle_buffer=20)
+    with pytest.raises(ValueError, match="S\\+1 = 33"):
+        next(iter(stream))
