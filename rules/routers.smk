@@ -105,7 +105,7 @@ rule score_router:
     shell:
         "python -m smalltalk score --config {params.config} --weights {input.weights} "
         "--tokenizer {input.tokenizer} --tokens {input.block} --out {output.scores} "
-        "--tokens {input.probe} --out {output.probe} > {log} 2>&1"
+        "--tokens {input.probe} --out {output.probe} --threads {threads} > {log} 2>&1"
 
 
 rule assign_round:

@@ -24,7 +24,7 @@ rule shard_chunk:
     shell:
         "python -m smalltalk shard --config {params.config} --tokens {input.tokens} "
         "--tokenizer {input.tokenizer} --routers {input.routers} --shards {output.shards} "
-        "--scores {output.scores} > {log} 2>&1"
+        "--scores {output.scores} --threads {threads} > {log} 2>&1"
 
 
 rule check_shards:

@@ -131,6 +131,14 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _torch_threads(threads: int) -> None:
+    """Use exactly the job's cores: on a busy machine, idle OpenMP threads spinning for work
+    make small models many times slower."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _vocab_size(tokenizer: Path) -> int:
     import sentencepiece as spm
 
@@ -247,6 +255,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from smalltalk.em import load_model, score_file
 
     config = _config(args.config)
+    _torch_threads(args.threads)
     if len(args.tokens) != len(args.out):
         raise ValueError("give one --out per --tokens")
     model = load_model(
@@ -262,6 +271,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
     from smalltalk.shard import shard_chunk
 
     config = _config(args.config)
+    _torch_threads(args.threads)
     loads = shard_chunk(
         tokens_path=args.tokens,
         router_config=model_config(config, "router", vocab_size=_vocab_size(args.tokenizer)),
@@ -415,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
     sub.add_argument("--tokens", action="append", required=True, help="token file (repeatable)")
     sub.add_argument("--out", action="append", required=True, help="scores file, one per --tokens")
+    add_threads(sub)
 
     sub = add("shard", cmd_shard, "route one train chunk with all routers into expert shards")
     add_config(sub)
@@ -423,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--routers", nargs="+", required=True, help="final router weights, e order")
     sub.add_argument("--shards", nargs="+", required=True, help="shard files, e order")
     sub.add_argument("--scores", required=True, help="the chunk's scores and assignment")
+    add_threads(sub)
 
     sub = add("check-shards", cmd_check_shards, "prove each train sequence is in one shard")
     add_config(sub)

@@ -39,12 +39,12 @@ import torch
 
 
 def parquet_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """The Parquet files named, directories searched recursively; sorted, so that the order (and
-    hence every shuffle drawn from it) does not depend on how the caller listed them."""
+    """The Parquet files named, directories searched recursively; absolute and sorted, so that the
+    order (and hence every shuffle drawn from it) does not depend on how the caller named them."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     files = set()
-    for path in map(Path, paths):
+    for path in (Path(p).resolve() for p in paths):
         if path.is_dir():
             files.update(path.rglob("*.parquet"))
         elif path.is_file():

@@ -545,6 +545,7 @@ def fit(
         )
         metadata = {"role": role, "model_config": resolved["model_config"], "step": step}
         final = Path(weights_path) if weights_path is not None else out_dir / "model.safetensors"
+        final.parent.mkdir(parents=True, exist_ok=True)
         save_weights(model, final, metadata=metadata)  # last: marks the run done
         log(
             f"done: {tokens:,} tokens in {seconds:,.1f} s ({summary['tokens_per_s']:,.0f} tokens/s "

@@ -232,12 +232,14 @@ def test_router_trains_on_prefixes_from_given_weights(token_dir: Path, tmp_path:
         role="router",
         init_from=start,
         prefix_len=8,
+        weights_path=tmp_path / "routers" / "r1" / "e0.safetensors",
     )
     assert summary["schedule"] == "constant" and summary["seq_len"] == 8
     assert summary["tokens"] == 2 * 8 * 8
     before, after = LM(TINY), LM(TINY)
     load_model(before, start)
-    load_model(after, tmp_path / "router" / "model.safetensors")
+    assert not (tmp_path / "router" / "model.safetensors").exists()
+    load_model(after, tmp_path / "routers" / "r1" / "e0.safetensors")
     for a, b in zip(before.parameters(), after.parameters(), strict=True):
         torch.testing.assert_close(a, b)  # lr 1e-12: continued from, not re-initialised
 

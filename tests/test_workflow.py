@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,14 +115,23 @@ def test_tiny_config_end_to_end(tmp_path):
         assert (results / "benchmarks" / "tokenize" / f"{chunk}.tsv").exists()
     train = pq.read_table(results / "tokens" / "train")
     assert len(set(train.column("source").to_pylist())) >= 6
+    # EM and sharding: every train sequence in exactly one shard, one diagnostics row per round.
+    check = json.loads((results / "segmentation" / "check.json").read_text())
+    assert check["ok"] and check["shard_rows"] == train.num_rows
+    diagnostics = pq.read_table(results / "routers" / "diagnostics.parquet")
+    assert diagnostics.column("round").to_pylist() == [0, 1, 2]
+    ledger = pq.read_table(results / "ledger" / "communication.parquet").to_pylist()
+    assert any(row["stage"] == "sharding" for row in ledger)
     # A finished run leaves nothing to do.
     again = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(TINY))
     assert "Nothing to be done" in again.stdout + again.stderr
-    # Same config and seed: the same tokens, byte for byte.
-    shutil.copytree(results / "tokens", tmp_path / "first")
+    # Same config and seed: the same tokens, assignments and shards, byte for byte.
+    kept = {
+        path.relative_to(results): path.read_bytes()
+        for folder in ("tokens", "routers", "shards")
+        for path in (results / folder).rglob("*.parquet")
+        if path.name != "metrics.parquet"  # holds wall-clock throughput
+    }
     snakemake(tmp_path, "--cores", "2", "--configfile", str(TINY), "--forceall")
-    for path in (tmp_path / "first").rglob("*.parquet"):
-        assert (
-            path.read_bytes()
-            == (results / "tokens" / path.relative_to(tmp_path / "first")).read_bytes()
-        )
+    for relative, content in kept.items():
+        assert (results / relative).read_bytes() == content, relative

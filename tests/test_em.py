@@ -1,0 +1,196 @@
+"""Router EM files, diagnostics and sharding: sampling, assignment, NMI, the shard check."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from smalltalk import em
+from smalltalk.checkpoint import save_weights
+from smalltalk.data import token_schema
+from smalltalk.model import LM, ModelConfig
+from smalltalk.shard import check_shards, communication_ledger, shard_chunk
+
+SEQ = 17  # tokens per row (S + 1)
+
+
+def write_tokens(path, seq_ids, sources=None, seed=0, vocab=64):
+    rng = np.random.default_rng(seed)
+    n = len(seq_ids)
+    tokens = rng.integers(3, vocab, size=(n, SEQ), dtype=np.uint16)
+    sources = sources if sources is not None else ["a"] * n
+    table = pa.Table.from_arrays(
+        [
+            pa.array(np.asarray(seq_ids, np.int64)),
+            pa.ListArray.from_arrays(
+                pa.array(np.arange(n + 1, dtype=np.int32) * SEQ),
+                pa.array(tokens.reshape(-1), pa.uint16()),
+            ),
+            pa.array(sources, pa.string()),
+        ],
+        schema=token_schema(vocab),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=50)
+    return tokens
+
+
+def test_token_matrix_round_trips(tmp_path):
+    tokens = write_tokens(tmp_path / "t.parquet", range(120))
+    matrix = em.token_matrix(pq.read_table(tmp_path / "t.parquet").column("tokens"))
+    assert np.array_equal(matrix, tokens)
+
+
+def test_sample_blocks_is_disjoint_deterministic_and_complete(tmp_path):
+    files = []
+    for chunk in range(3):
+        ids = (chunk << 32) + np.arange(200)
+        write_tokens(tmp_path / f"train/c{chunk}.parquet", ids, seed=chunk)
+        files.append(tmp_path / f"train/c{chunk}.parquet")
+    write_tokens(tmp_path / "val/c0.parquet", (7 << 32) + np.arange(50), sources=["v"] * 50)
+
+    def sample(name):
+        blocks = [tmp_path / name / f"b{r}.parquet" for r in range(4)]
+        em.sample_blocks(
+            train_files=files,
+            block_paths=blocks,
+            block_size=100,
+            probe_files=[tmp_path / "val/c0.parquet"],
+            probe_path=tmp_path / name / "probe.parquet",
+            probe_size=20,
+            seed=5,
+        )
+        return [pq.read_table(b) for b in blocks], pq.read_table(tmp_path / name / "probe.parquet")
+
+    blocks, probe = sample("a")
+    ids = [set(b.column("seq_id").to_pylist()) for b in blocks]
+    assert [len(s) for s in ids] == [100] * 4
+    assert len(set.union(*ids)) == 400  # disjoint: fresh sequences every round
+    assert probe.num_rows == 20 and set(probe.column("source").to_pylist()) == {"v"}
+    again, _ = sample("b")
+    assert [b.sort_by("seq_id").equals(a.sort_by("seq_id")) for a, b in zip(blocks, again)] == [
+        True
+    ] * 4
+    # Rows keep their tokens: the block holds the same row as the source file.
+    source = pq.read_table(files[0]).to_pylist()
+    by_id = {row["seq_id"]: row for row in source}
+    for row in blocks[0].to_pylist():
+        if row["seq_id"] in by_id:
+            assert row == by_id[row["seq_id"]]
+
+
+def test_sample_blocks_says_what_to_change_when_data_is_short(tmp_path):
+    write_tokens(tmp_path / "train.parquet", np.arange(30))
+    with pytest.raises(ValueError, match="routing.sequences_per_round"):
+        em.sample_blocks(
+            train_files=[tmp_path / "train.parquet"],
+            block_paths=[tmp_path / "b0.parquet", tmp_path / "b1.parquet"],
+            block_size=20,
+            probe_files=[tmp_path / "train.parquet"],
+            probe_path=tmp_path / "probe.parquet",
+            probe_size=0,
+            seed=0,
+        )
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=60), st.integers(0, 3))
+def test_nmi_bounds_and_identities(labels, shift):
+    labels = np.array(labels)
+    assert em.normalized_mutual_information(labels, labels) == pytest.approx(1.0)
+    assert em.normalized_mutual_information(labels, (labels + shift) % 4) == pytest.approx(1.0)
+    value = em.normalized_mutual_information(labels, np.zeros_like(labels))
+    assert 0.0 <= value <= 1.0
+
+
+def test_nmi_of_independent_labels_is_near_zero():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 4, 20000), rng.integers(0, 6, 20000)
+    assert em.normalized_mutual_information(a, b) < 0.01
+    sources = np.repeat(np.array(["x", "y", "z", "w"], dtype=object), 100)
+    assert em.normalized_mutual_information(np.repeat(np.arange(4), 100), sources) == 1.0
+
+
+def test_assign_round_balances_the_gathered_scores(tmp_path):
+    rng = np.random.default_rng(1)
+    paths = []
+    seq_ids = rng.permutation(1000)[:90]
+    for e in range(3):
+        path = tmp_path / f"e{e}.parquet"
+        order = rng.permutation(90)  # each router writes its rows in its own order
+        nll = rng.normal(3, 1, 90).astype(np.float16)
+        pq.write_table(pa.table({"seq_id": seq_ids[order], "nll": nll[order]}), path)
+        paths.append(path)
+    ids, nll, experts = em.assign_round(paths, tmp_path / "assignment.parquet")
+    assert np.array_equal(ids, np.sort(seq_ids))
+    assert np.bincount(experts).tolist() == [30, 30, 30]
+    table = pq.read_table(tmp_path / "assignment.parquet")
+    assert table.column("seq_id").to_pylist() == ids.tolist()
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"seq_id": seq_ids[:10], "nll": np.zeros(10, np.float16)}), bad)
+    with pytest.raises(ValueError, match="different set of sequences"):
+        em.read_scores([paths[0], bad])
+
+
+def tiny_router(path, seed):
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2, n_embd=16)
+    save_weights(LM(config), path)
+    return config
+
+
+def test_shard_chunk_writes_every_row_once_and_check_passes(tmp_path):
+    config = tiny_router(tmp_path / "r0.safetensors", 0)
+    tiny_router(tmp_path / "r1.safetensors", 1)
+    tiny_router(tmp_path / "r2.safetensors", 2)
+    routers = [tmp_path / f"r{e}.safetensors" for e in range(3)]
+    train = []
+    for chunk in range(2):
+        path = tmp_path / "tokens/train" / f"c{chunk}.parquet"
+        write_tokens(path, (chunk << 32) + np.arange(101), seed=chunk)
+        train.append(path)
+        shards = [tmp_path / f"shards/expert={e}/c{chunk}.parquet" for e in range(3)]
+        loads = shard_chunk(
+            tokens_path=path,
+            router_config=config,
+            router_weights=routers,
+            prefix_len=8,
+            shard_paths=shards,
+            scores_path=tmp_path / f"scores/c{chunk}.parquet",
+        )
+        assert loads.sum() == 101 and loads.max() <= 34
+    shard_files = sorted((tmp_path / "shards").rglob("*.parquet"))
+    report = check_shards(
+        train_files=train, shard_files=shard_files, n_experts=3, out=tmp_path / "check.json"
+    )
+    assert report["ok"] and report["train_sequences"] == 202
+    assert json.loads((tmp_path / "check.json").read_text())["missing"] == 0
+    scores = pq.read_table(tmp_path / "scores/c0.parquet")
+    assert scores.schema.field("nll").type.value_type == pa.float16()
+
+    # A lost row, a duplicated row: the check fails loudly and writes no report.
+    first = shard_files[0]
+    table = pq.read_table(first)
+    pq.write_table(table.slice(1), first)
+    with pytest.raises(ValueError, match="1 train sequences are in no shard"):
+        check_shards(train_files=train, shard_files=shard_files, n_experts=3, out=tmp_path / "x")
+    pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), first)
+    with pytest.raises(ValueError, match="in more than one shard"):
+        check_shards(train_files=train, shard_files=shard_files, n_experts=3, out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+    ledger = communication_ledger(
+        assignment_paths=[],
+        shard_score_paths=[tmp_path / "scores/c0.parquet", tmp_path / "scores/c1.parquet"],
+        n_experts=3,
+        out=tmp_path / "ledger.parquet",
+    )
+    sharding = [row for row in ledger.to_pylist() if row["stage"] == "sharding"][0]
+    assert sharding["bytes"] == 2 * 202 * 3  # 2 bytes x sequences x routers
