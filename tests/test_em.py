@@ -75,9 +75,9 @@ def test_sample_blocks_is_disjoint_deterministic_and_complete(tmp_path):
     assert len(set.union(*ids)) == 400  # disjoint: fresh sequences every round
     assert probe.num_rows == 20 and set(probe.column("source").to_pylist()) == {"v"}
     again, _ = sample("b")
-    assert [b.sort_by("seq_id").equals(a.sort_by("seq_id")) for a, b in zip(blocks, again)] == [
-        True
-    ] * 4
+    assert [
+        b.sort_by("seq_id").equals(a.sort_by("seq_id")) for a, b in zip(blocks, again, strict=True)
+    ] == [True] * 4
     # Rows keep their tokens: the block holds the same row as the source file.
     source = pq.read_table(files[0]).to_pylist()
     by_id = {row["seq_id"]: row for row in source}
