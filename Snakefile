@@ -14,6 +14,8 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/routers.smk"
 include: "rules/shard.smk"
+include: "rules/experts.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:

@@ -40,6 +40,7 @@ CHUNKS = {
 
 ROUNDS = range(config["routing"]["rounds"] + 1)  # r = 0 (random), 1..T
 EXPERTS = range(config["routing"]["n_experts"])
+EVAL_TABLES = ["overall", "per_segment", "per_source", "segment_source", "load"]
 
 
 wildcard_constraints:
@@ -105,7 +106,7 @@ def get_router_init_flag(wildcards, input):
 
 def get_router_work_dir(wildcards, output):
     """routers/r{r}/e{e}/ beside routers/r{r}/e{e}.safetensors: metrics, checkpoints."""
-    return os.path.splitext(output[0])[0]
+    return os.path.splitext(output.weights)[0]
 
 
 def get_assignment_inputs(wildcards):
@@ -137,6 +138,31 @@ def get_shard_files():
     return expand(R("shards/expert={e}/{chunk}.parquet"), e=EXPERTS, chunk=CHUNKS)
 
 
+def get_expert_shards(wildcards):
+    return expand(R("shards/expert={e}/{chunk}.parquet"), e=wildcards.e, chunk=CHUNKS)
+
+
+def get_model_dir(wildcards, output):
+    """experts/e{e}/ or dense/: metrics, checkpoints and summary beside the weights."""
+    return os.path.dirname(output.weights)
+
+
+def get_expert_models():
+    return expand(R("experts/e{e}/model.safetensors"), e=EXPERTS)
+
+
+def get_summary_dir(wildcards, output):
+    return os.path.dirname(output[0])
+
+
+def get_router_summaries():
+    return expand(R("routers/r{r}/e{e}/summary.json"), r=ROUNDS[1:], e=EXPERTS)
+
+
+def get_em_scores():
+    return expand(R("routers/r{r}/scores/e{e}.parquet"), r=ROUNDS[1:], e=EXPERTS)
+
+
 def get_final_outputs():
     return [
         *get_token_files(SPLITS),
@@ -145,4 +171,7 @@ def get_final_outputs():
         R("routers/contingency.parquet"),
         R("segmentation/check.json"),
         R("ledger/communication.parquet"),
+        *expand(R("eval/summary/{table}.parquet"), table=EVAL_TABLES),
+        R("ledger/flops.parquet"),
+        R("ledger/paper_table3.parquet"),
     ]

@@ -57,7 +57,8 @@ rule train_router:
     input:
         unpack(get_router_training_inputs),
     output:
-        R("routers/r{r}/e{e}.safetensors"),
+        weights=R("routers/r{r}/e{e}.safetensors"),
+        summary=R("routers/r{r}/e{e}/summary.json"),
     log:
         R("logs/routers/r{r}/train_e{e}.log"),
     benchmark:
@@ -77,7 +78,7 @@ rule train_router:
     shell:
         "python -m smalltalk train --config {params.config} --role router --index {wildcards.e} "
         "--round {wildcards.r} --assignment {input.assignment} {params.init} "
-        "--tokenizer {input.tokenizer} --out-dir {params.out_dir} --weights {output} "
+        "--tokenizer {input.tokenizer} --out-dir {params.out_dir} --weights {output.weights} "
         "--threads {threads} {input.block} > {log} 2>&1"
 
 

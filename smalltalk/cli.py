@@ -7,6 +7,7 @@ so a rule, a test and a user run the same code path.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -163,8 +164,6 @@ def cmd_em_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_assign(args: argparse.Namespace) -> int:
-    import pyarrow.parquet as pq
-
     from smalltalk import em
 
     config = _config(args.config)
@@ -196,7 +195,6 @@ def cmd_assign(args: argparse.Namespace) -> int:
         row["nmi_source"],
         row["probe_changed"],
     )
-    del pq
     return 0
 
 
@@ -236,6 +234,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         first_round=first_round,
         threads=args.threads,
     )
+    if role == "dense":
+        # Equal training FLOPs (§3.1): as many tokens as all E experts together.
+        n_experts = config["routing"]["n_experts"]
+        if config["training"]["dense_scale"] == "batch":
+            training = dataclasses.replace(training, batch_size=training.batch_size * n_experts)
+        else:
+            training = dataclasses.replace(training, steps=training.steps * n_experts)
     fit(
         model,
         training,
@@ -246,6 +251,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         seq_ids=seq_ids,
         prefix_len=prefix_len,
         weights_path=args.weights,
+        val_files=args.val or None,
+        val_every=config["eval"]["every"],
+        val_sequences=config["eval"]["val_sequences"],
     )
     return 0
 
@@ -310,6 +318,93 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     )
     import duckdb
 
+    duckdb.from_arrow(table).show(max_width=200)
+    return 0
+
+
+def cmd_route_validation(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from smalltalk.config import model_config
+    from smalltalk.em import gather_rows
+    from smalltalk.evaluate import route_sequences, split_by_expert
+
+    config = _config(args.config)
+    _torch_threads(args.threads)
+    # The pool: the first eval.val_sequences validation rows; the dense model is validated on all
+    # of it, each expert on the part routed to it, so the mixture's curve is comparable.
+    pool_ids = []
+    for path in args.val:
+        ids = pq.read_table(path, columns=["seq_id"]).column("seq_id").to_pylist()
+        pool_ids += ids[: config["eval"]["val_sequences"] - len(pool_ids)]
+    gather_rows(args.val, dict.fromkeys(pool_ids, 0), [args.pool])
+    route_sequences(
+        tokens_path=args.pool,
+        router_config=model_config(config, "router", vocab_size=_vocab_size(args.tokenizer)),
+        router_weights=args.routers,
+        prefix_len=config["routing"]["prefix_len"],
+        out=args.routing,
+    )
+    split_by_expert([args.pool], args.routing, args.experts)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from smalltalk.config import model_config
+    from smalltalk.evaluate import evaluate_chunk
+
+    config = _config(args.config)
+    _torch_threads(args.threads)
+    vocab_size = _vocab_size(args.tokenizer)
+    evaluation = config["eval"]
+    evaluate_chunk(
+        tokens_path=args.tokens,
+        router_config=model_config(config, "router", vocab_size=vocab_size),
+        router_weights=args.routers,
+        expert_config=model_config(config, "expert", vocab_size=vocab_size),
+        expert_weights=args.experts,
+        dense_weights=args.dense,
+        prefix_lens=sorted(set(evaluation["prefix_lens"]) | {config["routing"]["prefix_len"]}),
+        train_prefix_len=config["routing"]["prefix_len"],
+        topk=min(evaluation["topk"], config["routing"]["n_experts"]),
+        temperature=evaluation["temperature"],
+        batch_size=evaluation["batch_size"],
+        out=args.out,
+    )
+    return 0
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from smalltalk.evaluate import aggregate
+
+    tables = aggregate(args.eval, args.out_dir)
+    duckdb.from_arrow(tables["overall"]).show(max_width=200)
+    return 0
+
+
+def cmd_ledger_flops(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from smalltalk.config import model_config
+    from smalltalk.ledger import flops_ledger, paper_table3_table
+
+    config = _config(args.config)
+    vocab_size = _vocab_size(args.tokenizer)
+    table = flops_ledger(
+        router_config=model_config(config, "router", vocab_size=vocab_size),
+        expert_config=model_config(config, "expert", vocab_size=vocab_size),
+        router_summaries=args.router_summaries,
+        em_score_files=args.em_scores,
+        shard_score_files=args.shard_scores,
+        expert_summaries=args.expert_summaries,
+        dense_summary=args.dense_summary,
+        n_experts=config["routing"]["n_experts"],
+        prefix_len=config["routing"]["prefix_len"],
+        out=args.out,
+    )
+    paper_table3_table(args.paper_out)
     duckdb.from_arrow(table).show(max_width=200)
     return 0
 
@@ -416,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
     sub.add_argument("--out-dir", required=True, help="metrics, checkpoints and summary")
     sub.add_argument("--weights", help="final weights (default: OUT_DIR/model.safetensors)")
+    sub.add_argument("--val", nargs="*", default=[], help="validation token files (curves)")
     sub.add_argument("data", nargs="+", help="token Parquet files or directories")
     add_threads(sub)
 
@@ -447,6 +543,45 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--assignments", nargs="+", required=True, help="EM assignments, r order")
     sub.add_argument("--shard-scores", nargs="+", required=True, help="per-chunk shard scores")
     sub.add_argument("--out", required=True, help="the ledger (Parquet)")
+
+    sub = add(
+        "route-validation",
+        cmd_route_validation,
+        "route a validation pool with the final routers and split it per expert",
+    )
+    add_config(sub)
+    sub.add_argument("--val", nargs="+", required=True, help="validation token files")
+    sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
+    sub.add_argument("--routers", nargs="+", required=True, help="final router weights, e order")
+    sub.add_argument("--routing", required=True, help="seq_id -> expert (Parquet) to write")
+    sub.add_argument("--pool", required=True, help="the validation pool to write")
+    sub.add_argument("--experts", nargs="+", required=True, help="per-expert files, e order")
+    add_threads(sub)
+
+    sub = add("evaluate", cmd_evaluate, "route and score one test chunk (per-sequence rows)")
+    add_config(sub)
+    sub.add_argument("--tokens", required=True, help="the chunk's test token file")
+    sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
+    sub.add_argument("--routers", nargs="+", required=True, help="final router weights, e order")
+    sub.add_argument("--experts", nargs="+", required=True, help="expert weights, e order")
+    sub.add_argument("--dense", required=True, help="dense baseline weights")
+    sub.add_argument("--out", required=True, help="per-sequence rows (Parquet)")
+    add_threads(sub)
+
+    sub = add("aggregate", cmd_aggregate, "perplexity tables from the per-sequence rows")
+    sub.add_argument("--out-dir", required=True, help="where the summary tables go")
+    sub.add_argument("eval", nargs="+", help="per-sequence evaluation files")
+
+    sub = add("ledger-flops", cmd_ledger_flops, "the run's FLOPs (Eq. 10-16) and the paper's")
+    add_config(sub)
+    sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
+    sub.add_argument("--router-summaries", nargs="+", required=True, help="router summary.json")
+    sub.add_argument("--em-scores", nargs="+", required=True, help="EM score files")
+    sub.add_argument("--shard-scores", nargs="+", required=True, help="per-chunk shard scores")
+    sub.add_argument("--expert-summaries", nargs="+", required=True, help="expert summary.json")
+    sub.add_argument("--dense-summary", required=True, help="dense summary.json")
+    sub.add_argument("--out", required=True, help="the run's FLOPs ledger (Parquet)")
+    sub.add_argument("--paper-out", required=True, help="the paper's Table 3 (Parquet)")
 
     sub = add("concat", cmd_concat, "concatenate Parquet tables (per-round diagnostics)")
     sub.add_argument("--out", required=True, help="the Parquet file to write")

@@ -68,6 +68,9 @@ def semantic_errors(config: dict[str, Any]) -> list[str]:
             f"routing.steps_per_round={steps}"
         )
     seq_len = config.get("seq_len")
+    for position, value in enumerate(config.get("eval", {}).get("prefix_lens", [])):
+        if isinstance(seq_len, int) and isinstance(value, int) and value >= seq_len:
+            errors.append(f"eval.prefix_lens.{position}: {value} must be shorter than seq_len")
     prefix_len = config.get("routing", {}).get("prefix_len")
     if isinstance(seq_len, int) and isinstance(prefix_len, int) and prefix_len >= seq_len:
         errors.append(

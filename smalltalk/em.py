@@ -99,13 +99,15 @@ def sample_blocks(
             f"chunks hold only {len(chosen)}: lower either or raise routing.em_chunks"
         )
     block_of = dict(zip(chosen.tolist(), (np.arange(needed) // block_size).tolist(), strict=True))
-    _gather(train_files, block_of, block_paths)
+    gather_rows(train_files, block_of, block_paths)
     probe = _smallest_keys(probe_files, probe_size, seed + 1) if probe_size else np.empty(0)
-    _gather(probe_files, dict.fromkeys(probe.tolist(), 0), [probe_path])
+    gather_rows(probe_files, dict.fromkeys(probe.tolist(), 0), [probe_path])
     return [block_size] * len(block_paths)
 
 
-def _gather(files: Sequence[str | os.PathLike], block_of: dict[int, int], paths: Sequence) -> None:
+def gather_rows(
+    files: Sequence[str | os.PathLike], block_of: dict[int, int], paths: Sequence
+) -> None:
     """Copy the rows whose seq_id is in `block_of` into the file of their block."""
     temps = [Path(p).with_name(f".{Path(p).name}.tmp-{os.getpid()}") for p in paths]
     writers: list[pq.ParquetWriter] = []

@@ -46,7 +46,8 @@ from smalltalk.checkpoint import (
 )
 from smalltalk.flops import training_flops
 from smalltalk.model import LM, ModelConfig
-from smalltalk.stream import TokenStream
+from smalltalk.scoring import sequence_nll
+from smalltalk.stream import TokenStream, parquet_files
 
 ROLES = ("router", "expert", "dense")
 SCHEDULE_BY_ROLE = {"router": "constant", "expert": "cosine", "dense": "cosine"}  # App. A.1
@@ -287,6 +288,8 @@ METRICS_SCHEMA = pa.schema(
         ("tokens_per_s", pa.float64()),  # over the steps since the previous row
         ("flops", pa.float64()),  # cumulative training FLOPs, Eq. 10 (float: 1e21 > int64)
         ("seconds", pa.float64()),  # training wall time so far, over resumed segments too
+        ("val_loss", pa.float64()),  # mean NLL per token on the validation set; null between passes
+        ("val_tokens", pa.int64()),  # tokens behind val_loss (constant over a run)
     ]
 )
 
@@ -317,6 +320,21 @@ class MetricsLog:
     def save(self) -> None:
         table = pa.Table.from_pylist(self.rows, schema=METRICS_SCHEMA)
         _write_atomically(self.path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def _validation_tokens(files, count: int) -> torch.Tensor:
+    """The first `count` rows of the validation files as one (n, S+1) tensor."""
+    rows = []
+    for path in parquet_files(files):
+        for batch in pq.ParquetFile(path).iter_batches(columns=["tokens"], batch_size=1024):
+            rows.append(np.stack(batch.column("tokens").to_numpy(zero_copy_only=False)))
+            if sum(len(r) for r in rows) >= count:
+                break
+        if sum(len(r) for r in rows) >= count:
+            break
+    if not rows:
+        return torch.zeros((0, 2), dtype=torch.long)
+    return torch.from_numpy(np.concatenate(rows)[:count].astype(np.int64))
 
 
 def _check_resumable(saved: dict[str, Any], current: dict[str, Any], ckpt: Path) -> None:
@@ -352,6 +370,9 @@ def fit(
     seq_ids: np.ndarray | None = None,
     prefix_len: int | None = None,
     weights_path: str | os.PathLike | None = None,
+    val_files=None,
+    val_every: int = 0,
+    val_sequences: int = 512,
 ) -> dict[str, Any]:
     """Train one LM on token Parquet files and write its results to `out_dir`; return the summary.
 
@@ -360,6 +381,8 @@ def fit(
     `out_dir/ckpt`, if any, takes precedence over both. seq_ids: train only on these sequences.
     prefix_len: train on the first M tokens of each sequence only (routers, Eq. 9).
     weights_path: where the final weights go (default `out_dir/model.safetensors`).
+    val_files: token files whose first `val_sequences` rows give a validation loss every
+    `val_every` steps and at the end (the curves of perplexity against training FLOPs, Fig. 2).
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -451,6 +474,15 @@ def fit(
         f"{config.warmup_steps}" + (f" | resumed from {ckpt.name}" if ckpt is not None else "")
     )
 
+    val_tokens = _validation_tokens(val_files, val_sequences) if val_files else None
+
+    def validation_loss() -> tuple[float | None, int | None]:
+        if val_tokens is None or not procs.is_main or len(val_tokens) == 0:
+            return None, None
+        nll = sequence_nll(model, val_tokens, batch_size=64)  # (n,) sums; one sync, in eval mode
+        count = len(val_tokens) * (val_tokens.size(1) - 1)
+        return float(nll.sum()) / count, count
+
     def to_device(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if device.type == "cuda":  # pinned host memory lets the copy overlap the previous step
             return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
@@ -483,7 +515,10 @@ def fit(
         progress.update()
 
         checkpoint_due = config.ckpt_every and step % config.ckpt_every == 0 and step < total_steps
-        if step % config.log_every == 0 or checkpoint_due or step == total_steps:
+        validation_due = val_tokens is not None and (
+            step == total_steps or (val_every and step % val_every == 0)
+        )
+        if step % config.log_every == 0 or checkpoint_due or validation_due or step == total_steps:
             if procs.world_size > 1:  # the loss of the global batch, not of this rank's share
                 torch.distributed.all_reduce(interval_loss, op=torch.distributed.ReduceOp.AVG)
             mean_loss = (interval_loss / interval_steps).item()  # sync: waits for the device
@@ -499,7 +534,11 @@ def fit(
                 "tokens_per_s": interval_steps * tokens_per_step / (now - interval_start),
                 "flops": float(training_flops(model_config, step, config.batch_size, seq_len)),
                 "seconds": seconds_before + now - loop_start,
+                "val_loss": None,
+                "val_tokens": None,
             }
+            if validation_due:
+                row["val_loss"], row["val_tokens"] = validation_loss()
             metrics.append(row)
             progress.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
             if progress.disable:

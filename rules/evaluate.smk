@@ -1,0 +1,82 @@
+# Stage 6: route every test sequence by its prefix, score the routed expert and the dense
+# model; per-sequence rows, so every aggregate is a DuckDB query.
+
+
+rule evaluate_chunk:
+    input:
+        tokens=R("tokens/test/{chunk}.parquet"),
+        routers=get_final_routers(),
+        experts=get_expert_models(),
+        dense=R("dense/model.safetensors"),
+        tokenizer=get_tokenizer_model,
+    output:
+        R("eval/test/{chunk}.parquet"),
+    log:
+        R("logs/eval/{chunk}.log"),
+    benchmark:
+        R("benchmarks/eval/{chunk}.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        config=CONFIG_FILE,
+        eval=lookup(dpath="eval", within=config),
+    shell:
+        "python -m smalltalk evaluate --config {params.config} --tokens {input.tokens} "
+        "--tokenizer {input.tokenizer} --routers {input.routers} --experts {input.experts} "
+        "--dense {input.dense} --out {output} --threads {threads} > {log} 2>&1"
+
+
+rule aggregate_eval:
+    input:
+        expand(R("eval/test/{chunk}.parquet"), chunk=CHUNKS),
+    output:
+        expand(R("eval/summary/{table}.parquet"), table=EVAL_TABLES),
+    log:
+        R("logs/eval/aggregate.log"),
+    benchmark:
+        R("benchmarks/eval/aggregate.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        out_dir=get_summary_dir,
+    shell:
+        "python -m smalltalk aggregate --out-dir {params.out_dir} {input} > {log} 2>&1"
+
+
+rule flops_ledger:
+    input:
+        routers=get_router_summaries(),
+        em_scores=get_em_scores(),
+        shard_scores=expand(R("segmentation/scores/{chunk}.parquet"), chunk=CHUNKS),
+        experts=expand(R("experts/e{e}/summary.json"), e=EXPERTS),
+        dense=R("dense/summary.json"),
+        tokenizer=get_tokenizer_model,
+    output:
+        flops=R("ledger/flops.parquet"),
+        paper=R("ledger/paper_table3.parquet"),
+    log:
+        R("logs/ledger/flops.log"),
+    benchmark:
+        R("benchmarks/ledger/flops.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        config=CONFIG_FILE,
+    shell:
+        "python -m smalltalk ledger-flops --config {params.config} --tokenizer {input.tokenizer} "
+        "--router-summaries {input.routers} --em-scores {input.em_scores} "
+        "--shard-scores {input.shard_scores} --expert-summaries {input.experts} "
+        "--dense-summary {input.dense} --out {output.flops} --paper-out {output.paper} "
+        "> {log} 2>&1"

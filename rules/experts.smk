@@ -1,0 +1,90 @@
+# Stage 5: E experts, each on its own shard only, and the dense baseline on all shards with
+# as many tokens as the experts together (equal training FLOPs, §3.1). Fully independent jobs.
+
+
+rule route_validation:
+    input:
+        val=get_token_files("val"),
+        routers=get_final_routers(),
+        tokenizer=get_tokenizer_model,
+    output:
+        routing=R("eval/val/routing.parquet"),
+        pool=R("eval/val/all.parquet"),
+        experts=expand(R("eval/val/expert={e}.parquet"), e=EXPERTS),
+    log:
+        R("logs/eval/route_validation.log"),
+    benchmark:
+        R("benchmarks/eval/route_validation.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        config=CONFIG_FILE,
+    shell:
+        "python -m smalltalk route-validation --config {params.config} --val {input.val} "
+        "--tokenizer {input.tokenizer} --routers {input.routers} --routing {output.routing} "
+        "--pool {output.pool} --experts {output.experts} --threads {threads} > {log} 2>&1"
+
+
+rule train_expert:
+    input:
+        shards=get_expert_shards,
+        val=R("eval/val/expert={e}.parquet"),
+        tokenizer=get_tokenizer_model,
+    output:
+        weights=R("experts/e{e}/model.safetensors"),
+        summary=R("experts/e{e}/summary.json"),
+        metrics=R("experts/e{e}/metrics.parquet"),
+    log:
+        R("logs/experts/e{e}.log"),
+    benchmark:
+        R("benchmarks/experts/e{e}.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=720,
+    params:
+        config=CONFIG_FILE,
+        out_dir=get_model_dir,
+        training=lookup(dpath="training/expert", within=config),
+        model=lookup(dpath="models/expert", within=config),
+    shell:
+        "python -m smalltalk train --config {params.config} --role expert --index {wildcards.e} "
+        "--tokenizer {input.tokenizer} --out-dir {params.out_dir} --val {input.val} "
+        "--threads {threads} {input.shards} > {log} 2>&1"
+
+
+rule train_dense:
+    input:
+        shards=get_shard_files(),
+        val=R("eval/val/all.parquet"),
+        tokenizer=get_tokenizer_model,
+    output:
+        weights=R("dense/model.safetensors"),
+        summary=R("dense/summary.json"),
+        metrics=R("dense/metrics.parquet"),
+    log:
+        R("logs/dense.log"),
+    benchmark:
+        R("benchmarks/dense.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=1440,
+    params:
+        config=CONFIG_FILE,
+        out_dir=get_model_dir,
+        training=lookup(dpath="training/expert", within=config),
+        scale=lookup(dpath="training/dense_scale", within=config),
+        model=lookup(dpath="models/expert", within=config),
+    shell:
+        "python -m smalltalk train --config {params.config} --role dense "
+        "--tokenizer {input.tokenizer} --out-dir {params.out_dir} --val {input.val} "
+        "--threads {threads} {input.shards} > {log} 2>&1"

@@ -1,0 +1,82 @@
+"""The run's own FLOPs (paper App. A.3, Eq. 10-16), next to the paper's Table 3.
+
+Training FLOPs come from each job's summary (steps x batch x Eq. 10, what the job really ran);
+scoring FLOPs from the number of sequences each router scored (Eq. 11 at S = M).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from smalltalk import flops
+from smalltalk.em import write_parquet_atomically
+from smalltalk.model import ModelConfig
+
+
+def _summary(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def flops_ledger(
+    *,
+    router_config: ModelConfig,
+    expert_config: ModelConfig,
+    router_summaries: Sequence[str | os.PathLike],
+    em_score_files: Sequence[str | os.PathLike],
+    shard_score_files: Sequence[str | os.PathLike],
+    expert_summaries: Sequence[str | os.PathLike],
+    dense_summary: str | os.PathLike,
+    n_experts: int,
+    prefix_len: int,
+    out: str | os.PathLike,
+) -> pa.Table:
+    """One row per cost of the mixture and of the dense baseline, in FLOPs and as a share of
+    the dense model's training; then inference per sequence, with and without routing."""
+    experts = sum(_summary(path)["flops"] for path in expert_summaries)
+    dense = _summary(dense_summary)["flops"]
+    router_training = sum(_summary(path)["flops"] for path in router_summaries)
+    score_one = flops.inference_flops(router_config, prefix_len)  # Eq. 11 at S = M
+    em_scored = sum(pq.read_metadata(path).num_rows for path in em_score_files)
+    shard_scored = sum(pq.read_metadata(path).num_rows for path in shard_score_files)
+    em_scoring = em_scored * score_one  # Eq. 14: every router scores its round's block
+    shard_scoring = shard_scored * n_experts * score_one  # Eq. 16: every router, every sequence
+    routers = router_training + em_scoring + shard_scoring
+    expert_inference = flops.inference_flops(expert_config, expert_config.seq_len)
+    routing = flops.routing_inference_flops(router_config, n_experts, prefix_len)
+    rows = [
+        ("training", "experts (Eq. 15)", experts),
+        ("training", "routers: training (Eq. 13)", router_training),
+        ("training", "routers: scoring during EM (Eq. 14)", em_scoring),
+        ("training", "routers: scoring for sharding (Eq. 16)", shard_scoring),
+        ("training", "mixture total (Eq. 12)", experts + routers),
+        ("training", "dense baseline (Eq. 10)", dense),
+        ("inference per sequence", "one expert or the dense model (Eq. 11)", expert_inference),
+        ("inference per sequence", f"routing: {n_experts} routers x {prefix_len} tokens", routing),
+        ("inference per sequence", "mixture total", expert_inference + routing),
+    ]
+    table = pa.table(
+        {
+            "phase": [phase for phase, _, _ in rows],
+            "component": [name for _, name, _ in rows],
+            "flops": [float(value) for _, _, value in rows],
+            "relative_to_dense": [
+                float(value) / (dense if phase == "training" else expert_inference)
+                for phase, _, value in rows
+            ],
+        }
+    )
+    write_parquet_atomically(table, out)
+    return table
+
+
+def paper_table3_table(out: str | os.PathLike) -> pa.Table:
+    """The paper's Table 3 cost columns, recomputed from its Tables 1-2 (smalltalk.flops)."""
+    table = pa.Table.from_pylist(flops.paper_table3())
+    write_parquet_atomically(table, out)
+    return table
