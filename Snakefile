@@ -10,12 +10,16 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "reports/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/routers.smk"
 include: "rules/shard.smk"
 include: "rules/experts.smk"
 include: "rules/evaluate.smk"
+include: "rules/report.smk"
 
 
 rule all:

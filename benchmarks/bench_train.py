@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py [--presets demo-expert router-4.4m] [--precision auto]
                                      [--rounds 8] [--repeats 3] [--steps 4] [--threads N]
+                                     [--compile]
 
 For each preset, in one process, one precision, one model and one batch:
 
@@ -96,13 +97,14 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
     autocast = autocast_context(device, precision)
     config = TrainConfig(
         steps=args.steps + 1, batch_size=batch, warmup_steps=1, ckpt_every=0, log_every=1,
-        precision=precision, device=device.type, threads=args.threads,
+        precision=precision, device=device.type, threads=args.threads, compile=args.compile,
     )  # fmt: skip
     tokens_per_step = batch * seq_len
 
     torch.manual_seed(0)
     model = LM(model_config).to(device)
     optimizer = model.configure_optimizer(config.lr, config.weight_decay, config.betas, device.type)
+    model = torch.compile(model) if args.compile else model
     inputs = torch.randint(0, model_config.vocab_size, (batch, seq_len), device=device)
     targets = torch.randint(0, model_config.vocab_size, (batch, seq_len), device=device)
 
@@ -171,6 +173,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per fit() run")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
@@ -191,9 +194,9 @@ def main() -> None:
                 f"{r['achieved'] / r['peak']:>8.1%}"
             )
     print(
-        f"device {device}, {torch.get_num_threads()} threads; medians of {args.rounds} interleaved "
-        f"rounds (bare, fit step, 2048^3 matmul peak) and of {args.repeats} fit() runs of "
-        f"{args.steps} steps, each paired with {args.steps} bare steps"
+        f"device {device}, {torch.get_num_threads()} threads, compile {args.compile}; medians of "
+        f"{args.rounds} interleaved rounds (bare, fit step, 2048^3 matmul peak) and of "
+        f"{args.repeats} fit() runs of {args.steps} steps, each paired with {args.steps} bare steps"
     )
     print("\n".join(lines))
 

@@ -40,6 +40,14 @@ CHUNKS = {
 
 ROUNDS = range(config["routing"]["rounds"] + 1)  # r = 0 (random), 1..T
 EXPERTS = range(config["routing"]["n_experts"])
+FIGURES = [
+    "perplexity_vs_flops",
+    "expert_load",
+    "segment_perplexity",
+    "prefix_sensitivity",
+    "em_convergence",
+    "segment_source",
+]
 EVAL_TABLES = ["overall", "per_segment", "per_source", "segment_source", "load"]
 
 
@@ -174,4 +182,7 @@ def get_final_outputs():
         *expand(R("eval/summary/{table}.parquet"), table=EVAL_TABLES),
         R("ledger/flops.parquet"),
         R("ledger/paper_table3.parquet"),
+        *expand(R("report/{figure}.png"), figure=FIGURES),
+        R("report/results.html"),
+        R("report/ledger.html"),
     ]

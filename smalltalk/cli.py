@@ -409,6 +409,38 @@ def cmd_ledger_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from smalltalk import plots  # matplotlib only here: other commands do without it
+
+    figure = args.figure
+    if figure == "perplexity_vs_flops":
+        plots.perplexity_vs_flops(args.experts, args.dense, args.out)
+    elif figure == "expert_load":
+        plots.expert_load(args.check, args.load, args.out, prefix_len=args.prefix_len)
+    elif figure == "segment_perplexity":
+        plots.segment_perplexity(args.per_segment, args.prefix_len, args.out)
+    elif figure == "prefix_sensitivity":
+        plots.prefix_sensitivity(args.overall, args.out, train_prefix_len=args.prefix_len)
+    elif figure == "em_convergence":
+        plots.em_convergence(args.diagnostics, args.out)
+    elif figure == "segment_source":
+        plots.segment_source_heatmap(args.segment_source, args.out, prefix_len=args.prefix_len)
+    return 0
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    from smalltalk import plots
+
+    tables = {}
+    for item in args.table:
+        title, _, path = item.partition("=")
+        if not path:
+            raise ValueError(f"--table expects TITLE=PATH, got {item!r}")
+        tables[title] = path
+    plots.tables_html(tables, args.out)
+    return 0
+
+
 def cmd_concat(args: argparse.Namespace) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -582,6 +614,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dense-summary", required=True, help="dense summary.json")
     sub.add_argument("--out", required=True, help="the run's FLOPs ledger (Parquet)")
     sub.add_argument("--paper-out", required=True, help="the paper's Table 3 (Parquet)")
+
+    sub = add("plot", cmd_plot, "draw one report figure (PNG)")
+    sub.add_argument(
+        "figure",
+        choices=[
+            "perplexity_vs_flops",
+            "expert_load",
+            "segment_perplexity",
+            "prefix_sensitivity",
+            "em_convergence",
+            "segment_source",
+        ],
+    )
+    sub.add_argument("--out", required=True, help="the PNG to write")
+    sub.add_argument("--experts", nargs="+", help="experts' metrics.parquet (perplexity_vs_flops)")
+    sub.add_argument("--dense", help="the dense model's metrics.parquet (perplexity_vs_flops)")
+    sub.add_argument("--check", help="segmentation/check.json (expert_load)")
+    sub.add_argument("--load", help="eval/summary/load.parquet (expert_load)")
+    sub.add_argument("--per-segment", help="eval/summary/per_segment.parquet")
+    sub.add_argument("--overall", help="eval/summary/overall.parquet (prefix_sensitivity)")
+    sub.add_argument("--diagnostics", help="routers/diagnostics.parquet (em_convergence)")
+    sub.add_argument("--segment-source", help="eval/summary/segment_source.parquet")
+    sub.add_argument("--prefix-len", type=int, help="the routing prefix M to show")
+
+    sub = add("tables", cmd_tables, "render Parquet tables as one HTML fragment")
+    sub.add_argument("--out", required=True, help="the HTML file to write")
+    sub.add_argument("--table", action="append", required=True, help="TITLE=PATH (repeatable)")
 
     sub = add("concat", cmd_concat, "concatenate Parquet tables (per-round diagnostics)")
     sub.add_argument("--out", required=True, help="the Parquet file to write")

@@ -44,13 +44,14 @@ from smalltalk.checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from smalltalk.flops import training_flops
+from smalltalk.flops import counted_flops, training_flops
 from smalltalk.model import LM, ModelConfig
 from smalltalk.scoring import sequence_nll
 from smalltalk.stream import TokenStream, parquet_files
 
 ROLES = ("router", "expert", "dense")
 SCHEDULE_BY_ROLE = {"router": "constant", "expert": "cosine", "dense": "cosine"}  # App. A.1
+METRICS_SAVE_SECONDS = 60  # also rewrite metrics.parquet this often, for those watching a run
 # Settings a resumed run may change without changing what it computes.
 RESUMABLE_CHANGES = {"ckpt_every", "keep_last", "log_every", "threads", "compile", "device"}
 
@@ -307,6 +308,7 @@ class MetricsLog:
     def __init__(self, path: Path):
         self.path = path
         self.rows: list[dict[str, Any]] = []
+        self.saved_at = time.perf_counter()
 
     def resume(self, step: int) -> None:
         """Take up the rows of a previous run up to `step`, the checkpoint resumed from."""
@@ -320,6 +322,7 @@ class MetricsLog:
     def save(self) -> None:
         table = pa.Table.from_pylist(self.rows, schema=METRICS_SCHEMA)
         _write_atomically(self.path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+        self.saved_at = time.perf_counter()
 
 
 def _validation_tokens(files, count: int) -> torch.Tensor:
@@ -548,6 +551,8 @@ def fit(
                 )
             interval_start, interval_steps = now, 0
             interval_loss = torch.zeros((), device=device)
+            if procs.is_main and now - metrics.saved_at > METRICS_SAVE_SECONDS:
+                metrics.save()
 
         if checkpoint_due and procs.is_main:
             # Metrics first: a resumed run drops the rows past its checkpoint, but cannot recover
@@ -569,7 +574,10 @@ def fit(
         "seconds": seconds,
         "tokens_per_s": trained_here / max(time.perf_counter() - loop_start, 1e-9),
         "peak_memory_bytes": peak_memory_bytes(device),
-        "flops": training_flops(model_config, total_steps, config.batch_size, seq_len),
+        "flops": training_flops(model_config, total_steps, config.batch_size, seq_len),  # Eq. 10
+        # The same run as PyTorch's FLOP counter sees it (matmuls only), to check Eq. 10 against.
+        "flops_counted": total_steps
+        * counted_flops(model_config, config.batch_size, seq_len, training=True),
         "parameters": n_params,
         "parameters_without_embeddings": model.num_parameters(exclude_embeddings=True),
         "final_loss": metrics.rows[-1]["loss"] if metrics.rows else None,

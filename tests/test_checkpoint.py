@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import TINY, write_tokens  # the synthetic token files, shared with test_train
@@ -89,6 +90,7 @@ def test_only_complete_checkpoints_count_and_the_last_k_are_kept(tmp_path: Path)
     assert latest_checkpoint(tmp_path / "nothing-here") is None
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile's imports
 def test_weights_are_saved_without_compile_or_ddp_prefixes(tmp_path: Path):
     model, _ = trained_model_and_optimizer()
     compiled = torch.compile(model)  # not run: only its wrapper's `_orig_mod.` names matter

@@ -202,8 +202,9 @@ def test_fit_learns_and_writes_its_results(token_dir: Path, tmp_path: Path, caps
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["tokens"] == summary["tokens"] == 60 * 8 * 32
     assert on_disk["schedule"] == "cosine" and on_disk["precision"] == "fp32"
-    for key in ("seconds", "tokens_per_s", "peak_memory_bytes", "flops", "train_config"):
+    for key in ("seconds", "tokens_per_s", "peak_memory_bytes", "train_config", "model_config"):
         assert key in on_disk
+    assert on_disk["flops_counted"] == pytest.approx(on_disk["flops"], rel=0.05)  # Eq. 10
     header = capsys.readouterr().err.splitlines()[0]
     assert "expert" in header and "without embeddings" in header and "FLOPs" in header
 
