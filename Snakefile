@@ -1,4 +1,4 @@
-# SmallTalk LM: an asynchronous mixture of language models (paper: shared/paper).
+# SmallTalk LM: an asynchronous mixture of language models (Filippova et al., arXiv:2410.03529).
 # Stages: data -> routers (EM) -> shards -> experts -> evaluation -> report.
 
 

@@ -13,8 +13,8 @@ then averages the same tokens, so differences come from routing alone, and for M
 saw none of them. (For M̂ > M, routing reads the first M̂ - M scored tokens.) `nll_*_full` columns
 sum over all S predicted tokens (j = 1..S), the usual whole-sequence perplexity (Eq. 1).
 
-The other files here give each expert its routed part of the validation set (`route_sequences`,
-`split_by_expert`), so in-training validation curves show the mixture the way the test does.
+`route_sequences` and `split_by_expert` give each expert its routed part of the validation set,
+so the in-training validation curves follow the mixture the way the test evaluates it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from smalltalk.model import LM, ModelConfig
 from smalltalk.routing import route
 from smalltalk.scoring import predicted_positions
 
-SLICE_ROWS = 2048  # test sequences held at once: (E + 1) experts' sums and the top-k mixture
+SLICE_ROWS = 2048  # sequences scored per model load; bounds the (rows, M̂s, S) top-k mixture
 
 EVAL_SCHEMA = pa.schema(
     [
@@ -120,13 +120,15 @@ def evaluate_chunk(
     batch_size: int,
     out: str | os.PathLike,
     slice_rows: int = SLICE_ROWS,
+    device: str = "auto",
 ) -> pa.Table:
     """Route and score every sequence of one test token file; write `EVAL_SCHEMA` rows to `out`.
 
     Rows come in file order, each sequence's M̂ ascending (`prefix_lens` is deduplicated and
     sorted). Routers see the whole chunk at once (they are small); experts and the dense model
     are loaded one at a time for each slice of `slice_rows` sequences, so memory stays bounded
-    by one model plus the slice's (slice_rows, len(prefix_lens), S) top-k mixture.
+    by one model plus the slice's (slice_rows, len(prefix_lens), S) top-k mixture. `device`
+    "auto" is CUDA when present (bf16 autocast), else the CPU (float32).
     """
     table = pq.read_table(tokens_path, columns=["seq_id", "tokens", "source"])
     tokens = em.token_matrix(table.column("tokens"))  # (N, S+1)
@@ -144,7 +146,7 @@ def evaluate_chunk(
         batch_size=batch_size,
         slice_rows=slice_rows,
     )
-    device = _device()
+    device = _device(device)
     router_nll = _router_nll(router_config, router_weights, tokens, prefix_lens, device)
     slices = []
     for start in range(0, len(tokens), slice_rows):
@@ -206,7 +208,8 @@ def _evaluate_slice(
     batch_size: int,
     device: str,
 ) -> pa.Table:
-    """The `EVAL_SCHEMA` rows of n sequences: tokens (n, S+1), router_nll (n, P, E)."""
+    """The `EVAL_SCHEMA` rows of n sequences: tokens (n, S+1), router_nll (n, P, E) for the
+    P prefix lengths M̂; T below counts the tokens scored after the training prefix M."""
     n, n_prefixes, n_experts = router_nll.shape
     scored = predicted_positions(tokens.shape[1], start=train_prefix_len)  # tokens j >= M
     first = scored.start - 1  # column of token `scored.start` in the (n, S) log-prob matrix
@@ -216,7 +219,7 @@ def _evaluate_slice(
     in_ensemble = np.isfinite(log_weights).any(axis=(0, 1))  # (E,) experts some row mixes
     log_weights = torch.from_numpy(log_weights).to(device)
 
-    nll = torch.empty((n, n_experts), dtype=torch.float64, device=device)  # after the prefix
+    nll_after = torch.empty((n, n_experts), dtype=torch.float64, device=device)  # j >= M
     nll_full = torch.empty((n, n_experts), dtype=torch.float64, device=device)
     # log sum_e w_e p_e(x_t), accumulated one expert at a time so only one is ever loaded.
     mixture = torch.full(
@@ -226,7 +229,7 @@ def _evaluate_slice(
         expert = em.load_model(expert_config, path, device)
         logprobs = token_logprobs(expert, tokens, batch_size)  # (n, S)
         after = logprobs[:, first:].double()  # (n, T)
-        nll[:, e] = -after.sum(dim=1)
+        nll_after[:, e] = -after.sum(dim=1)
         nll_full[:, e] = -logprobs.sum(dim=1, dtype=torch.float64)
         if in_ensemble[e]:  # weight -inf adds nothing: logaddexp(a, -inf) == a exactly
             weighted = log_weights[:, :, e, None] + after[:, None, :]  # (n, P, T)
@@ -239,13 +242,13 @@ def _evaluate_slice(
     del dense, logprobs
     nll_topk = -mixture.sum(dim=2)  # (n, P)
 
-    # The slice's one device-to-host copy.
-    nll, nll_full = nll.cpu().numpy(), nll_full.cpu().numpy()
+    # Device-to-host copies, once all models have run on the slice.
+    nll_after, nll_full = nll_after.cpu().numpy(), nll_full.cpu().numpy()
     nll_dense, nll_dense_full = nll_dense.cpu().numpy(), nll_dense_full.cpu().numpy()
     nll_topk = nll_topk.cpu().numpy()
 
     rows = np.arange(n)[:, None]  # (n, 1), broadcast against (n, P)
-    oracle = nll.argmin(axis=1)  # (n,) lowest index on ties
+    oracle = nll_after.argmin(axis=1)  # (n,) lowest index on ties
     per_row = np.repeat(np.arange(n), n_prefixes)  # (n*P,) sequence of each output row
     router_values = pa.array(router_nll.reshape(-1), pa.float32())  # (n*P*E,)
     offsets = pa.array(np.arange(0, n * n_prefixes + 1, dtype=np.int32) * n_experts)
@@ -257,13 +260,13 @@ def _evaluate_slice(
             "expert": routed.reshape(-1).astype(np.int16),
             "router_nll": pa.ListArray.from_arrays(offsets, router_values),
             "n_tokens": np.full(n * n_prefixes, len(scored), np.int32),
-            "nll_expert": nll[rows, routed].reshape(-1),
+            "nll_expert": nll_after[rows, routed].reshape(-1),
             "nll_dense": nll_dense[per_row],
             "n_tokens_full": np.full(n * n_prefixes, tokens.shape[1] - 1, np.int32),
             "nll_expert_full": nll_full[rows, routed].reshape(-1),
             "nll_dense_full": nll_dense_full[per_row],
             "oracle_expert": oracle[per_row].astype(np.int16),
-            "nll_oracle": nll[np.arange(n), oracle][per_row],
+            "nll_oracle": nll_after[np.arange(n), oracle][per_row],
             "nll_topk": nll_topk.reshape(-1),
         },
         schema=EVAL_SCHEMA,
@@ -318,9 +321,9 @@ def _check_arguments(
 
 # ---- aggregates (DuckDB over the per-sequence rows) ------------------------------------------
 
-# Perplexity of a set of rows is exp(total NLL / total tokens), pooled over tokens rather than
-# averaged over sequences, as for the paper's test perplexity. Each query reads the view
-# `per_sequence` (all evaluated chunks) or an aggregate computed before it.
+# Perplexity of a set of rows is exp(total NLL / total tokens): per token, pooled over the rows
+# (every row scores the same number of tokens, so this is also the mean per-row NLL per token).
+# Each query reads the view `per_sequence` (all evaluated chunks) or an aggregate made before it.
 
 OVERALL = """
 SELECT
@@ -440,6 +443,7 @@ def route_sequences(
     prefix_len: int,
     out: str | os.PathLike,
     limit: int | None = None,
+    device: str = "auto",
 ) -> pa.Table:
     """Route the first `limit` (None: all) sequences of a token file by their first `prefix_len`
     tokens, argmin over the routers' mean prefix NLL as at inference (Eq. 4, 8); write `seq_id`
@@ -450,7 +454,7 @@ def route_sequences(
     if limit is not None:
         table = table.slice(0, limit)
     tokens = em.token_matrix(table.column("tokens"))  # (n, S+1)
-    nll = _router_nll(router_config, router_weights, tokens, [prefix_len], _device())[:, 0]
+    nll = _router_nll(router_config, router_weights, tokens, [prefix_len], _device(device))[:, 0]
     routing = pa.table(
         {
             "seq_id": table.column("seq_id"),
@@ -490,5 +494,8 @@ def split_by_expert(
     return np.bincount(experts, minlength=len(out_paths)).tolist()
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _device(device: str) -> str:
+    """ "auto": CUDA when present, else the CPU (as `em.load_model`); any other name as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
