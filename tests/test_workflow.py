@@ -135,3 +135,34 @@ def test_tiny_config_end_to_end(tmp_path):
     snakemake(tmp_path, "--cores", "2", "--configfile", str(TINY), "--forceall")
     for relative, content in kept.items():
         assert (results / relative).read_bytes() == content, relative
+
+    # The report: one self-contained HTML file with every figure.
+    report = tmp_path / "report.html"
+    snakemake(tmp_path, "--cores", "1", "--configfile", str(TINY), "--report", str(report))
+    html = report.read_text()
+    for figure in ("perplexity_vs_flops", "em_convergence", "segment_perplexity"):
+        assert figure in html
+    assert '<script src="http' not in html
+
+    # Retraining one expert rebuilds only what depends on it; the others stay as they were.
+    def snapshot(folder):
+        return {
+            path: (path.stat().st_mtime_ns, path.read_bytes())
+            for path in folder.rglob("*")
+            if path.is_file()
+        }
+
+    untouched = snapshot(results / "experts" / "e0") | snapshot(results / "dense")
+    untouched |= snapshot(results / "shards") | snapshot(results / "routers")
+    retrained = results / "experts" / "e1" / "model.safetensors"
+    before = retrained.stat().st_mtime_ns
+    target = str(retrained.relative_to(tmp_path))
+    snakemake(
+        tmp_path, target, "--cores", "2", "--configfile", str(TINY), "--forcerun", "train_expert"
+    )
+    assert retrained.stat().st_mtime_ns > before
+    rerun = snakemake(tmp_path, "--cores", "2", "--configfile", str(TINY))
+    assert "train_expert" not in rerun.stdout + rerun.stderr
+    assert "train_dense" not in rerun.stdout + rerun.stderr
+    for path, state in untouched.items():
+        assert (path.stat().st_mtime_ns, path.read_bytes()) == state, path
