@@ -165,6 +165,7 @@ def cmd_em_sample(args: argparse.Namespace) -> int:
 
 def cmd_assign(args: argparse.Namespace) -> int:
     from smalltalk import em
+    from smalltalk.files import write_parquet_atomically
 
     config = _config(args.config)
     n_experts = config["routing"]["n_experts"]
@@ -185,8 +186,8 @@ def cmd_assign(args: argparse.Namespace) -> int:
         probe_scores=args.probe_scores,
         previous_probe_scores=args.previous_probe_scores,
     )
-    em.write_parquet_atomically(contingency, args.contingency)
-    em.write_parquet_atomically(diagnostics, args.diagnostics)
+    write_parquet_atomically(contingency, args.contingency)
+    write_parquet_atomically(diagnostics, args.diagnostics)
     row = diagnostics.to_pylist()[0]
     log.info(
         "round %d: %d sequences, NMI with sources %.3f, probe changed %.3f",
@@ -350,7 +351,7 @@ def cmd_route_validation(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from smalltalk.config import model_config
+    from smalltalk.config import eval_prefix_lens, model_config
     from smalltalk.evaluate import evaluate_chunk
 
     config = _config(args.config)
@@ -364,7 +365,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         expert_config=model_config(config, "expert", vocab_size=vocab_size),
         expert_weights=args.experts,
         dense_weights=args.dense,
-        prefix_lens=sorted(set(evaluation["prefix_lens"]) | {config["routing"]["prefix_len"]}),
+        prefix_lens=eval_prefix_lens(config),
         train_prefix_len=config["routing"]["prefix_len"],
         topk=min(evaluation["topk"], config["routing"]["n_experts"]),
         temperature=evaluation["temperature"],
@@ -445,7 +446,7 @@ def cmd_concat(args: argparse.Namespace) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from smalltalk.em import write_parquet_atomically
+    from smalltalk.files import write_parquet_atomically
 
     tables = [pq.read_table(path) for path in args.inputs]
     write_parquet_atomically(pa.concat_tables(tables, promote_options="default"), args.out)

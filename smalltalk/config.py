@@ -230,3 +230,13 @@ def train_config(
     if not first_round:
         section["warmup_steps"] = 0
     return TrainConfig(steps=steps, seed=config["seed"] + seed_offset, threads=threads, **section)
+
+
+def eval_prefix_lens(config: dict[str, Any]) -> list[int]:
+    """The routing prefixes M-hat swept at evaluation: the configured ones, or powers of two from
+    8 below M; M itself always, since it is what the shards were routed with."""
+    prefix_len = config["routing"]["prefix_len"]
+    lengths = set(config["eval"]["prefix_lens"])
+    if not lengths:
+        lengths = {2**k for k in range(3, 16) if 2**k < prefix_len}
+    return sorted(lengths | {prefix_len})

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 from smalltalk.config import SPLITS, DataConfig
+from smalltalk.files import parquet_writers, write_text_atomically
 
 GLOB_CHARS = "*?["
 UNKNOWN_SOURCE = "unknown"
@@ -245,6 +246,20 @@ def read_documents(
     )
 
 
+def read_corpus_file(
+    path: str, data: DataConfig, on_bad_record: OnBadRecord = None
+) -> Iterator[Document]:
+    """`read_documents` with the config's field names and ids relative to the input patterns."""
+    return read_documents(
+        path,
+        doc_key=document_key(path, data.inputs),
+        text_field=data.text_field,
+        id_field=data.id_field,
+        source_field=data.source_field,
+        on_bad_record=on_bad_record,
+    )
+
+
 # --------------------------------------------------------------------------- chunks
 
 
@@ -456,13 +471,6 @@ def tokenize_chunk(
         raise ValueError(f"chunk index {chunk.index} does not fit the seq_id layout")
 
     stats = ChunkStats(chunk=chunk.name, files=list(chunk.files))
-    out_dir = Path(out_dir)
-    finals = {split: out_dir / split / f"{chunk.name}.parquet" for split in SPLITS}
-    temps = {
-        split: path.with_name(f".{path.name}.tmp-{os.getpid()}") for split, path in finals.items()
-    }
-    stats_path = Path(stats_path)
-    stats_temp = stats_path.with_name(f".{stats_path.name}.tmp-{os.getpid()}")
     writers: dict[str, pq.ParquetWriter] = {}
     packers = {split: SequencePacker(length, processor.eos_id(), dtype) for split in SPLITS}
 
@@ -501,22 +509,13 @@ def tokenize_chunk(
             _sequence_table(schema, seq_ids, tokens, sources), row_group_size=ROW_GROUP_SEQUENCES
         )
 
-    try:
-        for split, temp in temps.items():
-            temp.parent.mkdir(parents=True, exist_ok=True)
-            writers[split] = pq.ParquetWriter(temp, schema, compression="zstd")
+    finals = [Path(out_dir) / split / f"{chunk.name}.parquet" for split in SPLITS]
+    with parquet_writers(finals, schema) as split_writers:
+        writers.update(zip(SPLITS, split_writers, strict=True))
         batch: list[Document] = []
         batch_bytes = 0
         for path in chunk.files:
-            documents = read_documents(
-                path,
-                doc_key=document_key(path, data.inputs),
-                text_field=data.text_field,
-                id_field=data.id_field,
-                source_field=data.source_field,
-                on_bad_record=handler,
-            )
-            for doc in documents:
+            for doc in read_corpus_file(path, data, handler):
                 if not doc.text.strip():
                     stats.splits[split_of(doc.id, data.splits)].empty_documents += 1
                     continue
@@ -528,19 +527,8 @@ def tokenize_chunk(
         flush(batch)
         for split, packer in packers.items():
             stats.splits[split].dropped_tokens = len(packer.carry)
-        for writer in writers.values():
-            writer.close()
-        writers.clear()
-        stats_temp.parent.mkdir(parents=True, exist_ok=True)
-        stats_temp.write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
-        for split in SPLITS:
-            os.replace(temps[split], finals[split])
-        os.replace(stats_temp, stats_path)
-    finally:
-        for writer in writers.values():
-            writer.close()
-        for temp in (*temps.values(), stats_temp):
-            temp.unlink(missing_ok=True)
+    # Stats last: their presence says the chunk's token files are complete.
+    write_text_atomically(json.dumps(stats.as_dict(), indent=2) + "\n", stats_path)
     return stats
 
 
@@ -560,9 +548,4 @@ def summarize_stats(stats_paths: Iterable[str | os.PathLike], out: str | os.Path
     for split, split_stats in totals.items():
         values = [getattr(split_stats, name) for name in columns]
         lines.append("\t".join(map(str, [split, chunks, *values, bad_records])))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    temp.write_text("\n".join(lines) + "\n")
-    os.replace(temp, out)
-    return out
+    return write_text_atomically("\n".join(lines) + "\n", out)

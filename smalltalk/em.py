@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from smalltalk.files import parquet_writers, write_parquet_atomically
 from smalltalk.model import LM, ModelConfig
 from smalltalk.routing import balanced_assign, random_balanced_assign, route
 from smalltalk.scoring import sequence_nll
@@ -26,19 +27,6 @@ SCORE_BATCH = 256
 
 
 # --------------------------------------------------------------------------- files
-
-
-def write_parquet_atomically(table: pa.Table, path: str | os.PathLike) -> Path:
-    """Write `table` to a temporary name beside `path`, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, temp, compression="zstd")
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
 
 
 def token_matrix(tokens: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -109,14 +97,9 @@ def gather_rows(
     files: Sequence[str | os.PathLike], block_of: dict[int, int], paths: Sequence
 ) -> None:
     """Copy the rows whose seq_id is in `block_of` into the file of their block."""
-    temps = [Path(p).with_name(f".{Path(p).name}.tmp-{os.getpid()}") for p in paths]
-    writers: list[pq.ParquetWriter] = []
     wanted = np.fromiter(block_of, dtype=np.int64, count=len(block_of))
-    try:
-        schema = pq.read_schema(files[0]) if files else None
-        for temp in temps:
-            temp.parent.mkdir(parents=True, exist_ok=True)
-            writers.append(pq.ParquetWriter(temp, schema, compression="zstd"))
+    schema = pq.read_schema(files[0]) if files else None
+    with parquet_writers(paths, schema) as writers:
         for path in files:
             parquet = pq.ParquetFile(path)
             for group in range(parquet.num_row_groups):
@@ -129,16 +112,6 @@ def gather_rows(
                 blocks = np.array([block_of[i] for i in ids[hit].tolist()])
                 for block in np.unique(blocks):
                     writers[block].write_table(rows.filter(pa.array(blocks == block)))
-        for writer in writers:
-            writer.close()
-        writers.clear()
-        for temp, path in zip(temps, paths, strict=True):
-            os.replace(temp, path)
-    finally:
-        for writer in writers:
-            writer.close()
-        for temp in temps:
-            temp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- scoring

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from smalltalk import em
+from smalltalk.files import write_parquet_atomically
 from smalltalk.model import LM, ModelConfig
 from smalltalk.routing import route
 from smalltalk.scoring import predicted_positions
@@ -168,7 +169,7 @@ def evaluate_chunk(
             )
         )
     result = pa.concat_tables(slices) if slices else EVAL_SCHEMA.empty_table()
-    em.write_parquet_atomically(result, out)
+    write_parquet_atomically(result, out)
     return result
 
 
@@ -427,7 +428,7 @@ def aggregate(
     for name, query in AGGREGATES.items():
         tables[name] = pa.table(con.sql(query))
         con.register(name, tables[name])  # later queries may read it
-        em.write_parquet_atomically(tables[name], Path(out_dir) / f"{name}.parquet")
+        write_parquet_atomically(tables[name], Path(out_dir) / f"{name}.parquet")
     con.close()
     return tables
 
@@ -461,7 +462,7 @@ def route_sequences(
             "expert": pa.array(route(nll).astype(np.int16), pa.int16()),
         }
     )
-    em.write_parquet_atomically(routing, out)
+    write_parquet_atomically(routing, out)
     return routing
 
 

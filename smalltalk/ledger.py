@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from smalltalk import flops
-from smalltalk.em import write_parquet_atomically
+from smalltalk.files import write_parquet_atomically
 from smalltalk.model import ModelConfig
 
 

@@ -11,14 +11,14 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from smalltalk.em import load_model, prefix_nll, token_matrix, write_parquet_atomically
+from smalltalk.em import load_model, prefix_nll, token_matrix
+from smalltalk.files import parquet_writers, write_parquet_atomically, write_text_atomically
 from smalltalk.flops import score_exchange_bytes
 from smalltalk.model import ModelConfig
 from smalltalk.routing import balanced_assign
@@ -64,12 +64,7 @@ def shard_chunk(
 
 
 def _write_shards(parquet: pq.ParquetFile, experts: np.ndarray, shard_paths: Sequence) -> None:
-    temps = [Path(p).with_name(f".{Path(p).name}.tmp-{os.getpid()}") for p in shard_paths]
-    writers: list[pq.ParquetWriter] = []
-    try:
-        for temp in temps:
-            temp.parent.mkdir(parents=True, exist_ok=True)
-            writers.append(pq.ParquetWriter(temp, parquet.schema_arrow, compression="zstd"))
+    with parquet_writers(shard_paths, parquet.schema_arrow) as writers:
         offset = 0
         for group in range(parquet.num_row_groups):
             table = parquet.read_row_group(group)
@@ -79,16 +74,6 @@ def _write_shards(parquet: pq.ParquetFile, experts: np.ndarray, shard_paths: Seq
                 rows = table.filter(pa.array(assigned == expert))
                 if rows.num_rows:
                     writer.write_table(rows)
-        for writer in writers:
-            writer.close()
-        writers.clear()
-        for temp, path in zip(temps, shard_paths, strict=True):
-            os.replace(temp, path)
-    finally:
-        for writer in writers:
-            writer.close()
-        for temp in temps:
-            temp.unlink(missing_ok=True)
 
 
 def check_shards(
@@ -153,13 +138,9 @@ def check_shards(
     if over_capacity:
         problems.append(f"{len(over_capacity)} (chunk, expert) pairs exceed the capacity")
     report["ok"] = not problems
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if problems:
         raise ValueError("shard check failed: " + "; ".join(problems))
-    temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(temp, out)
+    write_text_atomically(json.dumps(report, indent=2) + "\n", out)
     return report
 
 

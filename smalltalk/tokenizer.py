@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from smalltalk.config import DataConfig, TokenizerConfig
-from smalltalk.data import BadRecordError, document_key, read_documents, split_of
+from smalltalk.data import BadRecordError, read_corpus_file, split_of
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +38,7 @@ def sample_sentences(
     handler = skipped.append if data.on_bad_record == "skip" else None
     for path in chosen:
         taken = 0
-        documents = read_documents(
-            path,
-            doc_key=document_key(path, data.inputs),
-            text_field=data.text_field,
-            id_field=data.id_field,
-            source_field=data.source_field,
-            on_bad_record=handler,
-        )
-        for doc in documents:
+        for doc in read_corpus_file(path, data, handler):
             if split_of(doc.id, data.splits) != "train":
                 continue
             for line in doc.text.splitlines():

@@ -1,0 +1,63 @@
+"""Writing results so that a crash never leaves a half-written file under a final name."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """A hidden name beside `path`, unique to this process (same filesystem: rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_parquet_atomically(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write `table` as zstd Parquet to a temporary name beside `path`, then rename."""
+    with parquet_writers([path], table.schema) as (writer,):
+        writer.write_table(table)
+    return Path(path)
+
+
+def write_text_atomically(text: str, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = temporary_path(path)
+    try:
+        temp.write_text(text)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+@contextmanager
+def parquet_writers(
+    paths: Sequence[str | os.PathLike], schema: pa.Schema
+) -> Iterator[list[pq.ParquetWriter]]:
+    """One zstd Parquet writer per path, all writing to temporary names.
+
+    On a clean exit every file is closed and renamed into place; on an exception the
+    temporary files are removed and no final name is touched.
+    """
+    temps = [temporary_path(path) for path in paths]
+    writers: list[pq.ParquetWriter] = []
+    try:
+        for temp in temps:
+            temp.parent.mkdir(parents=True, exist_ok=True)
+            writers.append(pq.ParquetWriter(temp, schema, compression="zstd"))
+        yield writers
+        while writers:
+            writers.pop().close()
+        for temp, path in zip(temps, paths, strict=True):
+            os.replace(temp, path)
+    finally:
+        for writer in writers:
+            writer.close()
+        for temp in temps:
+            temp.unlink(missing_ok=True)
