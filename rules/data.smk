@@ -12,7 +12,7 @@ rule train_tokenizer:
         R("benchmarks/train_tokenizer.tsv")
     conda:
         "../envs/smalltalk.yaml"
-    threads: workflow.cores
+    threads: 4  # capped by --cores
     resources:
         mem_mb=4000,
         runtime=120,
