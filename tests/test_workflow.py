@@ -122,6 +122,13 @@ def test_tiny_config_end_to_end(tmp_path):
     assert diagnostics.column("round").to_pylist() == [0, 1, 2]
     ledger = pq.read_table(results / "ledger" / "communication.parquet").to_pylist()
     assert any(row["stage"] == "sharding" for row in ledger)
+    # Equal training FLOPs: the dense baseline sees as many tokens as all experts together.
+    experts = [json.loads((results / f"experts/e{e}/summary.json").read_text()) for e in (0, 1)]
+    dense = json.loads((results / "dense" / "summary.json").read_text())
+    assert dense["tokens"] == sum(summary["tokens"] for summary in experts) > 0
+    assert dense["flops"] == sum(summary["flops"] for summary in experts)
+    overall = pq.read_table(results / "eval" / "summary" / "overall.parquet").to_pylist()
+    assert {row["prefix_len"] for row in overall} == {8, 16}
     # A finished run leaves nothing to do.
     again = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(TINY))
     assert "Nothing to be done" in again.stdout + again.stderr
