@@ -308,6 +308,8 @@ def cmd_check_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
+    import duckdb
+
     from smalltalk.shard import communication_ledger
 
     config = _config(args.config)
@@ -317,8 +319,6 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         n_experts=config["routing"]["n_experts"],
         out=args.out,
     )
-    import duckdb
-
     duckdb.from_arrow(table).show(max_width=200)
     return 0
 

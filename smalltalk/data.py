@@ -416,6 +416,16 @@ def token_schema(vocab_size: int) -> pa.Schema:
     )
 
 
+def token_matrix(tokens: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A list<uint16|uint32> column of equal-length rows as an (n, L) array, no Python loop."""
+    if isinstance(tokens, pa.ChunkedArray):
+        tokens = tokens.combine_chunks()
+    if len(tokens) == 0:
+        return np.empty((0, 0), dtype=np.uint16)
+    values = tokens.flatten().to_numpy()
+    return values.reshape(len(tokens), -1)
+
+
 def _sequence_table(
     schema: pa.Schema, seq_ids: np.ndarray, tokens: np.ndarray, sources: np.ndarray
 ) -> pa.Table:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from smalltalk.data import token_matrix
 from smalltalk.files import parquet_writers, write_parquet_atomically
 from smalltalk.model import LM, ModelConfig
 from smalltalk.routing import balanced_assign, random_balanced_assign, route
@@ -27,16 +28,6 @@ SCORE_BATCH = 256
 
 
 # --------------------------------------------------------------------------- files
-
-
-def token_matrix(tokens: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A list<uint16|uint32> column of equal-length rows as an (n, L) array, no Python loop."""
-    if isinstance(tokens, pa.ChunkedArray):
-        tokens = tokens.combine_chunks()
-    if len(tokens) == 0:
-        return np.empty((0, 0), dtype=np.uint16)
-    values = tokens.flatten().to_numpy()
-    return values.reshape(len(tokens), -1)
 
 
 def sampling_keys(seq_ids: np.ndarray, seed: int) -> np.ndarray:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from smalltalk import em
+from smalltalk.data import token_matrix
 from smalltalk.files import write_parquet_atomically
 from smalltalk.model import LM, ModelConfig
 from smalltalk.routing import route
@@ -132,7 +133,7 @@ def evaluate_chunk(
     "auto" is CUDA when present (bf16 autocast), else the CPU (float32).
     """
     table = pq.read_table(tokens_path, columns=["seq_id", "tokens", "source"])
-    tokens = em.token_matrix(table.column("tokens"))  # (N, S+1)
+    tokens = token_matrix(table.column("tokens"))  # (N, S+1)
     prefix_lens = sorted({int(m) for m in prefix_lens})
     _check_arguments(
         length=tokens.shape[1] if len(tokens) else None,
@@ -454,7 +455,7 @@ def route_sequences(
     table = pq.read_table(tokens_path, columns=["seq_id", "tokens"])
     if limit is not None:
         table = table.slice(0, limit)
-    tokens = em.token_matrix(table.column("tokens"))  # (n, S+1)
+    tokens = token_matrix(table.column("tokens"))  # (n, S+1)
     nll = _router_nll(router_config, router_weights, tokens, [prefix_len], _device(device))[:, 0]
     routing = pa.table(
         {

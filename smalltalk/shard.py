@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from smalltalk.em import load_model, prefix_nll, token_matrix
+from smalltalk.data import token_matrix
+from smalltalk.em import load_model, prefix_nll
 from smalltalk.files import parquet_writers, write_parquet_atomically, write_text_atomically
 from smalltalk.flops import score_exchange_bytes
 from smalltalk.model import ModelConfig
@@ -35,18 +36,18 @@ def shard_chunk(
 ) -> np.ndarray:
     """Score, assign and write one chunk's shards; returns the sequences per expert."""
     parquet = pq.ParquetFile(tokens_path)
-    nll_columns = []
-    for weights in router_weights:
-        model = load_model(router_config, weights)
-        parts = []
-        for group in range(parquet.num_row_groups):
-            tokens = token_matrix(parquet.read_row_group(group, columns=["tokens"]).column(0))
-            parts.append(prefix_nll(model, tokens, prefix_len))
-        nll_columns.append(np.concatenate(parts) if parts else np.empty(0, np.float32))
+    routers = [load_model(router_config, weights) for weights in router_weights]  # tiny
+    id_parts, nll_parts = [], []
+    for group in range(parquet.num_row_groups):  # each row group read once, for every router
+        table = parquet.read_row_group(group, columns=["seq_id", "tokens"])
+        tokens = token_matrix(table.column("tokens"))  # (n, S+1)
+        id_parts.append(table.column("seq_id").to_numpy())
+        nll_parts.append(np.stack([prefix_nll(r, tokens, prefix_len) for r in routers], axis=1))
+    seq_ids = np.concatenate(id_parts) if id_parts else np.empty(0, np.int64)
+    nll = np.concatenate(nll_parts) if nll_parts else np.empty((0, len(routers)), np.float32)
     # The scores travel as float16 (2 bytes each, App. A.4); assign on exactly what is stored.
-    nll = np.stack(nll_columns, axis=1).astype(np.float16)
+    nll = nll.astype(np.float16)
     experts = balanced_assign(nll.astype(np.float32))
-    seq_ids = parquet.read(columns=["seq_id"]).column("seq_id").to_numpy()
     write_parquet_atomically(
         pa.table(
             {

@@ -44,6 +44,7 @@ from smalltalk.checkpoint import (
     save_checkpoint,
     save_weights,
 )
+from smalltalk.data import token_matrix
 from smalltalk.flops import counted_flops, training_flops
 from smalltalk.model import LM, ModelConfig
 from smalltalk.scoring import sequence_nll
@@ -330,7 +331,7 @@ def _validation_tokens(files, count: int) -> torch.Tensor:
     rows = []
     for path in parquet_files(files):
         for batch in pq.ParquetFile(path).iter_batches(columns=["tokens"], batch_size=1024):
-            rows.append(np.stack(batch.column("tokens").to_numpy(zero_copy_only=False)))
+            rows.append(token_matrix(batch.column("tokens")))  # (n, S+1)
             if sum(len(r) for r in rows) >= count:
                 break
         if sum(len(r) for r in rows) >= count:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from smalltalk import em
 from smalltalk.checkpoint import save_weights
-from smalltalk.data import token_schema
+from smalltalk.data import token_matrix, token_schema
 from smalltalk.model import LM, ModelConfig
 from smalltalk.shard import check_shards, communication_ledger, shard_chunk
 
@@ -44,7 +44,7 @@ def write_tokens(path, seq_ids, sources=None, seed=0, vocab=64):
 
 def test_token_matrix_round_trips(tmp_path):
     tokens = write_tokens(tmp_path / "t.parquet", range(120))
-    matrix = em.token_matrix(pq.read_table(tmp_path / "t.parquet").column("tokens"))
+    matrix = token_matrix(pq.read_table(tmp_path / "t.parquet").column("tokens"))
     assert np.array_equal(matrix, tokens)
 
 
