@@ -20,6 +20,7 @@ include: "rules/shard.smk"
 include: "rules/experts.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/harness.smk"
 
 
 rule all:

@@ -40,12 +40,15 @@ CHUNKS = {
 
 ROUNDS = range(config["routing"]["rounds"] + 1)  # r = 0 (random), 1..T
 EXPERTS = range(config["routing"]["n_experts"])
+# smalltalk trains router LMs by EM; the baselines are fitted once on the EM sample instead.
+METHOD = config["routing"]["method"]
+LEARNED_ROUTERS = METHOD == "smalltalk"
 FIGURES = [
     "perplexity_vs_flops",
     "expert_load",
     "segment_perplexity",
     "prefix_sensitivity",
-    "em_convergence",
+    *(["em_convergence"] if LEARNED_ROUTERS else []),
     "segment_source",
 ]
 EVAL_TABLES = ["overall", "per_segment", "per_source", "segment_source", "load"]
@@ -56,6 +59,7 @@ wildcard_constraints:
     r=r"\d+",
     e=r"\d+",
     split="|".join(SPLITS),
+    method="tfidf_kmeans|random|source",
 
 
 def R(path):
@@ -139,7 +143,10 @@ def get_previous_probe_flag(wildcards, input):
 
 
 def get_final_routers():
-    return expand(R("routers/r{r}/e{e}.safetensors"), r=ROUNDS[-1], e=EXPERTS)
+    """The E router LMs of the last EM round, or the one fitted baseline router."""
+    if LEARNED_ROUTERS:
+        return expand(R("routers/r{r}/e{e}.safetensors"), r=ROUNDS[-1], e=EXPERTS)
+    return [R(f"routers/{METHOD}.npz")]
 
 
 def get_shard_files():
@@ -155,6 +162,13 @@ def get_model_dir(wildcards, output):
     return os.path.dirname(output.weights)
 
 
+def get_dense(name):
+    """The dense baseline's model.safetensors, summary.json or metrics.parquet: trained by
+    this run, or by the run that training.dense_from names."""
+    folder = config["training"]["dense_from"]
+    return os.path.join(folder, name) if folder else R(f"dense/{name}")
+
+
 def get_expert_models():
     return expand(R("experts/e{e}/model.safetensors"), e=EXPERTS)
 
@@ -163,26 +177,121 @@ def get_summary_dir(wildcards, output):
     return os.path.dirname(output[0])
 
 
+def get_results_dir(wildcards, output):
+    """The results root, from harness/scores.parquet: where the trained mixture is read."""
+    return os.path.dirname(os.path.dirname(output.scores))
+
+
 def get_router_summaries():
+    if not LEARNED_ROUTERS:
+        return []
     return expand(R("routers/r{r}/e{e}/summary.json"), r=ROUNDS[1:], e=EXPERTS)
 
 
 def get_em_scores():
+    if not LEARNED_ROUTERS:
+        return []
     return expand(R("routers/r{r}/scores/e{e}.parquet"), r=ROUNDS[1:], e=EXPERTS)
+
+
+def get_ledger_tables(wildcards=None):
+    """Tables of the costs page: communication only where routers exchange scores."""
+    tables = {
+        "flops": R("ledger/flops.parquet"),
+        "paper": R("ledger/paper_table3.parquet"),
+    }
+    if LEARNED_ROUTERS:
+        tables["communication"] = R("ledger/communication.parquet")
+    return tables
+
+
+def get_ledger_table_flags(wildcards, input):
+    titles = {
+        "flops": "FLOPs of this run (Eq. 10-16)",
+        "communication": "Communication: bytes of scores exchanged (App. A.4)",
+        "paper": "The paper, Table 3, recomputed from Tables 1-2",
+    }
+    return " ".join(
+        f"--table '{title}={input[name]}'"
+        for name, title in titles.items()
+        if name in input.keys()
+    )
 
 
 def get_final_outputs():
     return [
         *get_token_files(SPLITS),
         R("tokens/summary.tsv"),
-        R("routers/diagnostics.parquet"),
-        R("routers/contingency.parquet"),
+        *(
+            [
+                R("routers/diagnostics.parquet"),
+                R("routers/contingency.parquet"),
+                R("ledger/communication.parquet"),
+            ]
+            if LEARNED_ROUTERS
+            else get_final_routers()
+        ),
         R("segmentation/check.json"),
-        R("ledger/communication.parquet"),
         *expand(R("eval/summary/{table}.parquet"), table=EVAL_TABLES),
         R("ledger/flops.parquet"),
         R("ledger/paper_table3.parquet"),
         *expand(R("report/{figure}.png"), figure=FIGURES),
         R("report/results.html"),
         R("report/ledger.html"),
+        R("report/harness.html"),
     ]
+
+
+# --- What jobs ask a SLURM cluster for (config `cluster`; README: Running on a SLURM cluster).
+
+
+def get_cluster_threads(kind):
+    """CPUs of a job kind: its Snakemake threads, requested as SLURM's --cpus-per-task."""
+    return config["cluster"][kind]["cpus"]
+
+
+def get_cluster_resources(kind=None):
+    """A rule's SLURM requests, as `resources: **get_cluster_resources(kind)`.
+
+    Partition, account and QoS for every rule; GPUs, memory and runtime for the kinds in
+    `cluster` (other rules keep their own mem_mb and runtime). Unset values are left out,
+    so the cluster's defaults apply. `gpu` and `gpu_model` are the SLURM executor's
+    generic GPU request (--gpus=model:n).
+    """
+    cluster = config["cluster"]
+    job = cluster[kind] if kind else {}
+    gpus = 0 if cluster["cpu_only"] else job.get("gpus", 0)
+    resources = {
+        "slurm_partition": (gpus and cluster["gpu_partition"]) or cluster["partition"],
+        "slurm_account": cluster["account"],
+        "qos": cluster["qos"],
+        "gpu": gpus or None,
+        "gpu_model": job.get("gpu_model") if gpus else None,
+        "mem_mb": job.get("mem_mb"),
+        "runtime": job.get("runtime"),
+    }
+    return {name: value for name, value in resources.items() if value is not None}
+
+
+def get_conda_env(kind):
+    """The CUDA environment for jobs that get GPUs, the CPU one for the rest (from rules/)."""
+    if "gpu" in get_cluster_resources(kind):
+        return "../envs/smalltalk-cuda.yaml"
+    return "../envs/smalltalk.yaml"
+
+
+def get_python_launcher(wildcards, resources):
+    """How a training job starts Python: granted n > 1 GPUs, n processes under torchrun
+    (smalltalk.train then trains with DistributedDataParallel); else plain python. Read
+    from the granted resources: --set-resources train_expert:gpu=4 launches 4 as well.
+    """
+    gpus = resources.get("gpu", 0)
+    if gpus > 1:
+        return f"torchrun --standalone --nproc-per-node {gpus}"
+    return "python"
+
+
+def get_process_threads(wildcards, threads, resources):
+    """CPU threads of each training process: the job's threads shared among its torchrun
+    processes, one per GPU, so that they do not oversubscribe the job's CPUs."""
+    return max(1, threads // max(1, resources.get("gpu", 0)))

@@ -14,6 +14,7 @@ rule train_tokenizer:
         "../envs/smalltalk.yaml"
     threads: 4  # capped by --cores
     resources:
+        **get_cluster_resources(),
         mem_mb=4000,
         runtime=120,
     params:
@@ -39,10 +40,9 @@ rule tokenize_chunk:
         R("benchmarks/tokenize/{chunk}.tsv")
     conda:
         "../envs/smalltalk.yaml"
-    threads: 1
+    threads: get_cluster_threads("tokenize")
     resources:
-        mem_mb=2000,
-        runtime=240,
+        **get_cluster_resources("tokenize"),
     params:
         config=CONFIG_FILE,
         out_dir=get_tokens_dir,
@@ -69,6 +69,7 @@ rule summarize_tokens:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
     shell:

@@ -7,7 +7,7 @@ rule evaluate_chunk:
         tokens=R("tokens/test/{chunk}.parquet"),
         routers=get_final_routers(),
         experts=get_expert_models(),
-        dense=R("dense/model.safetensors"),
+        dense=get_dense("model.safetensors"),
         tokenizer=get_tokenizer_model,
     output:
         R("eval/test/{chunk}.parquet"),
@@ -16,11 +16,10 @@ rule evaluate_chunk:
     benchmark:
         R("benchmarks/eval/{chunk}.tsv")
     conda:
-        "../envs/smalltalk.yaml"
-    threads: 1
+        get_conda_env("evaluate")
+    threads: get_cluster_threads("evaluate")
     resources:
-        mem_mb=8000,
-        runtime=120,
+        **get_cluster_resources("evaluate"),
     params:
         config=CONFIG_FILE,
         eval=lookup(dpath="eval", within=config),
@@ -43,6 +42,7 @@ rule aggregate_eval:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=2000,
         runtime=10,
     params:
@@ -57,7 +57,7 @@ rule flops_ledger:
         em_scores=get_em_scores(),
         shard_scores=expand(R("segmentation/scores/{chunk}.parquet"), chunk=CHUNKS),
         experts=expand(R("experts/e{e}/summary.json"), e=EXPERTS),
-        dense=R("dense/summary.json"),
+        dense=get_dense("summary.json"),
         tokenizer=get_tokenizer_model,
     output:
         flops=R("ledger/flops.parquet"),
@@ -70,6 +70,7 @@ rule flops_ledger:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
     params:

@@ -16,11 +16,10 @@ rule route_validation:
     benchmark:
         R("benchmarks/eval/route_validation.tsv")
     conda:
-        "../envs/smalltalk.yaml"
-    threads: 1
+        get_conda_env("router_score")
+    threads: get_cluster_threads("router_score")
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **get_cluster_resources("router_score"),
     params:
         config=CONFIG_FILE,
     shell:
@@ -43,20 +42,21 @@ rule train_expert:
     benchmark:
         R("benchmarks/experts/e{e}.tsv")
     conda:
-        "../envs/smalltalk.yaml"
-    threads: 1
+        get_conda_env("expert_train")
+    threads: get_cluster_threads("expert_train")
     resources:
-        mem_mb=8000,
-        runtime=720,
+        **get_cluster_resources("expert_train"),
     params:
+        launcher=get_python_launcher,
+        process_threads=get_process_threads,
         config=CONFIG_FILE,
         out_dir=get_model_dir,
         training=lookup(dpath="training/expert", within=config),
         model=lookup(dpath="models/expert", within=config),
     shell:
-        "python -m smalltalk train --config {params.config} --role expert --index {wildcards.e} "
-        "--tokenizer {input.tokenizer} --out-dir {params.out_dir} --val {input.val} "
-        "--threads {threads} {input.shards} > {log} 2>&1"
+        "{params.launcher} -m smalltalk train --config {params.config} --role expert "
+        "--index {wildcards.e} --tokenizer {input.tokenizer} --out-dir {params.out_dir} "
+        "--val {input.val} --threads {params.process_threads} {input.shards} > {log} 2>&1"
 
 
 rule train_dense:
@@ -73,18 +73,19 @@ rule train_dense:
     benchmark:
         R("benchmarks/dense.tsv")
     conda:
-        "../envs/smalltalk.yaml"
-    threads: 1
+        get_conda_env("dense_train")
+    threads: get_cluster_threads("dense_train")
     resources:
-        mem_mb=8000,
-        runtime=1440,
+        **get_cluster_resources("dense_train"),
     params:
+        launcher=get_python_launcher,
+        process_threads=get_process_threads,
         config=CONFIG_FILE,
         out_dir=get_model_dir,
         training=lookup(dpath="training/expert", within=config),
         scale=lookup(dpath="training/dense_scale", within=config),
         model=lookup(dpath="models/expert", within=config),
     shell:
-        "python -m smalltalk train --config {params.config} --role dense "
+        "{params.launcher} -m smalltalk train --config {params.config} --role dense "
         "--tokenizer {input.tokenizer} --out-dir {params.out_dir} --val {input.val} "
-        "--threads {threads} {input.shards} > {log} 2>&1"
+        "--threads {params.process_threads} {input.shards} > {log} 2>&1"

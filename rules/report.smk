@@ -4,7 +4,7 @@
 rule plot_perplexity_vs_flops:
     input:
         experts=expand(R("experts/e{e}/metrics.parquet"), e=EXPERTS),
-        dense=R("dense/metrics.parquet"),
+        dense=get_dense("metrics.parquet"),
     output:
         report(
             R("report/perplexity_vs_flops.png"),
@@ -19,6 +19,7 @@ rule plot_perplexity_vs_flops:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
     shell:
@@ -44,6 +45,7 @@ rule plot_expert_load:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
     params:
@@ -70,6 +72,7 @@ rule plot_segment_perplexity:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
     params:
@@ -96,6 +99,7 @@ rule plot_prefix_sensitivity:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
     params:
@@ -122,6 +126,7 @@ rule plot_em_convergence:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
     shell:
@@ -146,6 +151,7 @@ rule plot_segment_source:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
     params:
@@ -174,6 +180,7 @@ rule results_table:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
     shell:
@@ -185,9 +192,7 @@ rule results_table:
 
 rule ledger_table:
     input:
-        flops=R("ledger/flops.parquet"),
-        paper=R("ledger/paper_table3.parquet"),
-        communication=R("ledger/communication.parquet"),
+        unpack(get_ledger_tables),
     output:
         report(
             R("report/ledger.html"),
@@ -202,10 +207,10 @@ rule ledger_table:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
+    params:
+        tables=get_ledger_table_flags,
     shell:
-        "python -m smalltalk tables --out {output} "
-        "--table 'FLOPs of this run (Eq. 10-16)={input.flops}' "
-        "--table 'Communication: bytes of scores exchanged (App. A.4)={input.communication}' "
-        "--table 'The paper, Table 3, recomputed from Tables 1-2={input.paper}' > {log} 2>&1"
+        "python -m smalltalk tables --out {output} {params.tables} > {log} 2>&1"

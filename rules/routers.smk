@@ -18,6 +18,7 @@ rule sample_em_blocks:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=4000,
         runtime=60,
     params:
@@ -26,6 +27,31 @@ rule sample_em_blocks:
     shell:
         "python -m smalltalk em-sample --config {params.config} --train {input.train} "
         "--val {input.val} --blocks {output.blocks} --probe {output.probe} > {log} 2>&1"
+
+
+rule fit_router:
+    input:
+        sample=expand(R("routers/blocks/b{r}.parquet"), r=ROUNDS),
+        tokenizer=get_tokenizer_model,
+    output:
+        R("routers/{method}.npz"),
+    log:
+        R("logs/routers/fit_{method}.log"),
+    benchmark:
+        R("benchmarks/routers/fit_{method}.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        **get_cluster_resources(),
+        mem_mb=8000,
+        runtime=60,
+    params:
+        config=CONFIG_FILE,
+        routing=lookup(dpath="routing", within=config),
+    shell:
+        "python -m smalltalk fit-router --config {params.config} --tokenizer {input.tokenizer} "
+        "--out {output} {input.sample} > {log} 2>&1"
 
 
 rule assign_random:
@@ -43,6 +69,7 @@ rule assign_random:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=2000,
         runtime=10,
     params:
@@ -64,22 +91,23 @@ rule train_router:
     benchmark:
         R("benchmarks/routers/r{r}/train_e{e}.tsv")
     conda:
-        "../envs/smalltalk.yaml"
-    threads: 1
+        get_conda_env("router_train")
+    threads: get_cluster_threads("router_train")
     resources:
-        mem_mb=4000,
-        runtime=120,
+        **get_cluster_resources("router_train"),
     params:
+        launcher=get_python_launcher,
+        process_threads=get_process_threads,
         config=CONFIG_FILE,
         out_dir=get_router_work_dir,
         init=get_router_init_flag,
         training=lookup(dpath="training/router", within=config),
         model=lookup(dpath="models/router", within=config),
     shell:
-        "python -m smalltalk train --config {params.config} --role router --index {wildcards.e} "
-        "--round {wildcards.r} --assignment {input.assignment} {params.init} "
+        "{params.launcher} -m smalltalk train --config {params.config} --role router "
+        "--index {wildcards.e} --round {wildcards.r} --assignment {input.assignment} {params.init} "
         "--tokenizer {input.tokenizer} --out-dir {params.out_dir} --weights {output.weights} "
-        "--threads {threads} {input.block} > {log} 2>&1"
+        "--threads {params.process_threads} {input.block} > {log} 2>&1"
 
 
 rule score_router:
@@ -96,11 +124,10 @@ rule score_router:
     benchmark:
         R("benchmarks/routers/r{r}/score_e{e}.tsv")
     conda:
-        "../envs/smalltalk.yaml"
-    threads: 1
+        get_conda_env("router_score")
+    threads: get_cluster_threads("router_score")
     resources:
-        mem_mb=4000,
-        runtime=60,
+        **get_cluster_resources("router_score"),
     params:
         config=CONFIG_FILE,
     shell:
@@ -124,6 +151,7 @@ rule assign_round:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=2000,
         runtime=10,
     params:
@@ -150,6 +178,7 @@ rule em_diagnostics:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
     shell:
@@ -169,6 +198,7 @@ rule em_contingency:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
     shell:

@@ -14,11 +14,10 @@ rule shard_chunk:
     benchmark:
         R("benchmarks/shard/{chunk}.tsv")
     conda:
-        "../envs/smalltalk.yaml"
-    threads: 1
+        get_conda_env("shard")
+    threads: get_cluster_threads("shard")
     resources:
-        mem_mb=4000,
-        runtime=120,
+        **get_cluster_resources("shard"),
     params:
         config=CONFIG_FILE,
     shell:
@@ -41,6 +40,7 @@ rule check_shards:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=4000,
         runtime=30,
     params:
@@ -64,6 +64,7 @@ rule communication_ledger:
         "../envs/smalltalk.yaml"
     threads: 1
     resources:
+        **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
     params:

@@ -17,11 +17,30 @@ from smalltalk import __version__
 
 log = logging.getLogger("smalltalk")
 
+ROUTERS_HELP = "the final router weights in e order, or the baseline router's .npz"
+
 
 def _config(path: Path) -> dict:
     from smalltalk.config import load_config
 
     return load_config(path)
+
+
+def _router(config: dict, args: argparse.Namespace, keep_loaded: bool = False):
+    """The run's routing method (`routing.method`) from `--routers` and `--tokenizer`."""
+    from smalltalk.config import model_config
+    from smalltalk.routers import load_router
+
+    method = config["routing"]["method"]
+    return load_router(
+        method=method,
+        paths=args.routers,
+        router_config=model_config(config, "router", vocab_size=_vocab_size(args.tokenizer))
+        if method == "smalltalk"
+        else None,
+        tokenizer_model=args.tokenizer,
+        keep_loaded=keep_loaded,
+    )
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -263,6 +282,16 @@ def cmd_score(args: argparse.Namespace) -> int:
     from smalltalk.config import model_config
     from smalltalk.em import load_model, score_file
 
+    if args.weights is None:  # texts under a trained mixture
+        return cmd_score_texts(args)
+    needed = {
+        "--config": args.config,
+        "--tokenizer": args.tokenizer,
+        "--tokens": args.tokens,
+        "--out": args.out,
+    }
+    if missing := [flag for flag, value in needed.items() if not value]:
+        raise ValueError(f"scoring with --weights also needs {', '.join(missing)}")
     config = _config(args.config)
     _torch_threads(args.threads)
     if len(args.tokens) != len(args.out):
@@ -275,16 +304,33 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_router(args: argparse.Namespace) -> int:
+    from smalltalk.routers import fit_baseline
+
+    config = _config(args.config)
+    routing = config["routing"]
+    summary = fit_baseline(
+        method=routing["method"],
+        sample_paths=args.sample,
+        n_experts=routing["n_experts"],
+        prefix_len=routing["prefix_len"],
+        seed=config["seed"],
+        tokenizer_model=args.tokenizer,
+        out=args.out,
+        **routing["tfidf"],
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_shard(args: argparse.Namespace) -> int:
-    from smalltalk.config import model_config
     from smalltalk.shard import shard_chunk
 
     config = _config(args.config)
     _torch_threads(args.threads)
     loads = shard_chunk(
         tokens_path=args.tokens,
-        router_config=model_config(config, "router", vocab_size=_vocab_size(args.tokenizer)),
-        router_weights=args.routers,
+        router=_router(config, args, keep_loaded=True),
         prefix_len=config["routing"]["prefix_len"],
         shard_paths=args.shards,
         scores_path=args.scores,
@@ -326,7 +372,6 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 def cmd_route_validation(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
-    from smalltalk.config import model_config
     from smalltalk.em import gather_rows
     from smalltalk.evaluate import route_sequences, split_by_expert
 
@@ -341,8 +386,7 @@ def cmd_route_validation(args: argparse.Namespace) -> int:
     gather_rows(args.val, dict.fromkeys(pool_ids, 0), [args.pool])
     route_sequences(
         tokens_path=args.pool,
-        router_config=model_config(config, "router", vocab_size=_vocab_size(args.tokenizer)),
-        router_weights=args.routers,
+        router=_router(config, args),
         prefix_len=config["routing"]["prefix_len"],
         out=args.routing,
     )
@@ -360,8 +404,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     evaluation = config["eval"]
     evaluate_chunk(
         tokens_path=args.tokens,
-        router_config=model_config(config, "router", vocab_size=vocab_size),
-        router_weights=args.routers,
+        router=_router(config, args),
         expert_config=model_config(config, "expert", vocab_size=vocab_size),
         expert_weights=args.experts,
         dense_weights=args.dense,
@@ -404,9 +447,33 @@ def cmd_ledger_flops(args: argparse.Namespace) -> int:
         n_experts=config["routing"]["n_experts"],
         prefix_len=config["routing"]["prefix_len"],
         out=args.out,
+        routing_method=config["routing"]["method"],
     )
     paper_table3_table(args.paper_out)
     duckdb.from_arrow(table).show(max_width=200)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from smalltalk import compare
+    from smalltalk.plots import tables_html
+
+    runs = {}
+    for spec in args.run:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise SystemExit(f"smalltalk compare: --run wants NAME=RESULTS_DIR, got {spec!r}")
+        runs[name] = folder
+    table = compare.compare_runs(runs, args.out)
+    if args.markdown:
+        compare.markdown(table, args.markdown)
+    if args.figure:
+        compare.comparison_figure(args.out, runs, args.figure)
+    if args.html:
+        tables_html({"Routing methods at equal training FLOPs (test split)": args.out}, args.html)
+    duckdb.from_arrow(table).show(max_width=250, max_rows=200)
     return 0
 
 
@@ -453,6 +520,199 @@ def cmd_concat(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- using a trained mixture: route, score, generate, explain, lm-eval ----------------------
+
+
+def _texts(args: argparse.Namespace) -> list[str]:
+    """Texts from the arguments, then from --file (`-`: stdin); from stdin when neither is given.
+    A file holds one text per line, or JSON lines with a "text" field (texts with newlines)."""
+
+    def text_of(line: str) -> str:
+        line = line.rstrip("\n")
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                return line
+            if isinstance(record, dict) and isinstance(record.get("text"), str):
+                return record["text"]
+        return line
+
+    texts = list(args.texts)
+    if args.file is not None:
+        if str(args.file) == "-":
+            texts += [text_of(line) for line in sys.stdin if line.strip()]
+        else:
+            with open(args.file, encoding="utf-8") as lines:
+                texts += [text_of(line) for line in lines if line.strip()]
+    elif not texts:
+        if sys.stdin.isatty():
+            raise ValueError("give texts as arguments, with --file, or on stdin")
+        texts = [text_of(line) for line in sys.stdin if line.strip()]
+    return texts
+
+
+def _print_json(record: dict) -> None:
+    """One JSON line; NaN (a router with nothing to score) becomes null, as JSON has no NaN."""
+
+    def finite(value):
+        if isinstance(value, float) and value != value:
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(item) for item in value]
+        return value
+
+    print(json.dumps(finite(record), ensure_ascii=False))
+
+
+def _preview(text: str, width: int = 60) -> str:
+    shown = json.dumps(text, ensure_ascii=False)[1:-1]  # newlines as \n: one line per text
+    return shown if len(shown) <= width else shown[: width - 1] + "…"
+
+
+def _router_column(routing) -> str:
+    """Every router's prefix NLL, the routed expert's starred."""
+    values = " ".join(
+        f"{nll:6.3f}{'*' if e == routing.expert else ' '}"
+        for e, nll in enumerate(routing.router_nll)
+    )
+    return f"{routing.prefix_tokens:>3} tokens  router NLL {values}"
+
+
+def _mixture(args: argparse.Namespace):
+    from smalltalk.mixture import load
+
+    _torch_threads(args.threads)
+    return load(args.results, **({"max_experts": args.max_experts} if args.max_experts else {}))
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    mixture, texts = _mixture(args), _texts(args)
+    for text, routing in zip(texts, mixture.route(texts, args.prefix_tokens), strict=True):
+        if args.json:
+            _print_json({"text": text, **routing.as_dict()})
+        else:
+            print(f"expert {routing.expert:<3} {_router_column(routing)}  {_preview(text)}")
+    return 0
+
+
+def cmd_score_texts(args: argparse.Namespace) -> int:
+    mixture, texts = _mixture(args), _texts(args)
+    scores = mixture.score(texts, args.prefix_tokens, args.topk, dense=args.dense)
+    for text, score in zip(texts, scores, strict=True):
+        if args.json:
+            _print_json({"text": text, **score.as_dict()})
+        else:
+            experts = ",".join(map(str, score.experts)) or "dense"
+            print(
+                f"expert {experts:<5} NLL {score.nll:9.2f} over {score.tokens:>5} tokens  "
+                f"perplexity {score.perplexity:8.2f}  {_preview(text)}"
+            )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    mixture = _mixture(args)
+    for prompt in _texts(args):
+        generation = mixture.generate(
+            prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+            topk_experts=args.topk,
+            stop=args.stop,
+            prefix_tokens=args.prefix_tokens,
+            dense=args.dense,
+        )
+        if args.json:
+            _print_json({"prompt": prompt, **generation.as_dict()})
+        else:
+            print(prompt + generation.text)
+            experts = ",".join(map(str, generation.experts)) or "dense"
+            log.info(
+                "expert %s, %d tokens (%s)", experts, len(generation.tokens), generation.stopped
+            )
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    mixture = _mixture(args)
+    for text in _texts(args):
+        explanation = mixture.explain(text, args.prefix_tokens)
+        if args.json:
+            _print_json({"text": text, **explanation})
+            continue
+        routing = explanation["routing"]
+        print(
+            f"{_preview(text)}\n  routed to expert {routing['expert']} by its first "
+            f"{routing['prefix_tokens']} tokens (M = {mixture.prefix_len})\n"
+            f"  {'expert':>7} {'router NLL':>10} {'train share':>11}  sources, typical tokens"
+        )
+        for segment in explanation["segments"]:
+            star = "*" if segment["expert"] == routing["expert"] else " "
+            sources = ", ".join(
+                f"{source} {share:.0%}" for source, share in list(segment["sources"].items())[:4]
+            )
+            print(
+                f"  {star}{segment['expert']:>6} {segment['router_nll']:>10.3f} "
+                f"{segment['share']:>11.1%}  {sources}\n"
+                f"  {'':>32}{' '.join(segment['tokens'])}"
+            )
+    return 0
+
+
+def cmd_harness_task(args: argparse.Namespace) -> int:
+    from smalltalk.harness import build_choice_task
+
+    config = _config(args.config)
+    harness = config["harness"]
+    summary = build_choice_task(
+        test_files=args.tokens,
+        tokenizer_model=args.tokenizer,
+        out_dir=args.out_dir,
+        examples=harness["examples"],
+        choices=harness["choices"],
+        context_tokens=config["routing"]["prefix_len"],  # the question is the routing prefix
+        continuation_tokens=harness["continuation_tokens"],
+        seed=config["seed"],
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from smalltalk.files import write_parquet_atomically, write_text_atomically
+    from smalltalk.harness import run_lm_eval
+
+    _torch_threads(args.threads)
+    table, raw = run_lm_eval(
+        args.results,
+        args.tasks,
+        models=args.models,
+        limit=args.limit,
+        include_paths=args.include_path,
+        topk=args.topk,
+        **({"max_experts": args.max_experts} if args.max_experts else {}),
+    )
+    if args.out:
+        write_parquet_atomically(table, args.out)
+    if args.raw:
+        write_text_atomically(json.dumps(raw, indent=2, default=str) + "\n", args.raw)
+    for row in table.to_pylist():
+        if args.json:
+            _print_json(row)
+        else:
+            stderr = f" ± {row['stderr']:.3f}" if row["stderr"] is not None else ""
+            print(
+                f"{row['model']:<8} {row['task']:<24} {row['metric']:<10} "
+                f"{row['value']:.4f}{stderr}  ({row['examples']} examples)"
+            )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smalltalk",
@@ -475,6 +735,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_threads(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+
+    def add_serving(sub: argparse.ArgumentParser, texts: str = "texts") -> None:
+        sub.add_argument("texts", nargs="*", help=f"{texts} (default: --file, else stdin)")
+        sub.add_argument(
+            "--file", help=f"{texts}, one per line or JSON lines with a 'text' field (-: stdin)"
+        )
+        sub.add_argument("--results", default="results", help="the trained results directory")
+        sub.add_argument(
+            "--max-experts",
+            type=int,
+            help="experts kept in memory, the least recently used dropped first (default: 2)",
+        )
+        sub.add_argument(
+            "--prefix-tokens", type=int, help="route on this many tokens, M-hat (default: M)"
+        )
+        sub.add_argument("--json", action="store_true", help="one JSON object per line")
+        add_threads(sub)
+
+    def add_topk(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--topk", type=int, default=1, help="mix the top k experts by router score (c-BTM)"
+        )
+        sub.add_argument(
+            "--dense", action="store_true", help="the dense baseline instead, for comparison"
+        )
 
     sub = add("check-config", cmd_check_config, "validate a config file and report every problem")
     add_config(sub)
@@ -548,19 +833,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("data", nargs="+", help="token Parquet files or directories")
     add_threads(sub)
 
-    sub = add("score", cmd_score, "score sequence prefixes with one router (float16 NLL)")
+    sub = add(
+        "score",
+        cmd_score,
+        "score texts under their routed expert (--results); as an EM stage, score token files' "
+        "prefixes with one router (--weights, float16 NLL)",
+    )
+    sub.add_argument("--config", type=Path, help="workflow config YAML (with --weights)")
+    sub.add_argument("--weights", help="router weights: the EM stage")
+    sub.add_argument("--tokenizer", type=Path, help="SentencePiece .model (V) (with --weights)")
+    sub.add_argument("--tokens", action="append", help="token file (repeatable, with --weights)")
+    sub.add_argument("--out", action="append", help="scores file, one per --tokens")
+    add_serving(sub)
+    add_topk(sub)
+
+    sub = add("fit-router", cmd_fit_router, "fit a baseline router (routing.method) on a sample")
     add_config(sub)
-    sub.add_argument("--weights", required=True, help="router weights")
-    sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
-    sub.add_argument("--tokens", action="append", required=True, help="token file (repeatable)")
-    sub.add_argument("--out", action="append", required=True, help="scores file, one per --tokens")
-    add_threads(sub)
+    sub.add_argument("--tokenizer", required=True, help="SentencePiece .model")
+    sub.add_argument("--out", required=True, help="the fitted router (.npz)")
+    sub.add_argument("sample", nargs="+", help="token files to fit on (the EM blocks)")
 
     sub = add("shard", cmd_shard, "route one train chunk with all routers into expert shards")
     add_config(sub)
     sub.add_argument("--tokens", required=True, help="the chunk's train token file")
     sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
-    sub.add_argument("--routers", nargs="+", required=True, help="final router weights, e order")
+    sub.add_argument("--routers", nargs="+", required=True, help=ROUTERS_HELP)
     sub.add_argument("--shards", nargs="+", required=True, help="shard files, e order")
     sub.add_argument("--scores", required=True, help="the chunk's scores and assignment")
     add_threads(sub)
@@ -585,7 +882,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(sub)
     sub.add_argument("--val", nargs="+", required=True, help="validation token files")
     sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
-    sub.add_argument("--routers", nargs="+", required=True, help="final router weights, e order")
+    sub.add_argument("--routers", nargs="+", required=True, help=ROUTERS_HELP)
     sub.add_argument("--routing", required=True, help="seq_id -> expert (Parquet) to write")
     sub.add_argument("--pool", required=True, help="the validation pool to write")
     sub.add_argument("--experts", nargs="+", required=True, help="per-expert files, e order")
@@ -595,7 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(sub)
     sub.add_argument("--tokens", required=True, help="the chunk's test token file")
     sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
-    sub.add_argument("--routers", nargs="+", required=True, help="final router weights, e order")
+    sub.add_argument("--routers", nargs="+", required=True, help=ROUTERS_HELP)
     sub.add_argument("--experts", nargs="+", required=True, help="expert weights, e order")
     sub.add_argument("--dense", required=True, help="dense baseline weights")
     sub.add_argument("--out", required=True, help="per-sequence rows (Parquet)")
@@ -608,13 +905,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("ledger-flops", cmd_ledger_flops, "the run's FLOPs (Eq. 10-16) and the paper's")
     add_config(sub)
     sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
-    sub.add_argument("--router-summaries", nargs="+", required=True, help="router summary.json")
-    sub.add_argument("--em-scores", nargs="+", required=True, help="EM score files")
+    sub.add_argument("--router-summaries", nargs="*", default=[], help="router summary.json")
+    sub.add_argument("--em-scores", nargs="*", default=[], help="EM score files")
     sub.add_argument("--shard-scores", nargs="+", required=True, help="per-chunk shard scores")
     sub.add_argument("--expert-summaries", nargs="+", required=True, help="expert summary.json")
     sub.add_argument("--dense-summary", required=True, help="dense summary.json")
     sub.add_argument("--out", required=True, help="the run's FLOPs ledger (Parquet)")
     sub.add_argument("--paper-out", required=True, help="the paper's Table 3 (Parquet)")
+
+    sub = add("compare", cmd_compare, "compare finished runs at equal training FLOPs")
+    sub.add_argument(
+        "--run", action="append", required=True, help="NAME=RESULTS_DIR of a finished run"
+    )
+    sub.add_argument("--out", required=True, help="the comparison table (.parquet)")
+    sub.add_argument("--markdown", help="the rows at M-hat = M as a Markdown table")
+    sub.add_argument("--figure", help="the comparison figure (.png)")
+    sub.add_argument("--html", help="the table as an HTML fragment for the report")
 
     sub = add("plot", cmd_plot, "draw one report figure (PNG)")
     sub.add_argument(
@@ -650,6 +956,61 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("summarize-tokens", cmd_summarize_tokens, "total the per-chunk stats per split")
     sub.add_argument("--out", type=Path, required=True, help="the TSV to write")
     sub.add_argument("stats", nargs="+", type=Path, help="per-chunk stats JSON files")
+
+    sub = add("route", cmd_route, "route texts: the chosen expert and every router's prefix NLL")
+    add_serving(sub)
+
+    sub = add("generate", cmd_generate, "continue prompts with their routed expert (KV cache)")
+    add_serving(sub, texts="prompts")
+    add_topk(sub)
+    sub.add_argument("--max-new-tokens", type=int, default=64, help="at most (default: 64)")
+    sub.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default: 1.0)")
+    sub.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
+    sub.add_argument("--seed", type=int, help="sampling seed (reproducible output)")
+    sub.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+
+    sub = add(
+        "explain",
+        cmd_explain,
+        "each router's prefix NLL for a text, beside each segment's sources and typical tokens",
+    )
+    add_serving(sub)
+
+    sub = add(
+        "harness-task",
+        cmd_harness_task,
+        "build the offline continuation-choice task for lm-eval from the test split",
+    )
+    add_config(sub)
+    sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model")
+    sub.add_argument("--out-dir", required=True, help="where the task's JSON lines and YAML go")
+    sub.add_argument("tokens", nargs="+", help="test token files")
+
+    sub = add("lm-eval", cmd_lm_eval, "run lm-evaluation-harness tasks on the mixture, offline")
+    sub.add_argument("--results", default="results", help="the trained results directory")
+    sub.add_argument(
+        "--tasks", nargs="+", default=["continuation_choice"], help="lm-eval task names"
+    )
+    sub.add_argument(
+        "--models",
+        nargs="+",
+        choices=["mixture", "dense"],
+        default=["mixture"],
+        help="the routed mixture and/or the dense baseline (default: mixture)",
+    )
+    sub.add_argument("--limit", type=int, help="at most this many examples per task")
+    sub.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        help="more task directories (besides RESULTS/harness)",
+    )
+    sub.add_argument("--max-experts", type=int, help="experts kept in memory (default: 2)")
+    sub.add_argument("--topk", type=int, default=1, help="mix the top k experts (c-BTM)")
+    sub.add_argument("--out", help="the scores table to write (Parquet)")
+    sub.add_argument("--raw", help="lm-eval's results to write (JSON)")
+    sub.add_argument("--json", action="store_true", help="print one JSON object per score")
+    add_threads(sub)
     return parser
 
 

@@ -77,6 +77,13 @@ def semantic_errors(config: dict[str, Any]) -> list[str]:
             f"routing.prefix_len: the routing prefix M={prefix_len} must be shorter than "
             f"seq_len S={seq_len}"
         )
+    span = config.get("harness", {}).get("continuation_tokens")
+    lengths = (seq_len, prefix_len, span)
+    if all(isinstance(v, int) for v in lengths) and prefix_len + span > seq_len + 1:
+        errors.append(
+            f"harness.continuation_tokens: a question's M={prefix_len} tokens and its options' "
+            f"{span} must fit in a sequence of S+1={seq_len + 1} tokens"
+        )
     return errors
 
 

@@ -20,7 +20,7 @@ import torch
 
 from smalltalk.data import token_matrix
 from smalltalk.files import parquet_writers, write_parquet_atomically
-from smalltalk.model import LM, ModelConfig
+from smalltalk.model import LM, ModelConfig, rotary_tables
 from smalltalk.routing import balanced_assign, random_balanced_assign, route
 from smalltalk.scoring import sequence_nll
 
@@ -109,13 +109,24 @@ def gather_rows(
 
 
 def load_model(config: ModelConfig, weights: str | os.PathLike, device: str = "auto") -> LM:
+    """`LM(config)` in eval mode on `device` with the weights of a safetensors file.
+
+    The model is built on the meta device and materialised uninitialised, since the file
+    overwrites every parameter: a 335M expert's random initialisation alone takes seconds.
+    """
     from smalltalk.checkpoint import load_weights
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = LM(config)
+    with torch.device("meta"):
+        model = LM(config)
+    model = model.to_empty(device=device)
+    model.lm_head.weight = model.wte.weight  # to_empty unties them; the file holds one copy
+    cos, sin = rotary_tables(config.head_dim, config.seq_len, config.rope_base)
+    model.rope_cos.copy_(cos)  # derived buffers are not in the file
+    model.rope_sin.copy_(sin)
     load_weights(model, weights)
-    return model.to(device).eval()
+    return model.eval()
 
 
 def prefix_nll(model: LM, tokens: np.ndarray, prefix_len: int) -> np.ndarray:

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from smalltalk import em
-from smalltalk.data import token_matrix
 from smalltalk.files import write_parquet_atomically
 from smalltalk.model import LM, ModelConfig
+from smalltalk.routers import Router, RoutingBatch
 from smalltalk.routing import route
 from smalltalk.scoring import predicted_positions
 
@@ -110,8 +110,7 @@ def ensemble_log_weights(router_nll: np.ndarray, topk: int, temperature: float) 
 def evaluate_chunk(
     *,
     tokens_path: str | os.PathLike,
-    router_config: ModelConfig,
-    router_weights: Sequence[str | os.PathLike],
+    router: Router,
     expert_config: ModelConfig,
     expert_weights: Sequence[str | os.PathLike],
     dense_weights: str | os.PathLike,
@@ -127,19 +126,21 @@ def evaluate_chunk(
     """Route and score every sequence of one test token file; write `EVAL_SCHEMA` rows to `out`.
 
     Rows come in file order, each sequence's M̂ ascending (`prefix_lens` is deduplicated and
-    sorted). Routers see the whole chunk at once (they are small); experts and the dense model
+    sorted). `router` is any routing method (`smalltalk.routers`); its costs fill `router_nll`.
+    Routers see the whole chunk at once (they are small); experts and the dense model
     are loaded one at a time for each slice of `slice_rows` sequences, so memory stays bounded
     by one model plus the slice's (slice_rows, len(prefix_lens), S) top-k mixture. `device`
     "auto" is CUDA when present (bf16 autocast), else the CPU (float32).
     """
     table = pq.read_table(tokens_path, columns=["seq_id", "tokens", "source"])
-    tokens = token_matrix(table.column("tokens"))  # (N, S+1)
+    batch = RoutingBatch.from_table(table)
+    tokens = batch.tokens  # (N, S+1)
     prefix_lens = sorted({int(m) for m in prefix_lens})
     _check_arguments(
         length=tokens.shape[1] if len(tokens) else None,
-        router_config=router_config,
+        router_seq_len=getattr(getattr(router, "config", None), "seq_len", None),
         expert_config=expert_config,
-        n_routers=len(router_weights),
+        n_routers=router.n_experts,
         n_experts=len(expert_weights),
         prefix_lens=prefix_lens,
         train_prefix_len=train_prefix_len,
@@ -149,7 +150,7 @@ def evaluate_chunk(
         slice_rows=slice_rows,
     )
     device = _device(device)
-    router_nll = _router_nll(router_config, router_weights, tokens, prefix_lens, device)
+    router_nll = router.costs(batch, prefix_lens)  # (N, P, E)
     slices = []
     for start in range(0, len(tokens), slice_rows):
         rows = slice(start, start + slice_rows)
@@ -172,26 +173,6 @@ def evaluate_chunk(
     result = pa.concat_tables(slices) if slices else EVAL_SCHEMA.empty_table()
     write_parquet_atomically(result, out)
     return result
-
-
-def _router_nll(
-    config: ModelConfig,
-    weights: Sequence[str | os.PathLike],
-    tokens: np.ndarray,
-    prefix_lens: list[int],
-    device: str,
-) -> np.ndarray:
-    """Every router's mean NLL of each sequence's first M̂ tokens, for every M̂ (Eq. 8, 9):
-    (N, len(prefix_lens), E) float32, computed exactly as the training assignment scores M."""
-    scores = np.empty((len(tokens), len(prefix_lens), len(weights)), dtype=np.float32)
-    if len(tokens) == 0:
-        return scores
-    for e, path in enumerate(weights):
-        router = em.load_model(config, path, device)
-        for p, prefix_len in enumerate(prefix_lens):
-            scores[:, p, e] = em.prefix_nll(router, tokens, prefix_len)
-        del router
-    return scores
 
 
 @torch.inference_mode()
@@ -278,7 +259,7 @@ def _evaluate_slice(
 def _check_arguments(
     *,
     length: int | None,
-    router_config: ModelConfig,
+    router_seq_len: int | None,
     expert_config: ModelConfig,
     n_routers: int,
     n_experts: int,
@@ -302,13 +283,13 @@ def _check_arguments(
     if not prefix_lens:
         errors.append("prefix_lens is empty")
     if length is not None:
-        # Routers read M̂ - 1 tokens (Eq. 9), experts S; at least one token follows the prefix.
+        # Router LMs read M̂ - 1 tokens (Eq. 9), experts S; at least one token follows the prefix.
         seq_len = length - 1
-        longest = min(seq_len, router_config.seq_len + 1)
+        longest = seq_len if router_seq_len is None else min(seq_len, router_seq_len + 1)
         if any(not 2 <= m <= longest for m in prefix_lens):
             errors.append(
                 f"prefix_lens {prefix_lens} must lie in [2, {longest}] for sequences of {length} "
-                f"tokens and routers with seq_len {router_config.seq_len}"
+                f"tokens and routers with seq_len {router_seq_len}"
             )
         if not 1 <= train_prefix_len <= seq_len:
             errors.append(f"train_prefix_len must lie in [1, {seq_len}], got {train_prefix_len}")
@@ -440,23 +421,18 @@ def aggregate(
 def route_sequences(
     *,
     tokens_path: str | os.PathLike,
-    router_config: ModelConfig,
-    router_weights: Sequence[str | os.PathLike],
+    router: Router,
     prefix_len: int,
     out: str | os.PathLike,
     limit: int | None = None,
-    device: str = "auto",
 ) -> pa.Table:
     """Route the first `limit` (None: all) sequences of a token file by their first `prefix_len`
-    tokens, argmin over the routers' mean prefix NLL as at inference (Eq. 4, 8); write `seq_id`
-    int64, `expert` int16 to `out` and return that table."""
-    if not router_weights:
-        raise ValueError("route_sequences needs at least one router")
-    table = pq.read_table(tokens_path, columns=["seq_id", "tokens"])
+    tokens, argmin over the router's costs as at inference (Eq. 4, 8); write `seq_id` int64,
+    `expert` int16 to `out` and return that table."""
+    table = pq.read_table(tokens_path, columns=["seq_id", "tokens", "source"])
     if limit is not None:
         table = table.slice(0, limit)
-    tokens = token_matrix(table.column("tokens"))  # (n, S+1)
-    nll = _router_nll(router_config, router_weights, tokens, [prefix_len], _device(device))[:, 0]
+    nll = router.costs(RoutingBatch.from_table(table), [prefix_len])[:, 0]
     routing = pa.table(
         {
             "seq_id": table.column("seq_id"),

@@ -25,11 +25,15 @@ def write_parquet_atomically(table: pa.Table, path: str | os.PathLike) -> Path:
 
 
 def write_text_atomically(text: str, path: str | os.PathLike) -> Path:
+    return write_bytes_atomically(text.encode(), path)
+
+
+def write_bytes_atomically(data: bytes, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = temporary_path(path)
     try:
-        temp.write_text(text)
+        temp.write_bytes(data)
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)

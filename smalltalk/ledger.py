@@ -35,9 +35,14 @@ def flops_ledger(
     n_experts: int,
     prefix_len: int,
     out: str | os.PathLike,
+    routing_method: str = "smalltalk",
 ) -> pa.Table:
     """One row per cost of the mixture and of the dense baseline, in FLOPs and as a share of
-    the dense model's training; then inference per sequence, with and without routing."""
+    the dense model's training; then inference per sequence, with and without routing.
+
+    The baseline routing methods run no LM: their routing FLOPs count as zero (TF-IDF and a
+    k-means distance cost a negligible fraction of one LM forward pass)."""
+    learned = routing_method == "smalltalk"
     experts = sum(_summary(path)["flops"] for path in expert_summaries)
     dense = _summary(dense_summary)["flops"]
     router_training = sum(_summary(path)["flops"] for path in router_summaries)
@@ -45,10 +50,15 @@ def flops_ledger(
     em_scored = sum(pq.read_metadata(path).num_rows for path in em_score_files)
     shard_scored = sum(pq.read_metadata(path).num_rows for path in shard_score_files)
     em_scoring = em_scored * score_one  # Eq. 14: every router scores its round's block
-    shard_scoring = shard_scored * n_experts * score_one  # Eq. 16: every router, every sequence
+    shard_scoring = shard_scored * n_experts * score_one if learned else 0  # Eq. 16
     routers = router_training + em_scoring + shard_scoring
     expert_inference = flops.inference_flops(expert_config, expert_config.seq_len)
-    routing = flops.routing_inference_flops(router_config, n_experts, prefix_len)
+    routing = flops.routing_inference_flops(router_config, n_experts, prefix_len) if learned else 0
+    routing_name = (
+        f"routing: {n_experts} routers x {prefix_len} tokens"
+        if learned
+        else f"routing: {routing_method} (no LM)"
+    )
     rows = [
         ("training", "experts (Eq. 15)", experts),
         ("training", "routers: training (Eq. 13)", router_training),
@@ -57,7 +67,7 @@ def flops_ledger(
         ("training", "mixture total (Eq. 12)", experts + routers),
         ("training", "dense baseline (Eq. 10)", dense),
         ("inference per sequence", "one expert or the dense model (Eq. 11)", expert_inference),
-        ("inference per sequence", f"routing: {n_experts} routers x {prefix_len} tokens", routing),
+        ("inference per sequence", routing_name, routing),
         ("inference per sequence", "mixture total", expert_inference + routing),
     ]
     table = pa.table(

@@ -3,7 +3,8 @@
 A pre-norm, decoder-only Transformer with rotary positions (paper §3.1, App. A.1): RMSNorm, causal
 self-attention through `F.scaled_dot_product_attention`, a GELU MLP with FFW expansion 4, tied
 input/output embeddings and GPT-2's scaled residual initialisation. Read top to bottom: norm, rotary
-helpers, attention, MLP, block, `ModelConfig`, `LM`, then the paper's presets (Table 1).
+helpers, the KV cache for decoding, attention, MLP, block, `ModelConfig`, `LM`, then the paper's
+presets (Table 1).
 """
 
 from __future__ import annotations
@@ -50,6 +51,40 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.type_as(x)  # back to bf16 under autocast; the rotation itself ran in fp32
 
 
+# ---- the KV cache (incremental decoding) ----------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of the positions an LM has already read, per block.
+
+    `LM.forward(idx, cache=cache)` reads idx as positions `cache.length`, `cache.length + 1`, ...
+    (rotary angles offset by the cache), attends to every cached position and appends its own keys
+    and values, so decoding one more token costs one position's forward instead of the whole
+    prefix's. Buffers take the keys' dtype and device on first use (bf16 under CUDA autocast) and
+    hold at most `config.seq_len` positions, the longest context the rotary tables cover.
+    """
+
+    def __init__(self, config: ModelConfig):
+        self.seq_len = config.seq_len
+        self.length = 0  # positions cached: the position of the next token read
+        self.keys: list[torch.Tensor | None] = [None] * config.n_layer  # (B, nh, S, hs) each
+        self.values: list[torch.Tensor | None] = [None] * config.n_layer
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) of block `layer`'s new positions; return the keys and values of
+        every position so far, (B, nh, length + T, hs) each. `LM.forward` advances `length`."""
+        if self.keys[layer] is None:
+            B, nh, _, hs = k.shape
+            self.keys[layer] = k.new_empty(B, nh, self.seq_len, hs)
+            self.values[layer] = v.new_empty(B, nh, self.seq_len, hs)
+        end = self.length + k.size(2)
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
 # ---- the Transformer block ------------------------------------------------------------------
 
 
@@ -62,15 +97,31 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, n_embd
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask, causal = None, True
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs): cached positions first
+            if past:  # query t (position past + t) sees keys 0..past + t: a shifted triangle
+                causal = False
+                if T > 1:
+                    mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
@@ -98,8 +149,15 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), cos, sin, cache, layer)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -202,18 +260,30 @@ class LM(nn.Module):
         return n - self.wte.weight.numel() if exclude_embeddings else n
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for the next token at every position of idx (B, T), and, given targets (B, T),
         the mean cross-entropy over positions whose target is not -1 (Eq. 1 divided by its count).
+
+        With a `cache`, idx continues the positions it holds: only the new tokens are computed,
+        attending to the cached ones, and their keys and values are added to it (decoding).
         """
         B, T = idx.size()
-        if self.config.seq_len < T:
-            raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.config.seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hs/2) each
+        start = 0 if cache is None else cache.length
+        if self.config.seq_len < start + T:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds seq_len={self.config.seq_len}"
+                + (f" ({start} cached)" if start else "")
+            )
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hs/2)
         x = self.drop(self.wte(idx))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, cos, sin)  # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, layer)  # (B, T, C)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         if targets is None:
             return logits, None

@@ -17,34 +17,34 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from smalltalk.data import token_matrix
-from smalltalk.em import load_model, prefix_nll
 from smalltalk.files import parquet_writers, write_parquet_atomically, write_text_atomically
 from smalltalk.flops import score_exchange_bytes
-from smalltalk.model import ModelConfig
+from smalltalk.routers import Router, RoutingBatch
 from smalltalk.routing import balanced_assign
 
 
 def shard_chunk(
     *,
     tokens_path: str | os.PathLike,
-    router_config: ModelConfig,
-    router_weights: Sequence[str | os.PathLike],
+    router: Router,
     prefix_len: int,
     shard_paths: Sequence[str | os.PathLike],
     scores_path: str | os.PathLike,
 ) -> np.ndarray:
-    """Score, assign and write one chunk's shards; returns the sequences per expert."""
+    """Score, assign and write one chunk's shards; returns the sequences per expert.
+
+    `router` is any routing method (`smalltalk.routers`); for `smalltalk` keep its E LMs loaded
+    (they are tiny), since every row group is read once and scored by all of them."""
     parquet = pq.ParquetFile(tokens_path)
-    routers = [load_model(router_config, weights) for weights in router_weights]  # tiny
     id_parts, nll_parts = [], []
-    for group in range(parquet.num_row_groups):  # each row group read once, for every router
-        table = parquet.read_row_group(group, columns=["seq_id", "tokens"])
-        tokens = token_matrix(table.column("tokens"))  # (n, S+1)
-        id_parts.append(table.column("seq_id").to_numpy())
-        nll_parts.append(np.stack([prefix_nll(r, tokens, prefix_len) for r in routers], axis=1))
+    for group in range(parquet.num_row_groups):
+        batch = RoutingBatch.from_table(
+            parquet.read_row_group(group, columns=["seq_id", "tokens", "source"])
+        )
+        id_parts.append(batch.seq_ids)
+        nll_parts.append(router.costs(batch, [prefix_len])[:, 0])
     seq_ids = np.concatenate(id_parts) if id_parts else np.empty(0, np.int64)
-    nll = np.concatenate(nll_parts) if nll_parts else np.empty((0, len(routers)), np.float32)
+    nll = np.concatenate(nll_parts) if nll_parts else np.empty((0, router.n_experts), np.float32)
     # The scores travel as float16 (2 bytes each, App. A.4); assign on exactly what is stored.
     nll = nll.astype(np.float16)
     experts = balanced_assign(nll.astype(np.float32))
@@ -54,7 +54,7 @@ def shard_chunk(
                 "seq_id": pa.array(seq_ids, pa.int64()),
                 "expert": pa.array(experts.astype(np.int16), pa.int16()),
                 "nll": pa.FixedSizeListArray.from_arrays(
-                    pa.array(nll.reshape(-1), pa.float16()), len(router_weights)
+                    pa.array(nll.reshape(-1), pa.float16()), router.n_experts
                 ),
             }
         ),

@@ -16,6 +16,7 @@ from smalltalk import em
 from smalltalk.checkpoint import save_weights
 from smalltalk.data import token_matrix, token_schema
 from smalltalk.model import LM, ModelConfig
+from smalltalk.routers import LMRouters
 from smalltalk.shard import check_shards, communication_ledger, shard_chunk
 
 SEQ = 17  # tokens per row (S + 1)
@@ -159,8 +160,7 @@ def test_shard_chunk_writes_every_row_once_and_check_passes(tmp_path):
         shards = [tmp_path / f"shards/expert={e}/c{chunk}.parquet" for e in range(3)]
         loads = shard_chunk(
             tokens_path=path,
-            router_config=config,
-            router_weights=routers,
+            router=LMRouters(config, routers, keep_loaded=True),
             prefix_len=8,
             shard_paths=shards,
             scores_path=tmp_path / f"scores/c{chunk}.parquet",

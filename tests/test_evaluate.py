@@ -21,6 +21,7 @@ from smalltalk.evaluate import (
     split_by_expert,
 )
 from smalltalk.model import LM, ModelConfig
+from smalltalk.routers import LMRouters
 from smalltalk.routing import route
 from smalltalk.scoring import sequence_nll
 
@@ -81,8 +82,7 @@ def setup(tmp_path_factory):
 def run(setup, out, chunk=0, **overrides):
     arguments = dict(
         tokens_path=setup["chunks"][chunk],
-        router_config=CONFIG,
-        router_weights=setup["routers"],
+        router=LMRouters(CONFIG, setup["routers"], device="cpu"),
         expert_config=CONFIG,
         expert_weights=setup["experts"],
         dense_weights=setup["dense"],
@@ -362,12 +362,10 @@ def test_aggregate_lists_experts_no_sequence_was_routed_to(tmp_path):
 def test_route_sequences_is_argmin_routing_of_the_first_rows(setup, tmp_path):
     routing = route_sequences(
         tokens_path=setup["chunks"][0],
-        router_config=CONFIG,
-        router_weights=setup["routers"],
+        router=LMRouters(CONFIG, setup["routers"], device="cpu"),
         prefix_len=M,
         out=tmp_path / "routing.parquet",
         limit=10,
-        device="cpu",
     )
     assert pq.read_table(tmp_path / "routing.parquet").equals(routing)
     assert routing.schema == pa.schema([("seq_id", pa.int64()), ("expert", pa.int16())])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
-from smalltalk.model import LM, PRESETS, ModelConfig, apply_rotary, rotary_tables
+from smalltalk.model import LM, PRESETS, KVCache, ModelConfig, apply_rotary, rotary_tables
 
 
 def tiny_model(seed: int = 0, **overrides) -> LM:
@@ -83,6 +83,32 @@ def test_rejects_sequences_longer_than_seq_len():
     model(torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="seq_len=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+# ---- KV cache -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunks", [[20], [1] * 20, [7, 5, 1, 1, 6], [12, 8]])
+def test_cached_decoding_gives_the_full_forward_logits(chunks):
+    model = tiny_model(seed=3, n_layer=2).eval()
+    idx = torch.randint(0, 256, (2, sum(chunks)))
+    full, _ = model(idx)  # (2, 20, V)
+    cache, pieces, start = KVCache(model.config), [], 0
+    for size in chunks:  # a prompt read at once, then tokens one (or a few) at a time
+        logits, _ = model(idx[:, start : start + size], cache=cache)
+        pieces.append(logits)
+        start += size
+    assert cache.length == idx.size(1)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_cache_counts_toward_seq_len():
+    model = tiny_model(seq_len=8).eval()
+    cache = KVCache(model.config)
+    model(torch.zeros(1, 6, dtype=torch.long), cache=cache)
+    model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match=r"sequence of 9 tokens exceeds seq_len=8 \(8 cached\)"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
 
 
 def test_tiny_model_overfits_one_batch():

@@ -129,6 +129,9 @@ def test_tiny_config_end_to_end(tmp_path):
     assert dense["flops"] == sum(summary["flops"] for summary in experts)
     overall = pq.read_table(results / "eval" / "summary" / "overall.parquet").to_pylist()
     assert {row["prefix_len"] for row in overall} == {8, 16}
+    # The trained mixture answers an offline lm-eval task, next to the dense baseline.
+    harness = pq.read_table(results / "harness" / "scores.parquet").to_pylist()
+    assert {row["model"] for row in harness if row["metric"] == "acc"} == {"mixture", "dense"}
     # A finished run leaves nothing to do.
     again = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(TINY))
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -147,7 +150,7 @@ def test_tiny_config_end_to_end(tmp_path):
     report = tmp_path / "report.html"
     snakemake(tmp_path, "--cores", "1", "--configfile", str(TINY), "--report", str(report))
     html = report.read_text()
-    for figure in ("perplexity_vs_flops", "em_convergence", "segment_perplexity"):
+    for figure in ("perplexity_vs_flops", "em_convergence", "segment_perplexity", "harness"):
         assert figure in html
     assert '<script src="http' not in html
 
@@ -173,3 +176,75 @@ def test_tiny_config_end_to_end(tmp_path):
     assert "train_dense" not in rerun.stdout + rerun.stderr
     for path, state in untouched.items():
         assert (path.stat().st_mtime_ns, path.read_bytes()) == state, path
+
+
+@pytest.mark.parametrize("method", ["tfidf_kmeans", "random", "source"])
+def test_dry_run_of_each_baseline_routing_method_skips_the_router_em(tmp_path, method):
+    overlay = tmp_path / "method.yaml"
+    overlay.write_text(f"routing:\n  method: {method}\n")
+    result = snakemake(
+        tmp_path, "-n", "--cores", "2", "--configfile", str(TINY), str(overlay)
+    ).stdout
+    assert "fit_router" in result and "shard_chunk" in result and "train_expert" in result
+    for em_rule in ("train_router", "score_router", "assign_round", "communication_ledger"):
+        assert em_rule not in result
+
+
+@pytest.mark.slow
+def test_tfidf_routing_end_to_end_with_a_shared_dense_baseline(tmp_path):
+    """c-BTM routing through the same shard, expert, evaluation and report stages, evaluated
+    against the dense model of another run (training.dense_from), then compared with it."""
+    dense_run = tmp_path / "results" / "dense-source"
+    overlay = tmp_path / "dense.yaml"
+    overlay.write_text(f"results: {dense_run}\nrouting:\n  method: source\n")
+    snakemake(tmp_path, "--cores", "2", "--configfile", str(TINY), str(overlay))
+    overlay = tmp_path / "tfidf.yaml"
+    overlay.write_text(
+        f"results: {tmp_path / 'results' / 'tfidf'}\nrouting:\n  method: tfidf_kmeans\n"
+        f"training:\n  dense_from: {dense_run / 'dense'}\n"
+    )
+    result = snakemake(tmp_path, "--cores", "2", "--configfile", str(TINY), str(overlay))
+    assert "train_dense" not in result.stdout + result.stderr
+    results = tmp_path / "results" / "tfidf"
+    assert (results / "routers" / "tfidf_kmeans.npz").exists()
+    assert not list((results / "routers").glob("r*"))  # no EM rounds
+    check = json.loads((results / "segmentation" / "check.json").read_text())
+    assert check["ok"]
+    flops = pq.read_table(results / "ledger" / "flops.parquet").to_pydict()
+    costs = dict(zip(flops["component"], flops["flops"], strict=True))
+    assert costs["routers: training (Eq. 13)"] == 0
+    assert costs["mixture total (Eq. 12)"] == costs["experts (Eq. 15)"]
+    assert costs["dense baseline (Eq. 10)"] == costs["experts (Eq. 15)"]  # equal FLOPs
+    assert (results / "report" / "ledger.html").exists()
+    assert not (results / "report" / "em_convergence.png").exists()
+
+    table = tmp_path / "comparison.parquet"
+    subprocess.run(
+        [
+            str(BIN / "python"),
+            "-m",
+            "smalltalk",
+            "compare",
+            "--run",
+            f"tfidf={results}",
+            "--run",
+            f"source={dense_run}",
+            "--out",
+            str(table),
+            "--figure",
+            str(tmp_path / "comparison.png"),
+            "--markdown",
+            str(tmp_path / "comparison.md"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    rows = pq.read_table(table).to_pylist()
+    assert {(row["run"], row["method"]) for row in rows} == {
+        ("tfidf", "tfidf_kmeans"),
+        ("source", "source"),
+    }
+    # Both runs were evaluated against the very same dense model.
+    dense = {row["prefix_len"]: row["ppl_dense"] for row in rows if row["run"] == "source"}
+    assert all(row["ppl_dense"] == dense[row["prefix_len"]] for row in rows)
+    assert (tmp_path / "comparison.md").read_text().count("\n") == 4

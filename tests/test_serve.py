@@ -1,0 +1,513 @@
+"""Using a trained mixture: the Python API, lazy experts, the CLI and the lm-eval adapter.
+
+One tiny mixture is built once per session with the package's own functions (tokenizer, one
+tokenized chunk, random tiny routers and experts, shards by source), laid out as the workflow
+lays out a results directory; every test reads it through `smalltalk.load`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+import yaml
+from conftest import REPO
+
+import smalltalk
+from smalltalk import cli, em, mixture
+from smalltalk.checkpoint import save_weights
+from smalltalk.config import (
+    ConfigError,
+    DataConfig,
+    TokenizerConfig,
+    model_config,
+    validate_config,
+    write_resolved_config,
+)
+from smalltalk.data import plan_chunks, token_matrix, tokenize_chunk
+from smalltalk.evaluate import ensemble_log_weights, token_logprobs
+from smalltalk.model import LM
+from smalltalk.scoring import sequence_nll
+from smalltalk.tokenizer import train_tokenizer
+
+N_EXPERTS = 3
+TEXTS = [
+    "In the beginning God created the heaven and the earth. And the earth was without form",
+    "def main(argv):\n    parser = argparse.ArgumentParser()\n    return parser.parse_args(argv)",
+    "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition",
+]
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory) -> Path:
+    """A results directory as the workflow leaves it, with random tiny models (S = 32, M = 8)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("serve") / "results"
+    raw = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    raw |= {
+        "results": str(root),
+        "inputs": [str(REPO / "data" / "demo" / "demo-000.jsonl.zst")],
+        "splits": {"train": 0.8, "val": 0.1, "test": 0.1},
+        "seq_len": 32,
+        "tokenizer": {"vocab_size": 512, "sample_bytes": 200_000, "sample_files": 1},
+        "harness": {"examples": 24, "choices": 4, "continuation_tokens": 8},
+    }
+    raw["routing"] |= {"n_experts": N_EXPERTS, "prefix_len": 8, "rounds": 1}
+    config = validate_config(raw)
+    write_resolved_config(config, root / "config.yaml")
+    data = DataConfig.from_config(config)
+    spm_model = root / "tokenizer" / "spm.model"
+    train_tokenizer(
+        files=list(data.inputs),
+        data=data,
+        tokenizer=TokenizerConfig.from_config(config),
+        out_model=spm_model,
+    )
+    (chunk,) = plan_chunks(data.inputs, data.files_per_chunk)
+    tokenize_chunk(
+        chunk=chunk,
+        data=data,
+        tokenizer_model=spm_model,
+        out_dir=root / "tokens",
+        stats_path=root / "tokens" / "stats" / "c00000.json",
+    )
+    vocab_size = spm.SentencePieceProcessor(model_file=str(spm_model)).get_piece_size()
+    for role, paths in (
+        ("router", [root / "routers" / "r1" / f"e{e}.safetensors" for e in range(N_EXPERTS)]),
+        ("expert", [root / "experts" / f"e{e}" / "model.safetensors" for e in range(N_EXPERTS)]),
+        ("expert", [root / "dense" / "model.safetensors"]),
+    ):
+        for seed, path in enumerate(paths):
+            torch.manual_seed(100 * len(str(path)) + seed)
+            model = LM(model_config(config, role, vocab_size=vocab_size))
+            with torch.no_grad():  # sharper than the 0.02 init, so the models disagree clearly
+                model.wte.weight.mul_(4)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_weights(model, path, metadata={"role": role})
+    # Shards by source (a segmentation with distinct source mixes), as the workflow writes them.
+    train = pq.read_table(root / "tokens" / "train" / "c00000.parquet")
+    sources = sorted(set(train.column("source").to_pylist()))
+    experts = np.array([sources.index(s) % N_EXPERTS for s in train.column("source").to_pylist()])
+    for e in range(N_EXPERTS):
+        shard = root / "shards" / f"expert={e}" / "c00000.parquet"
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(train.filter(pa.array(experts == e)), shard)
+    cli.main(
+        ["harness-task", "--config", str(root / "config.yaml"), "--tokenizer", str(spm_model),
+         "--out-dir", str(root / "harness" / "continuation_choice"),
+         str(root / "tokens" / "test" / "c00000.parquet")]
+    )  # fmt: skip
+    return root
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    """The reference computations below need no gradients."""
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[str]:
+    """Every weights file the mixture reads from disk, in order."""
+    seen = []
+    original = em.load_model
+
+    def counting(config, weights, device="auto"):
+        seen.append(Path(weights).parent.name)  # e0, e1, ... for experts
+        return original(config, weights, device)
+
+    monkeypatch.setattr(em, "load_model", counting)
+    return seen
+
+
+def expert_of(path_name: str) -> int:
+    return int(path_name.removeprefix("e"))
+
+
+# ---- loading and lazy experts ----------------------------------------------------------------
+
+
+def test_load_takes_every_path_from_the_results_config(results, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing comes from the working directory
+    loaded = smalltalk.load(results)
+    assert loaded.n_experts == N_EXPERTS and loaded.prefix_len == 8
+    assert loaded.loaded_experts == [] and loaded.expert_loads == []  # routers only
+    with pytest.raises(FileNotFoundError, match="not a trained results directory"):
+        smalltalk.load(tmp_path)
+
+
+def test_only_requested_experts_are_loaded(results, loads):
+    loaded = smalltalk.load(results, max_experts=N_EXPERTS)
+    assert loads == ["r1"] * N_EXPERTS  # the routers, at once
+    loads.clear()
+    routings = loaded.route(TEXTS * 3)
+    assert loads == []  # routing reads nothing more
+    score = loaded.score(TEXTS[0])
+    assert [expert_of(name) for name in loads] == [routings[0].expert] == list(score.experts)
+    loaded.score(TEXTS)  # every text's expert once, however many texts go to it
+    wanted = sorted({r.expert for r in routings})
+    assert sorted(expert_of(name) for name in loads) == wanted
+    assert sorted(loaded.loaded_experts) == wanted
+
+
+def test_the_lru_evicts_the_least_recently_used_expert(results, loads):
+    loaded = smalltalk.load(results, max_experts=2)
+    loads.clear()  # the routers
+    resident = []
+    for e in (0, 1, 0, 2, 0, 1, 1):
+        loaded.expert(e)
+        resident.append(loaded.loaded_experts)
+    assert resident == [[0], [0, 1], [1, 0], [0, 2], [2, 0], [0, 1], [0, 1]]
+    assert [expert_of(name) for name in loads] == loaded.expert_loads == [0, 1, 2, 1]
+    with pytest.raises(ValueError, match="no expert 3"):
+        loaded.expert(3)
+
+
+# ---- routing ---------------------------------------------------------------------------------
+
+
+def test_routing_reads_the_first_m_tokens_and_short_prompts_what_they_have(results):
+    loaded = smalltalk.load(results)
+    routers = [
+        em.load_model(loaded.router_config, results / "routers" / "r1" / f"e{e}.safetensors")
+        for e in range(N_EXPERTS)
+    ]
+    prompts = [TEXTS[0], "In the", "God", ""]
+    for prompt, routing in zip(prompts, loaded.route(prompts), strict=True):
+        ids = loaded.encode(prompt)
+        if len(ids) == 1:  # one token: read after EOS, the start of every document
+            ids = [loaded.eos_id, *ids]
+        used = min(len(ids), loaded.prefix_len)
+        assert routing.prefix_tokens == used
+        if used == 0:
+            assert routing.expert == 0 and all(math.isnan(v) for v in routing.router_nll)
+            continue
+        tokens = np.array([ids[:used]])
+        expected = [float(em.prefix_nll(router, tokens, used)[0]) for router in routers]
+        np.testing.assert_allclose(routing.router_nll, expected, rtol=1e-6)
+        assert routing.expert == int(np.argmin(expected))
+    assert 1 < loaded.route(prompts[1]).prefix_tokens < loaded.prefix_len  # a short prompt
+    # An explicit M-hat reads fewer tokens, as the evaluation's prefix sweep does.
+    assert loaded.route(TEXTS[0], prefix_tokens=4).prefix_tokens == 4
+    with pytest.raises(ValueError, match="prefix_tokens"):
+        loaded.route(TEXTS[0], prefix_tokens=1)
+
+
+# ---- scoring ---------------------------------------------------------------------------------
+
+
+def test_score_is_the_routed_experts_sequence_nll(results):
+    loaded = smalltalk.load(results)
+    texts = [text[:30] for text in TEXTS]
+    for text, score in zip(texts, loaded.score(texts), strict=True):
+        ids = loaded.encode(text)
+        expert = loaded.expert(score.routing.expert)
+        assert len(ids) <= expert.config.seq_len + 1  # one window: Eq. 1 as the evaluation sums
+        expected = float(sequence_nll(expert, torch.tensor([ids]))[0])
+        assert score.tokens == len(ids) - 1
+        assert score.nll == pytest.approx(expected, rel=1e-4)
+        assert score.perplexity == pytest.approx(math.exp(expected / (len(ids) - 1)), rel=1e-4)
+
+
+def test_long_texts_score_every_token_once(results):
+    loaded = smalltalk.load(results)
+    text = " ".join(TEXTS)
+    ids = loaded.encode(text)
+    assert len(ids) > 2 * (loaded.expert_config.seq_len + 1)
+    score = loaded.score(text)
+    expert = loaded.expert(score.routing.expert)
+    expected = 0.0
+    for j in range(
+        1, len(ids)
+    ):  # each token after at most seq_len tokens, windows as long as can be
+        window_end = min(len(ids), 1 + -(-j // expert.config.seq_len) * expert.config.seq_len)
+        begin = max(0, window_end - expert.config.seq_len - 1)
+        logits, _ = expert(torch.tensor([ids[begin:j]]))
+        expected -= float(F.log_softmax(logits[0, -1], dim=-1)[ids[j]])
+    assert score.tokens == len(ids) - 1
+    assert score.nll == pytest.approx(expected, rel=1e-4)
+
+
+def test_topk_score_mixes_the_top_experts_as_the_evaluation_does(results):
+    loaded = smalltalk.load(results, max_experts=N_EXPERTS)
+    text = TEXTS[1][:30]
+    score = loaded.score(text, topk=2)
+    routing = score.routing
+    log_weights = ensemble_log_weights(np.array(routing.router_nll), 2, loaded.temperature)
+    assert len(score.experts) == 2 and routing.expert in score.experts
+    ids = np.array([loaded.encode(text)])
+    per_expert = torch.stack(
+        [
+            token_logprobs(loaded.expert(e), ids, 1)[0].double() + log_weights[e]
+            for e in score.experts
+        ]
+    )
+    assert score.nll == pytest.approx(-float(torch.logsumexp(per_expert, 0).sum()), rel=1e-6)
+    dense = loaded.score(text, dense=True)
+    assert dense.experts == () and dense.nll == pytest.approx(
+        float(sequence_nll(loaded.dense(), torch.tensor(ids))[0]), rel=1e-5
+    )
+    with pytest.raises(ValueError, match="topk"):
+        smalltalk.load(results, max_experts=1).score(TEXTS[0], topk=2)
+
+
+# ---- generation ------------------------------------------------------------------------------
+
+
+def greedy_reference(model: LM, prompt: list[int], steps: int) -> list[int]:
+    """Greedy decoding the plain way: the whole sequence through the model at every step."""
+    ids = list(prompt)
+    for _ in range(steps):
+        logits, _ = model(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def test_greedy_generation_with_the_cache_equals_decoding_without_it(results):
+    loaded = smalltalk.load(results)
+    prompt = "In the beginning"
+    generation = loaded.generate(prompt, max_new_tokens=16, temperature=0, stop_at_eos=False)
+    ids = loaded.encode(prompt)
+    expert = loaded.expert(generation.routing.expert)
+    assert generation.experts == (generation.routing.expert,)
+    assert list(generation.tokens) == greedy_reference(expert, ids, 16)
+    assert generation.text == loaded.decode(ids + list(generation.tokens))[len(prompt) :]
+    # Past seq_len the window slides; both modes slide it the same way.
+    long = loaded.generate(prompt, max_new_tokens=80, temperature=0, stop_at_eos=False)
+    again = loaded.generate(
+        prompt, max_new_tokens=80, temperature=0, stop_at_eos=False, use_cache=False
+    )
+    assert len(long.tokens) == 80 and long.tokens == again.tokens
+    assert long.tokens[:16] == generation.tokens
+
+
+def test_sampling_is_reproducible_with_a_seed(results):
+    loaded = smalltalk.load(results)
+    runs = [
+        loaded.generate(TEXTS[2], max_new_tokens=24, temperature=1.0, top_k=50, seed=seed)
+        for seed in (7, 7, 8)
+    ]
+    assert runs[0] == runs[1]
+    assert runs[0].tokens != runs[2].tokens
+    greedy = loaded.generate(TEXTS[2], max_new_tokens=24, temperature=0)
+    assert loaded.generate(TEXTS[2], max_new_tokens=24, top_k=1, seed=3).tokens == greedy.tokens
+
+
+def test_generation_stops_at_a_stop_string_and_mixes_top_experts(results):
+    loaded = smalltalk.load(results, max_experts=N_EXPERTS)
+    free = loaded.generate(TEXTS[0], max_new_tokens=40, temperature=0, stop_at_eos=False)
+    stop = free.text[5:7]
+    cut = loaded.generate(TEXTS[0], max_new_tokens=40, temperature=0, stop=[stop])
+    assert cut.stopped == "stop" and cut.text == free.text[: free.text.find(stop)]
+    mixed = loaded.generate(TEXTS[0], max_new_tokens=8, temperature=0, topk_experts=2)
+    assert len(mixed.experts) == 2
+    empty = loaded.generate("", max_new_tokens=4, temperature=0, stop_at_eos=False)
+    assert len(empty.tokens) == 4  # an empty prompt starts a document
+
+
+# ---- what the segments hold ------------------------------------------------------------------
+
+
+def test_explain_shows_every_router_and_what_each_segment_holds(results):
+    loaded = smalltalk.load(results)
+    explanation = loaded.explain(TEXTS[0])
+    routing = loaded.route(TEXTS[0])
+    assert explanation["routing"] == routing.as_dict()
+    segments = explanation["segments"]
+    assert [s["expert"] for s in segments] == list(range(N_EXPERTS))
+    assert [s["router_nll"] for s in segments] == list(routing.router_nll)
+    for segment in segments:
+        shard = pq.read_table(results / "shards" / f"expert={segment['expert']}")
+        sources = shard.column("source").to_pylist()
+        assert segment["sequences"] == len(sources)
+        assert segment["sources"] == pytest.approx(
+            {s: sources.count(s) / len(sources) for s in set(sources)}
+        )
+        assert list(segment["sources"].values()) == sorted(segment["sources"].values())[::-1]
+        assert 0 < len(segment["tokens"]) <= 10
+        counts = np.bincount(token_matrix(shard.column("tokens")).ravel(), minlength=512)
+        ids = [loaded.tokenizer.piece_to_id(piece) for piece in segment["tokens"]]
+        assert all(counts[i] > 0 for i in ids)  # each typical token occurs in the segment
+    assert sum(s["share"] for s in segments) == pytest.approx(1.0)
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+
+def run_cli(capsys, *args: str) -> list[dict]:
+    assert cli.main(list(args)) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_cli_answers_in_json_from_arguments_files_and_stdin(results, tmp_path, capsys, monkeypatch):
+    loaded = smalltalk.load(results)
+    common = ["--results", str(results), "--json"]
+    routed = run_cli(capsys, "route", *common, TEXTS[0], TEXTS[1])
+    assert [r["expert"] for r in routed] == [r.expert for r in loaded.route(TEXTS[:2])]
+    assert routed[0]["text"] == TEXTS[0]
+
+    texts = tmp_path / "texts.jsonl"  # JSON lines: texts with newlines in them
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    scored = run_cli(capsys, "score", *common, "--file", str(texts))
+    assert [s["nll"] for s in scored] == pytest.approx([s.nll for s in loaded.score(TEXTS)])
+    assert scored[1]["text"] == TEXTS[1]
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("In the beginning\n"))
+    (generated,) = run_cli(
+        capsys, "generate", *common, "--temperature", "0", "--max-new-tokens", "5"
+    )
+    assert generated["prompt"] == "In the beginning"
+    assert generated["text"] == loaded.generate("In the beginning", 5, temperature=0).text
+
+    (explained,) = run_cli(capsys, "explain", *common, "")  # nothing to route on: NaN -> null
+    assert explained["routing"]["router_nll"] == [None] * N_EXPERTS
+
+    assert cli.main(["explain", "--results", str(results), TEXTS[2]]) == 0
+    shown = capsys.readouterr().out
+    assert "routed to expert" in shown and "*" in shown
+
+
+def test_cli_score_still_runs_the_em_stage(results, tmp_path):
+    config, router = results / "config.yaml", results / "routers" / "r1" / "e0.safetensors"
+    out = tmp_path / "scores.parquet"
+    tokens = results / "tokens" / "val" / "c00000.parquet"
+    assert cli.main(["score", "--weights", str(router), "--config", str(config)]) == 1
+    assert (
+        cli.main(
+            [
+                "score",
+                "--config",
+                str(config),
+                "--weights",
+                str(router),
+                "--tokenizer",
+                str(results / "tokenizer" / "spm.model"),
+                "--tokens",
+                str(tokens),
+                "--out",
+                str(out),
+            ]
+        )  # fmt: skip
+        == 0
+    )
+    assert pq.read_table(out).num_rows == pq.read_table(tokens).num_rows
+
+
+# ---- lm-evaluation-harness -------------------------------------------------------------------
+
+
+def test_harness_task_is_built_from_the_test_split(results):
+    folder = results / "harness" / "continuation_choice"
+    task = yaml.safe_load((folder / "continuation_choice.yaml").read_text())
+    assert task["dataset_path"] == "json" and task["output_type"] == "multiple_choice"
+    questions = [json.loads(line) for line in (folder / "continuation_choice.jsonl").open()]
+    assert len(questions) == 24
+    test = pq.read_table(results / "tokens" / "test" / "c00000.parquet")
+    ids, tokens = test.column("seq_id").to_pylist(), token_matrix(test.column("tokens"))
+    rows = dict(zip(ids, tokens, strict=True))
+    loaded = smalltalk.load(results)
+    for question in questions:
+        tokens = rows[question["seq_id"]].tolist()
+        assert len(set(question["choices"])) == 4
+        assert question["context"] == loaded.decode(tokens[:8])  # the routing prefix M
+        answer = question["choices"][question["gold"]]
+        assert question["context"] + answer == loaded.decode(tokens[:16])
+    assert len({q["gold"] for q in questions}) > 1
+
+
+def test_the_adapter_scores_as_the_experts_do(results):
+    from lm_eval.api.instance import Instance
+
+    from smalltalk.harness import SmallTalkLM
+
+    lm = SmallTalkLM(results=str(results), max_experts=1)
+    pairs = [(TEXTS[0][:20], TEXTS[0][20:35]), (TEXTS[1][:25], TEXTS[1][25:40]), ("", "Emma")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    answers = lm.loglikelihood(requests)
+    loaded = lm.mixture
+    for (context, continuation), (logprob, greedy) in zip(pairs, answers, strict=True):
+        # lm-eval's split: the context's own tokens, then the rest of the whole text's
+        context_ids = loaded.encode(context) if context else [loaded.eos_id]
+        rest = loaded.encode(context + continuation)[len(context_ids) if context else 0 :]
+        whole, n = context_ids + rest, len(rest)
+        routed = context_ids if len(context_ids) >= 2 else whole
+        expert = loaded.expert(loaded.route_ids([routed])[0].expert)
+        logits, _ = expert(torch.tensor([whole[:-1]]))
+        logprobs = F.log_softmax(logits[0, -n:], dim=-1)  # (n, V)
+        targets = torch.tensor(whole[-n:])
+        assert logprob == pytest.approx(float(logprobs[torch.arange(n), targets].sum()), rel=1e-5)
+        assert greedy == bool((logprobs.argmax(dim=-1) == targets).all())
+
+    rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (TEXTS[2],), 0)])
+    routing = loaded.route(TEXTS[2])
+    ids = [loaded.eos_id, *loaded.encode(TEXTS[2])]  # lm-eval scores the first token after EOS
+    expected = float(mixture.sequence_logprobs(loaded.expert(routing.expert), ids).sum())
+    assert rolling[0] == pytest.approx(expected, rel=1e-5)
+
+    prompt = "In the beginning"
+    free = loaded.generate(prompt, max_new_tokens=12, temperature=0)
+    assert len(free.text) >= 5
+    until = free.text[3:5]
+    (generated,) = lm.generate_until(
+        [Instance("generate_until", {}, (prompt, {"until": [until], "max_gen_toks": 12}), 0)]
+    )
+    assert generated == free.text[: free.text.find(until)]
+    assert len(loaded.loaded_experts) == 1  # max_experts=1 held throughout
+
+
+def test_the_adapter_mixes_top_k_experts_per_token(results):
+    from lm_eval.api.instance import Instance
+
+    from smalltalk.harness import SmallTalkLM
+
+    lm = SmallTalkLM(results=str(results), topk=2, max_experts=N_EXPERTS)
+    context, continuation = TEXTS[2][:20], TEXTS[2][20:30]
+    ((logprob, _),) = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    loaded = lm.mixture
+    context_ids = loaded.encode(context)
+    rest = loaded.encode(context + continuation)[len(context_ids) :]
+    whole, targets = context_ids + rest, torch.tensor(rest)
+    weights = loaded.log_weights(loaded.route_ids([context_ids])[0], 2)
+    rows = []
+    for e in np.flatnonzero(np.isfinite(weights)):
+        logits, _ = loaded.expert(int(e))(torch.tensor([whole[:-1]]))
+        logprobs = F.log_softmax(logits[0, -len(rest) :], dim=-1)[torch.arange(len(rest)), targets]
+        rows.append(logprobs.double() + weights[e])
+    assert len(rows) == 2
+    expected = float(
+        torch.logsumexp(torch.stack(rows), dim=0).sum()
+    )  # log sum_e w_e p_e, per token
+    assert logprob == pytest.approx(expected, rel=1e-6)
+
+
+def test_lm_eval_runs_the_local_task_offline(results, tmp_path, capsys):
+    out, raw = tmp_path / "scores.parquet", tmp_path / "lm_eval.json"
+    args = ["lm-eval", "--results", str(results), "--models", "mixture", "dense", "--limit", "12"]
+    assert cli.main([*args, "--out", str(out), "--raw", str(raw)]) == 0
+    table = pq.read_table(out).to_pylist()
+    assert {(row["model"], row["metric"]) for row in table} == {
+        (model, metric) for model in ("mixture", "dense") for metric in ("acc", "acc_norm")
+    }
+    for row in table:
+        assert row["task"] == "continuation_choice" and row["examples"] == 12
+        assert 0 <= row["value"] <= 1 and row["stderr"] >= 0
+    assert "continuation_choice" in json.loads(raw.read_text())["mixture"]["results"]
+    assert "mixture  continuation_choice" in capsys.readouterr().out
+
+
+def test_config_refuses_options_that_do_not_fit_a_sequence():
+    raw = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    validate_config(raw | {"harness": {"continuation_tokens": 49}})  # M = 16: 16 + 49 = S + 1
+    with pytest.raises(ConfigError, match="harness.continuation_tokens: a question's M=16 tokens"):
+        validate_config(raw | {"harness": {"continuation_tokens": 50}})

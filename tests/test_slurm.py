@@ -1,0 +1,255 @@
+"""The workflow on SLURM: `snakemake --profile slurm` on a real single-node cluster started on this
+host (tests/slurm/cluster.sh), and dry runs of the RedPajama-V2 recipes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+from snakemake.utils import update_config
+from test_workflow import BIN, REPO, TINY, snakemake
+
+from smalltalk.config import validate_config
+
+PROFILE = REPO / "slurm"
+CPU_ONLY = PROFILE / "cpu-only.yaml"
+RECIPES = PROFILE / "recipes"
+CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
+# CI must run the cluster test; elsewhere it needs root and Slurm's packages.
+ON_CI = os.environ.get("CI") == "true"
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A running single-node SLURM cluster on this host, stopped after the module's tests."""
+    if not ON_CI:
+        if os.geteuid() != 0:
+            pytest.skip("starting a SLURM cluster needs root (CI runs this test)")
+        if shutil.which("sbatch") is None:
+            pytest.skip("no Slurm here: bash tests/slurm/cluster.sh install (CI runs this test)")
+    subprocess.run(["bash", str(CLUSTER), "start"], check=True, timeout=600)
+    yield
+    subprocess.run(["bash", str(CLUSTER), "stop"], check=True, timeout=120)
+
+
+def snakemake_on_slurm(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """`snakemake --profile slurm` in `workdir`, set up like test_workflow's runs."""
+    for name in ("data", "config.yaml"):
+        (workdir / name).symlink_to(REPO / name)
+    command = [
+        str(BIN / "snakemake"),
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--profile",
+        str(PROFILE),
+        # No accounting database here, so `sacct` cannot answer: job states come from
+        # squeue, which shows finished jobs for MinJobAge = 300 s. The jobs take seconds,
+        # so the first status check comes early.
+        "--slurm-status-command",
+        "squeue",
+        "--slurm-init-seconds-before-status-checks",
+        "5",
+        "--slurm-keep-successful-logs",  # the job logs SLURM wrote are the proof
+        # The local reference run has 2 cores: the tokenizer trains with 2 threads in both.
+        "--max-threads",
+        "2",
+        *args,
+    ]
+    # The executor ignores SIGTERM: on time-out subprocess kills it (SIGKILL) and the
+    # fixture's `cluster.sh stop` cancels whatever it left queued.
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env=os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}"},
+    )
+
+
+def same_outputs(reference: Path, other: Path) -> list[str]:
+    """Relative paths of the results that differ: tables, the shard check and the tokenizer
+    byte for byte (not metrics.parquet: it holds wall-clock throughput), weights tensor by
+    tensor (their files' byte layout may differ)."""
+    differing = []
+    for path in sorted(reference.rglob("*")):
+        relative = path.relative_to(reference)
+        twin = other / relative
+        if path.suffix == ".safetensors":
+            with safe_open(path, "pt") as mine, safe_open(twin, "pt") as theirs:
+                names = mine.keys()
+                equal = set(names) == set(theirs.keys()) and all(
+                    mine.get_tensor(name).equal(theirs.get_tensor(name)) for name in names
+                )
+        elif (path.suffix == ".parquet" and path.name != "metrics.parquet") or path.name in (
+            "check.json",
+            "summary.tsv",
+            "spm.model",
+        ):
+            equal = twin.is_file() and twin.read_bytes() == path.read_bytes()
+        else:
+            continue
+        if not equal:
+            differing.append(str(relative))
+    return differing
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_tiny_config_through_slurm_equals_a_local_run(tmp_path, slurm_cluster):
+    local, cluster = tmp_path / "local", tmp_path / "slurm"
+    local.mkdir()
+    cluster.mkdir()
+    configs = ("--configfile", str(TINY), str(CPU_ONLY))
+    # The local reference runs while the SLURM run mostly waits for the queue.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        reference = pool.submit(snakemake, local, "--cores", "2", *configs)
+        result = snakemake_on_slurm(cluster, *configs)
+        local_run = reference.result()
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+
+    # Every job but the target went through sbatch, and SLURM ran it: the logs SLURM wrote,
+    # one per job id, hold the jobs' own Snakemake runs (a router's training and scoring
+    # share one SLURM job: the profile groups them).
+    finished = re.compile(r"Finished jobid: \S+ \(Rule: (\w+)\)")
+    jobs = Counter(finished.findall(local_run.stdout + local_run.stderr))
+    del jobs["all"]
+    output = result.stdout + result.stderr
+    submitted = re.findall(r"Job \S+ has been submitted with SLURM jobid (\d+)", output)
+    assert len(set(submitted)) == len(submitted) > 30
+    logs = cluster / ".snakemake" / "slurm_logs"
+    slurm_logs = {path.stem: path for path in logs.rglob("*.log")}  # {job id}.log
+    ran = Counter(  # (the job step's Snakemake and the one it starts both report each job)
+        rule
+        for job_id in submitted
+        for rule in set(finished.findall(slurm_logs[job_id].read_text()))
+    )
+    assert ran == jobs
+
+    differing = same_outputs(local / "results" / "tiny", cluster / "results" / "tiny")
+    assert differing == []
+    assert (cluster / "results" / "tiny" / "report" / "results.html").is_file()
+
+
+def write_rpv2_corpus(root: Path) -> None:
+    """A few RedPajama-V2 document files ({snapshot}/{shard}/{lang}_{partition}.json.gz),
+    with the tail partition and another language the recipes must leave out."""
+    for snapshot in ("2023-06", "2023-14"):
+        for shard in ("0000", "0001"):
+            for name in ("en_head", "en_middle", "en_tail", "de_head"):
+                path = root / snapshot / shard / f"{name}.json.gz"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                record = {"raw_content": f"a {name} document", "doc_id": f"{snapshot}/{shard}/0"}
+                path.write_bytes(gzip.compress(json.dumps(record).encode() + b"\n", mtime=0))
+
+
+@pytest.mark.parametrize(
+    ("size", "experts"),
+    [("335m", 4), ("335m", 8), ("335m", 16), ("335m", 32), ("1.3b", 4), ("1.3b", 16), ("1.3b", 32)],
+)
+def test_rpv2_recipes_give_the_paper_setups(size, experts):
+    """Every setup of the paper's Table 2, as the recipes stack over config.yaml, is valid."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    names = ["rpv2-335m.yaml"] + (["rpv2-1.3b.yaml"] if size == "1.3b" else [])
+    names += [f"experts-{experts}.yaml"] if experts != 4 else []
+    for name in names:
+        update_config(config, yaml.safe_load((RECIPES / name).read_text()))
+    config = validate_config(config)
+    assert (config["seq_len"], config["routing"]["prefix_len"]) == (1024, 256)
+    assert config["routing"]["n_experts"] == experts
+    # App. A.4: each router passes once over its share of N between two exchanges of scores.
+    assert config["routing"]["sequences_per_round"] == experts * 1373 * 32
+    assert config["models"]["expert"]["preset"] == f"expert-{size}"
+    expert = config["training"]["expert"]
+    assert (expert["steps"], expert["batch_size"]) == (
+        {"335m": 256_000, "1.3b": 512_000}[size],
+        128,
+    )
+
+
+def test_rpv2_recipe_dry_run_plans_the_dag_with_gpu_requests(tmp_path):
+    experts = 4  # the recipe's E
+    write_rpv2_corpus(tmp_path / "data" / "rpv2")
+    (tmp_path / "config.yaml").symlink_to(REPO / "config.yaml")
+    result = subprocess.run(
+        [
+            str(BIN / "snakemake"),
+            "--profile",
+            "slurm",  # as typed at the repo root
+            "-n",
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(RECIPES / "rpv2-335m.yaml"),
+            "--config",
+            "files_per_chunk=2",
+            "cluster={partition: cpu, gpu_partition: gpu, account: smalltalk}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE))
+    rounds = 93  # 128k router steps, scores exchanged every 1,373 (App. A.4)
+    # 2 snapshots x 2 shards x {head, middle} in chunks of 2 files: 4 chunks.
+    assert counts["tokenize_chunk"] == counts["shard_chunk"] == counts["evaluate_chunk"] == "4"
+    assert counts["train_router"] == counts["score_router"] == str(rounds * experts)
+    assert counts["assign_round"] == str(rounds)
+    assert counts["train_expert"] == str(experts)
+
+    jobs = planned_jobs(result.stdout)
+    expert = jobs["train_expert"]
+    assert "gpu=8" in expert and "slurm_partition=gpu" in expert
+    assert "slurm_account=smalltalk" in expert and "runtime=2880" in expert
+    # 8 GPUs: 8 processes under torchrun, sharing the job's 64 CPUs.
+    assert "torchrun --standalone --nproc-per-node 8 -m smalltalk train" in expert
+    assert "--threads 8 " in expert
+    for rule in ("tokenize_chunk", "sample_em_blocks", "assign_round", "check_shards"):
+        assert "gpu=" not in jobs[rule] and "slurm_partition=cpu" in jobs[rule], rule
+    for rule in ("train_router", "score_router", "shard_chunk", "evaluate_chunk"):
+        assert "gpu=1" in jobs[rule] and "slurm_partition=gpu" in jobs[rule], rule
+    # The profile groups each router's training and scoring into one SLURM job per round.
+    assert f"Group job router_r{rounds}_e{experts - 1} " in result.stdout
+
+
+def planned_jobs(dry_run: str) -> dict[str, str]:
+    """Rule name: the last planned job of that rule, as a dry run prints it (resources, shell)."""
+    return {
+        match.group(1): match.group(2)
+        for match in re.finditer(
+            r"^ *rule (\w+):\n(.*?)(?=^ *\[|^Job stats)", dry_run, re.MULTILINE | re.DOTALL
+        )
+    }
+
+
+def test_cpu_only_switch_asks_for_no_gpu(tmp_path):
+    result = snakemake(
+        tmp_path,
+        "-n",
+        "--profile",
+        str(PROFILE),
+        "--configfile",
+        str(TINY),
+        str(CPU_ONLY),
+        "--config",
+        "cluster={partition: cpu, gpu_partition: gpu}",
+    )
+    jobs = planned_jobs(result.stdout)
+    assert "train_expert" in jobs and "torchrun" not in result.stdout
+    for rule, job in jobs.items():  # every rule's requests come from the `cluster` section
+        if rule != "all":
+            assert "gpu=" not in job and "slurm_partition=cpu" in job, rule
