@@ -311,11 +311,14 @@ class MetricsLog:
         self.rows: list[dict[str, Any]] = []
         self.saved_at = time.perf_counter()
 
-    def resume(self, step: int) -> None:
-        """Take up the rows of a previous run up to `step`, the checkpoint resumed from."""
-        if self.path.exists():
+    def resume(self, step: int, saved_rows: list[dict[str, Any]] | None = None) -> None:
+        """Take up the rows of a previous run up to `step`, the checkpoint resumed from: those
+        the checkpoint holds (a workflow manager deletes an unfinished job's outputs, this file
+        among them, before running it again), else those of the file."""
+        rows = saved_rows
+        if rows is None and self.path.exists():
             rows = pq.read_table(self.path).to_pylist()
-            self.rows = [row for row in rows if row["step"] <= step]
+        self.rows = [row for row in rows or [] if row["step"] <= step]
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -455,7 +458,7 @@ def fit(
         _check_resumable(state["resolved"], resolved, ckpt)
         step, seconds_before = state["step"], state["seconds"]
         stream.load_state_dict(state["stream"])
-        metrics.resume(step)
+        metrics.resume(step, state.get("metrics"))
         if procs.rank:  # the checkpoint holds rank 0's RNG; keep the other ranks' masks distinct
             torch.manual_seed(config.seed + procs.rank + 1_000_003 * step)
 
@@ -560,6 +563,7 @@ def fit(
             # rows that never reached the disk.
             metrics.save()
             state = {
+                "metrics": metrics.rows,
                 "resolved": resolved,
                 "stream": stream.state_dict(),
                 "seconds": seconds_before + time.perf_counter() - loop_start,
