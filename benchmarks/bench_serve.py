@@ -29,12 +29,12 @@ import argparse
 import dataclasses
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+from timing import interleaved, timed
 
 from smalltalk import flops
 from smalltalk.checkpoint import save_weights
@@ -46,26 +46,6 @@ from smalltalk.model import LM, PRESETS, ModelConfig
 REPO = Path(__file__).resolve().parents[1]
 PAPER_ROUTER, PAPER_PREFIX, PAPER_SEQ_LEN = "router-4.4m", 256, 1024  # §3.1
 NEW_TOKENS, PROMPT_TOKENS = 256, 32
-
-
-def timed(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
-
-
-def interleaved(calls: dict, rounds: int, warmup: bool = True) -> dict[str, list[float]]:
-    """Seconds of each call per round, the calls taken in turn (order rotated each round), after
-    an untimed round (kernels chosen, allocator warm) unless `warmup` is False."""
-    if warmup:
-        for call in calls.values():
-            call()
-    names = list(calls)
-    seconds = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            seconds[name].append(timed(calls[name]))
-    return seconds
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> LM:

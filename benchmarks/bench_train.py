@@ -26,13 +26,13 @@ import argparse
 import dataclasses
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from timing import interleaved, timed
 
 from smalltalk.flops import train_step_flops
 from smalltalk.model import LM, PRESETS
@@ -48,32 +48,6 @@ from smalltalk.train import (
 # Sequences per step and sequence length: enough work per step to time, few enough seconds on a
 # laptop CPU. Table 2 trains the 4.4M router at 32 x 1024; we keep its S = 1024 and V = 32000.
 SHAPES = {"demo-expert": (16, 256), "router-4.4m": (2, 1024), "tiny": (16, 64)}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(call, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    call()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def interleaved(calls: dict, rounds: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds of each call, the calls taken in turn (order rotated each round), after one untimed
-    round in which kernels get chosen and allocator caches fill."""
-    for call in calls.values():
-        call()
-    names = list(calls)
-    seconds = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            seconds[name].append(timed(calls[name], device))
-    return seconds
 
 
 def write_tokens(path: Path, n_rows: int, seq_len: int, vocab_size: int) -> None:
