@@ -19,7 +19,6 @@ so the in-training validation curves follow the mixture the way the test evaluat
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +35,7 @@ from smalltalk.files import write_parquet_atomically
 from smalltalk.model import LM, ModelConfig
 from smalltalk.routers import Router, RoutingBatch
 from smalltalk.routing import route
-from smalltalk.scoring import predicted_positions
+from smalltalk.scoring import inference_autocast, predicted_positions
 
 SLICE_ROWS = 2048  # sequences scored per model load; bounds the (rows, M̂s, S) top-k mixture
 
@@ -70,17 +69,12 @@ def token_logprobs(model: LM, tokens: np.ndarray, batch_size: int) -> torch.Tens
     left on the model's device. Same numbers as `scoring.sequence_nll` sums (batches of
     `batch_size`, bf16 autocast on CUDA only, log-softmax in float32)."""
     device = next(model.parameters()).device
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
     n, length = tokens.shape
     logprobs = torch.empty((n, length - 1), dtype=torch.float32, device=device)
     for i in range(0, n, batch_size):
         batch = torch.from_numpy(tokens[i : i + batch_size].astype(np.int64))
         batch = batch.to(device, non_blocking=True)  # (b, L)
-        with autocast:
+        with inference_autocast(device):
             logits, _ = model(batch[:, :-1])  # (b, L-1, V): logits[:, t] predicts token t+1
         nll = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
         logprobs[i : i + len(batch)] = -nll  # (b, L-1)

@@ -17,7 +17,6 @@ Optionally the top k experts by router score are mixed per token, with weights s
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from collections import OrderedDict
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 import yaml
 
 from smalltalk.model import LM, KVCache
+from smalltalk.scoring import inference_autocast
 
 DEFAULT_MAX_EXPERTS = 2
 SCORE_BATCH = 16  # requests per forward pass in `Mixture.loglikelihoods`
@@ -109,13 +109,6 @@ class Segment:
 # ---- scoring and decoding with one model -----------------------------------------------------
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA, float32 elsewhere: as the evaluation scores."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.inference_mode()
 def sequence_logprobs(model: LM, ids: Sequence[int]) -> torch.Tensor:
     """log p(ids[j] | the tokens before it) for j = 1..n-1: (n-1,) float32 on the CPU.
@@ -188,7 +181,7 @@ def decode(
         for i, model in enumerate(models):
             unread = window[caches[i].length :] if caches else window
             idx = torch.tensor([unread], dtype=torch.long, device=device)  # (1, T)
-            with _autocast(device):
+            with inference_autocast(device):
                 logits, _ = model(idx, cache=caches[i] if caches else None)  # (1, T, V)
             if len(models) == 1:
                 scores = logits[0, -1].float()
@@ -614,7 +607,7 @@ def _continuation_logprobs(
     idx = torch.zeros((len(inputs), width), dtype=torch.long)
     for row, tokens in enumerate(inputs):
         idx[row, : len(tokens)] = torch.tensor(tokens)
-    with _autocast(device):
+    with inference_autocast(device):
         logits, _ = model(idx.to(device))  # (b, width, V)
     logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
     return [

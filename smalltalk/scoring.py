@@ -30,6 +30,13 @@ def predicted_positions(length: int, start: int = 0, end: int | None = None) -> 
     return range(max(start, 1), end)
 
 
+def inference_autocast(device: torch.device):
+    """bf16 autocast on CUDA, float32 elsewhere: how every scoring pass runs its model."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.inference_mode()
 def sequence_nll(
     model: LM,
@@ -61,18 +68,13 @@ def sequence_nll(
     positions = predicted_positions(tokens.size(1), start, end)
     first, end = positions.start, positions.stop
     device = next(model.parameters()).device
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
     was_training = model.training
     model.eval()
     scores = []
     try:
         for i in range(0, tokens.size(0), batch_size):
             batch = tokens[i : i + batch_size, :end].to(device, torch.long, non_blocking=True)
-            with autocast:
+            with inference_autocast(device):
                 logits, _ = model(batch[:, :-1])  # (b, end-1, V): logits[:, t] predicts token t+1
             logits = logits[:, first - 1 :].float()  # (b, end-first, V): tokens first..end-1
             targets = batch[:, first:]  # (b, end-first)
