@@ -110,11 +110,14 @@ def markdown(table: pa.Table, out: PathLike) -> Path:
 def comparison_figure(table: PathLike, runs: Mapping[str, PathLike], out: PathLike) -> Path:
     """Three panels: test gain over dense at M̂ = M per run; test gain vs M̂; validation gain
     along training against the mixture's cumulative training FLOPs."""
+    from matplotlib import colormaps
+    from matplotlib.ticker import FuncFormatter
+
     from smalltalk import plots
 
     columns = plots._read(table, ["run", "prefix_len", "train_prefix_len", "test_gain"])
     names = list(dict.fromkeys(columns["run"].tolist()))
-    colours = plots.colormaps["tab10"].colors
+    colours = colormaps["tab10"].colors
     with plots._styled():
         fig = plots._figure(14.0, 4.6)
         bars, sweep, curves = fig.subplots(1, 3)
@@ -148,7 +151,7 @@ def comparison_figure(table: PathLike, runs: Mapping[str, PathLike], out: PathLi
             )
         sweep.axhline(0, color=plots.DENSE, linestyle="--", linewidth=1.0)
         sweep.set_xscale("log", base=2)
-        sweep.xaxis.set_major_formatter(plots.FuncFormatter(lambda v, _: f"{v:g}"))
+        sweep.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         plots._percent(sweep, "y", decimals=1)
         sweep.set_xlabel("routing prefix length M\u0302 at inference (tokens)")
         sweep.set_ylabel("test gain over dense")
