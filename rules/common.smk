@@ -8,6 +8,7 @@ from snakemake.utils import validate
 
 from smalltalk.config import SCHEMA_PATH, SPLITS, validate_config, write_resolved_config
 from smalltalk.data import plan_chunks
+from smalltalk.routers import final_router_paths
 
 # All problems at once, each naming its key; then Snakemake's own pass sets the defaults.
 validate_config(config)
@@ -144,9 +145,7 @@ def get_previous_probe_flag(wildcards, input):
 
 def get_final_routers():
     """The E router LMs of the last EM round, or the one fitted baseline router."""
-    if LEARNED_ROUTERS:
-        return expand(R("routers/r{r}/e{e}.safetensors"), r=ROUNDS[-1], e=EXPERTS)
-    return [R(f"routers/{METHOD}.npz")]
+    return final_router_paths(config["results"], METHOD, ROUNDS[-1], len(EXPERTS))
 
 
 def get_shard_files():

@@ -132,7 +132,7 @@ def evaluate_chunk(
     prefix_lens = sorted({int(m) for m in prefix_lens})
     _check_arguments(
         length=tokens.shape[1] if len(tokens) else None,
-        router_seq_len=getattr(getattr(router, "config", None), "seq_len", None),
+        router_max_prefix_len=router.max_prefix_len,
         expert_config=expert_config,
         n_routers=router.n_experts,
         n_experts=len(expert_weights),
@@ -253,7 +253,7 @@ def _evaluate_slice(
 def _check_arguments(
     *,
     length: int | None,
-    router_seq_len: int | None,
+    router_max_prefix_len: int | None,
     expert_config: ModelConfig,
     n_routers: int,
     n_experts: int,
@@ -279,11 +279,11 @@ def _check_arguments(
     if length is not None:
         # Router LMs read M̂ - 1 tokens (Eq. 9), experts S; at least one token follows the prefix.
         seq_len = length - 1
-        longest = seq_len if router_seq_len is None else min(seq_len, router_seq_len + 1)
+        longest = min(seq_len, router_max_prefix_len or seq_len)
         if any(not 2 <= m <= longest for m in prefix_lens):
             errors.append(
                 f"prefix_lens {prefix_lens} must lie in [2, {longest}] for sequences of {length} "
-                f"tokens and routers with seq_len {router_seq_len}"
+                f"tokens and routers reading at most {router_max_prefix_len} tokens"
             )
         if not 1 <= train_prefix_len <= seq_len:
             errors.append(f"train_prefix_len must lie in [1, {seq_len}], got {train_prefix_len}")

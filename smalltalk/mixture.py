@@ -279,14 +279,13 @@ class Mixture:
         return self._workflow_path(given) if given else self.results / "tokenizer" / "spm.model"
 
     def _router_paths(self) -> list[Path]:
-        """The final routers, where `rules/common.smk` (`get_final_routers`) puts them."""
-        if self.method == "smalltalk":
-            last = self.config["routing"]["rounds"]
-            return [
-                self.results / "routers" / f"r{last}" / f"e{e}.safetensors"
-                for e in range(self.n_experts)
-            ]
-        return [self.results / "routers" / f"{self.method}.npz"]
+        """The final routers, where the workflow puts them."""
+        from smalltalk.routers import final_router_paths
+
+        paths = final_router_paths(
+            str(self.results), self.method, self.config["routing"]["rounds"], self.n_experts
+        )
+        return [Path(path) for path in paths]
 
     # -- text
 

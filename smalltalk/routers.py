@@ -58,6 +58,7 @@ class RoutingBatch:
 class Router(Protocol):
     method: str
     n_experts: int
+    max_prefix_len: int | None  # the longest prefix it can read (None: any)
 
     def costs(self, batch: RoutingBatch, prefix_lens: Sequence[int]) -> np.ndarray:
         """(n, len(prefix_lens), E) float32; lower is better. For `smalltalk` the routers'
@@ -74,12 +75,18 @@ class LMRouters:
 
     method = "smalltalk"
 
-    def __init__(self, config, weights: Sequence[str | os.PathLike], device: str = "auto",
-                 keep_loaded: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        config,
+        weights: Sequence[str | os.PathLike],
+        device: str = "auto",
+        keep_loaded: bool = False,
+    ):
         if not weights:
             raise ValueError("the smalltalk method needs one router weights file per expert")
         self.config, self.weights, self.device = config, list(weights), device
         self.n_experts = len(self.weights)
+        self.max_prefix_len = config.seq_len + 1  # an LM reads M - 1 tokens (Eq. 9)
         self._loaded = [self._load(path) for path in self.weights] if keep_loaded else None
 
     def _load(self, path):
@@ -104,17 +111,22 @@ class LMRouters:
 # ---- c-BTM: TF-IDF -> SVD -> balanced k-means --------------------------------------------------
 
 
-def _vectorizer(vocabulary=None):
+def _vectorizer(vocabulary=None, max_features=None):
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     # c-BTM's settings: sublinear term frequency, English stop words, l2-normalised rows.
     return TfidfVectorizer(
-        sublinear_tf=True, stop_words="english", vocabulary=vocabulary, dtype=np.float64
+        sublinear_tf=True,
+        stop_words="english",
+        vocabulary=vocabulary,
+        max_features=max_features,
+        dtype=np.float64,
     )
 
 
 class TfidfKMeansRouter:
     method = "tfidf_kmeans"
+    max_prefix_len = None
 
     def __init__(self, vocabulary, idf, components, centroids, tokenizer_model):
         import sentencepiece as spm
@@ -184,6 +196,7 @@ def balanced_kmeans(
 
 class RandomRouter:
     method = "random"
+    max_prefix_len = None
 
     def __init__(self, n_experts: int, seed: int):
         self.n_experts, self.seed = n_experts, seed
@@ -201,6 +214,7 @@ class RandomRouter:
 
 class SourceRouter:
     method = "source"
+    max_prefix_len = None
 
     def __init__(self, sources: Sequence[str], groups: np.ndarray, n_experts: int):
         self.group_of = dict(zip(sources, groups.tolist(), strict=True))
@@ -227,6 +241,19 @@ def group_sources(counts: dict[str, int], n_groups: int) -> dict[str, int]:
         groups[source] = group
         sizes[group] += count
     return groups
+
+
+# ---- where a run keeps its routers, fitting them from the EM sample, loading them
+
+
+def final_router_paths(results: str, method: str, rounds: int, n_experts: int) -> list[str]:
+    """A run's final routers: the E router LMs of the last EM round, or the fitted baseline."""
+    if method == "smalltalk":
+        return [
+            os.path.join(results, "routers", f"r{rounds}", f"e{e}.safetensors")
+            for e in range(n_experts)
+        ]
+    return [os.path.join(results, "routers", f"{method}.npz")]
 
 
 # ---- fitting from the EM sample and loading ----------------------------------------------------
@@ -263,8 +290,7 @@ def fit_baseline(
 
         tokenizer = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
         texts = decode_prefixes(tokenizer, batch.tokens, prefix_len)
-        vectorizer = _vectorizer()
-        vectorizer.max_features = max_features
+        vectorizer = _vectorizer(max_features=max_features)
         tfidf = vectorizer.fit_transform(texts)
         dims = min(svd_dims, tfidf.shape[1] - 1)
         svd = TruncatedSVD(n_components=dims, algorithm="arpack", random_state=seed).fit(tfidf)
@@ -276,9 +302,12 @@ def fit_baseline(
             "components": svd.components_,
             "centroids": centroids,
         }
-        summary |= {"features": tfidf.shape[1], "svd_dims": dims,
-                    "explained_variance": float(svd.explained_variance_ratio_.sum()),
-                    "cluster_sizes": np.bincount(labels, minlength=n_experts).tolist()}  # fmt: skip
+        summary |= {
+            "features": tfidf.shape[1],
+            "svd_dims": dims,
+            "explained_variance": float(svd.explained_variance_ratio_.sum()),
+            "cluster_sizes": np.bincount(labels, minlength=n_experts).tolist(),
+        }
     elif method == "source":
         names, counts = np.unique(batch.sources.astype(str), return_counts=True)
         groups = group_sources(dict(zip(names.tolist(), counts.tolist(), strict=True)), n_experts)
