@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
 CHECKPOINT_DIR = re.compile(r"step-(\d{8})")
 WEIGHTS, STATE = "model.safetensors", "state.pt"
-METADATA_KEY = "smalltalk"  # our header entry; save_model adds others, naming tied tensors
+METADATA_KEY = "smalltalk"  # our header entry, the only one
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -49,12 +49,32 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _distinct_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor (the tied embedding) once, under its first name
+    in sorted order, as safetensors' save_model keeps it; load_model ties it again."""
+    tensors, seen = {}, set()
+    for name, tensor in sorted(model.state_dict().items()):
+        view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+        if view not in seen:
+            seen.add(view)
+            tensors[name] = tensor.contiguous()
+    return tensors
+
+
 def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict | None = None):
     """Write weights as safetensors, atomically. The tied embedding is stored once; `metadata`
-    (JSON-encoded into the header, e.g. the model config) makes the file self-describing."""
+    (JSON-encoded into the header, e.g. the model config) makes the file self-describing.
+
+    The same weights and metadata give the same bytes. safetensors writes the header's metadata
+    from a randomly seeded hash map, so it must hold one entry: not save_model, which adds one
+    per dropped tied name."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_model(unwrap(model), str(tmp), metadata={METADATA_KEY: json.dumps(metadata or {})})
+    save_file(
+        _distinct_tensors(unwrap(model)),
+        str(tmp),
+        metadata={METADATA_KEY: json.dumps(metadata or {})},
+    )
     _fsync(tmp)
     os.replace(tmp, path)
 

@@ -106,6 +106,18 @@ def test_weights_are_saved_without_compile_or_ddp_prefixes(tmp_path: Path):
     assert fresh.lm_head.weight.data_ptr() == fresh.wte.weight.data_ptr()  # still tied
 
 
+def test_the_same_weights_are_written_as_the_same_bytes(tmp_path: Path):
+    """safetensors writes its header's metadata from a randomly seeded hash map: with more than
+    one entry (save_model adds one per tied tensor) identical runs wrote different files."""
+    model, _ = trained_model_and_optimizer()
+    metadata = {"role": "expert", "model_config": dataclasses.asdict(TINY), "step": 7}
+    for attempt in range(8):  # each save seeds its map anew: 8 agreeing by chance is 1 in 128
+        save_weights(model, tmp_path / f"{attempt}.safetensors", metadata=metadata)
+    written = {path.read_bytes() for path in tmp_path.glob("*.safetensors")}
+    assert len(written) == 1
+    assert read_metadata(tmp_path / "0.safetensors") == metadata
+
+
 # ---- resume after SIGKILL -------------------------------------------------------------------
 
 # A training process that SIGKILLs itself right after writing checkpoint `kill_at` (-1: never).
