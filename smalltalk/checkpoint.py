@@ -9,6 +9,9 @@ A checkpoint is written into a hidden temporary directory beside it and renamed 
 over its only `ckpt.pt`). `state.pt` holds tensors and plain containers only and is read back with
 `torch.load(weights_only=True)`, which cannot run code from the file: RNG states are converted to
 tensors and tuples of ints on the way in and back on the way out.
+
+A training that finished leaves `out_dir/ckpt/finished` beside its checkpoints: they are kept
+to look at but never resumed, since running a finished job again means training it again.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_file
 
 CHECKPOINT_DIR = re.compile(r"step-(\d{8})")
-WEIGHTS, STATE = "model.safetensors", "state.pt"
+WEIGHTS, STATE, FINISHED = "model.safetensors", "state.pt", "finished"
 METADATA_KEY = "smalltalk"  # our header entry, the only one
 
 
@@ -195,14 +198,45 @@ def save_checkpoint(
     return final
 
 
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Checkpoint `path`'s state (step, optimizer, RNG, data cursor, configs), restoring nothing:
+    enough to decide whether to resume it."""
+    return torch.load(Path(path) / STATE, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(
-    path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG states from checkpoint `path`; return the rest of its
-    state (step, data cursor, configs ...)."""
+    """Restore weights, optimizer and RNG states from checkpoint `path` (its `state`, if already
+    read); return the rest of its state (step, data cursor, configs ...)."""
     path = Path(path)
     load_weights(model, path / WEIGHTS)
-    state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    state = dict(read_state(path) if state is None else state)
     optimizer.load_state_dict(state.pop("optimizer"))  # moves the moments to the parameters' device
     set_rng_state(state.pop("rng"))
     return state
+
+
+def mark_finished(ckpt_dir: str | os.PathLike, step: int) -> None:
+    """Record that the training writing `ckpt_dir` finished (at `step`): never resume it."""
+    ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.is_dir():
+        tmp = ckpt_dir / f".tmp-{FINISHED}-{os.getpid()}"
+        tmp.write_text(f"finished at step {step}; these checkpoints are not resumed\n")
+        os.replace(tmp, ckpt_dir / FINISHED)
+
+
+def is_finished(ckpt_dir: str | os.PathLike) -> bool:
+    return (Path(ckpt_dir) / FINISHED).is_file()
+
+
+def remove_checkpoints(ckpt_dir: str | os.PathLike) -> None:
+    """Delete `ckpt_dir`, renamed first so that a crash mid-delete leaves no checkpoint behind."""
+    ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.exists():
+        doomed = ckpt_dir.with_name(f".{ckpt_dir.name}-delete-{os.getpid()}")
+        os.replace(ckpt_dir, doomed)
+        shutil.rmtree(doomed)

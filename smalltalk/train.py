@@ -7,9 +7,11 @@ The three roles are the same model at different sizes and differ only in data an
     dense   all shards, full sequences, warm-up + cosine decay, as many tokens as all experts
 
 `fit()` reads top to bottom: resolve the device, precision and budget; build the data stream,
-model and optimizer; resume from the newest checkpoint in `out_dir/ckpt` if there is one; loop;
-write `metrics.parquet`, `summary.json` and, last, `model.safetensors`. Only the final weights
-mark a finished run, so a workflow never takes a half-trained model for a finished one.
+model and optimizer; resume from the newest checkpoint in `out_dir/ckpt` if it was made from the
+same inputs and settings (else delete the checkpoints and start afresh); loop; write
+`metrics.parquet`, `summary.json` and, last, `model.safetensors`. Only the final weights mark a
+finished run, so a workflow never takes a half-trained model for a finished one; they are
+followed by `ckpt/finished`, so that running a finished job again trains it again.
 
 Under `torchrun` (WORLD_SIZE > 1) the same loop runs with DistributedDataParallel (NCCL on CUDA,
 gloo on CPU) at the same global batch; only rank 0 writes files.
@@ -18,6 +20,7 @@ gloo on CPU) at the same global batch; only rank 0 writes files.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -38,13 +41,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from smalltalk.checkpoint import (
+    is_finished,
     latest_checkpoint,
     load_checkpoint,
     load_weights,
+    mark_finished,
+    read_state,
+    remove_checkpoints,
     save_checkpoint,
     save_weights,
 )
 from smalltalk.data import token_matrix
+from smalltalk.files import fingerprint
 from smalltalk.flops import counted_flops, training_flops
 from smalltalk.model import LM, ModelConfig
 from smalltalk.scoring import sequence_nll
@@ -344,23 +352,38 @@ def _validation_tokens(files, count: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(rows)[:count].astype(np.int64))
 
 
-def _check_resumable(saved: dict[str, Any], current: dict[str, Any], ckpt: Path) -> None:
-    """Refuse to continue a checkpoint made with other settings: the run would be neither."""
+def _input_fingerprints(data_files, seq_ids, init_from, val_files) -> dict[str, str | None]:
+    """Digests of what a run learns from and is measured on (see `files.fingerprint` for their
+    cost): a checkpoint goes on only with the same."""
+    return {
+        "data": fingerprint(parquet_files(data_files)),
+        "seq_ids": None
+        if seq_ids is None
+        else hashlib.blake2b(np.unique(seq_ids).astype(np.int64).tobytes()).hexdigest(),
+        "init_from": None if init_from is None else fingerprint([init_from]),
+        "val": fingerprint(parquet_files(val_files)) if val_files else None,
+    }
+
+
+def _why_not_resume(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """How the run that wrote a checkpoint differs from this one; continuing it would make a run
+    that is neither. Empty if it may go on."""
     differences = [
-        f"{key}: {saved[key]!r} -> {current[key]!r}"
-        for key in ("role", "model_config", "steps", "seq_len", "schedule")
-        if saved[key] != current[key]
+        f"inputs.{key} changed"
+        for key, digest in current["inputs"].items()
+        if saved.get("inputs", {}).get(key) != digest  # absent: a checkpoint made before digests
+    ]
+    differences += [
+        f"{key}: {saved.get(key)!r} -> {current[key]!r}"
+        for key in ("role", "model_config", "steps", "seq_len", "schedule", "prefix_len")
+        if saved.get(key) != current[key]
     ]
     differences += [
         f"train_config.{key}: {value!r} -> {current['train_config'][key]!r}"
         for key, value in saved["train_config"].items()
-        if key not in RESUMABLE_CHANGES and value != current["train_config"][key]
+        if key not in RESUMABLE_CHANGES and value != current["train_config"].get(key)
     ]
-    if differences:
-        raise ValueError(
-            f"{ckpt} was made with other settings ({'; '.join(differences)}); "
-            f"delete {ckpt.parent} to start afresh"
-        )
+    return differences
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -449,13 +472,31 @@ def fit(
         "device": str(device),
         "precision": precision,
         "world_size": procs.world_size,
+        "inputs": _input_fingerprints(data_files, seq_ids, init_from, val_files),
     }
     step, seconds_before = 0, 0.0
     metrics = MetricsLog(out_dir / "metrics.parquet")
-    ckpt = latest_checkpoint(out_dir / "ckpt")
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
-        _check_resumable(state["resolved"], resolved, ckpt)
+    ckpt_dir = out_dir / "ckpt"
+    ckpt, stale = latest_checkpoint(ckpt_dir), []
+    if is_finished(ckpt_dir):
+        stale = ["the training that wrote it finished, and running it again trains afresh"]
+    elif ckpt is not None:
+        state = read_state(ckpt)
+        stale = _why_not_resume(state["resolved"], resolved)
+    if stale:
+        resumption = (
+            f"not resuming {ckpt or ckpt_dir}: {'; '.join(stale)}. Deleted; starting afresh"
+        )
+        if procs.world_size > 1:
+            torch.distributed.barrier()  # every rank has read the checkpoint before it goes
+        if procs.is_main:
+            remove_checkpoints(ckpt_dir)
+        ckpt = None
+    elif ckpt is None:
+        resumption = f"no checkpoint in {ckpt_dir}: starting afresh"
+    else:
+        resumption = f"resuming from {ckpt}: made from the same inputs and settings"
+        state = load_checkpoint(ckpt, model, optimizer, state)
         step, seconds_before = state["step"], state["seconds"]
         stream.load_state_dict(state["stream"])
         metrics.resume(step, state.get("metrics"))
@@ -480,6 +521,7 @@ def fit(
         f"(Eq. 10) | {device} {precision} | {schedule} lr {config.lr:g}, warm-up "
         f"{config.warmup_steps}" + (f" | resumed from {ckpt.name}" if ckpt is not None else "")
     )
+    log(resumption)
 
     val_tokens = _validation_tokens(val_files, val_sequences) if val_files else None
 
@@ -598,7 +640,8 @@ def fit(
         metadata = {"role": role, "model_config": resolved["model_config"], "step": step}
         final = Path(weights_path) if weights_path is not None else out_dir / "model.safetensors"
         final.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(model, final, metadata=metadata)  # last: marks the run done
+        save_weights(model, final, metadata=metadata)  # marks the run done
+        mark_finished(out_dir / "ckpt", step)  # so that running it again does not resume it
         log(
             f"done: {tokens:,} tokens in {seconds:,.1f} s ({summary['tokens_per_s']:,.0f} tokens/s "
             f"here), peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB"

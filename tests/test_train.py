@@ -14,8 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 
+import smalltalk.train
+from smalltalk.files import fingerprint
 from smalltalk.model import LM, PRESETS
 from smalltalk.stream import TokenStream
 from smalltalk.train import (
@@ -198,7 +200,11 @@ def test_fit_learns_and_writes_its_results(token_dir: Path, tmp_path: Path, caps
     assert all(r["flops"] > 0 and r["tokens_per_s"] > 0 for r in rows)
 
     assert (out / "model.safetensors").is_file()
-    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["step-00000025", "step-00000050"]
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == [
+        "finished",  # kept to look at, never resumed
+        "step-00000025",
+        "step-00000050",
+    ]
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["tokens"] == summary["tokens"] == 60 * 8 * 32
     assert on_disk["schedule"] == "cosine" and on_disk["precision"] == "fp32"
@@ -245,11 +251,96 @@ def test_router_trains_on_prefixes_from_given_weights(token_dir: Path, tmp_path:
         torch.testing.assert_close(a, b)  # lr 1e-12: continued from, not re-initialised
 
 
-def test_fit_refuses_to_resume_a_different_run(token_dir: Path, tmp_path: Path):
-    fit(TINY, config(steps=10, ckpt_every=5), token_dir, tmp_path / "out", role="expert")
-    (tmp_path / "out" / "model.safetensors").unlink()
-    with pytest.raises(ValueError, match=r"train_config\.lr"):
-        fit(TINY, config(steps=10, lr=1e-3), token_dir, tmp_path / "out", role="expert")
+# ---- resuming only the same run ------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupted_fit(monkeypatch, at_step: int, *args, **kwargs) -> None:
+    """fit() stopped right after writing checkpoint `at_step`, as by a node failure."""
+    save_checkpoint = smalltalk.train.save_checkpoint
+
+    def save_then_stop(ckpt_dir, step, *rest, **options):
+        path = save_checkpoint(ckpt_dir, step, *rest, **options)
+        if step == at_step:
+            raise Interrupted
+        return path
+
+    with monkeypatch.context() as patch, pytest.raises(Interrupted):
+        patch.setattr(smalltalk.train, "save_checkpoint", save_then_stop)
+        fit(*args, **kwargs)
+
+
+def test_a_finished_training_run_again_trains_afresh(token_dir: Path, tmp_path: Path, capsys):
+    """What `snakemake --forcerun train_expert` does to a finished expert: it deletes the
+    outputs, not the checkpoints, and asks for the training again."""
+    out = tmp_path / "out"
+    fit(TINY, config(steps=10, ckpt_every=4), token_dir, out, role="expert")
+    (out / "model.safetensors").unlink()
+    capsys.readouterr()
+    summary = fit(TINY, config(steps=10, ckpt_every=4), token_dir, out, role="expert")
+    log = capsys.readouterr().err
+    assert summary["resumed_from_step"] == 0 and "resumed from" not in log
+    assert "not resuming" in log and "finished" in log
+
+
+@pytest.mark.parametrize("change", ["nothing", "data", "seq_ids", "val", "lr"])
+def test_an_interrupted_run_resumes_only_with_the_same_inputs_and_settings(
+    change: str, token_dir: Path, tmp_path: Path, monkeypatch, capsys
+):
+    """The stale resume once seen: routers retrained, shards rewritten, and each expert still
+    went on from its old checkpoint for its last steps. A changed run must start afresh and end
+    exactly as if it had never been interrupted."""
+    val = write_tokens(tmp_path / "val" / "0.parquet", 16, first_seq_id=9000, seed=9)
+    run = dict(role="expert", seq_ids=np.arange(0, 2200, 2), val_files=[val], val_every=4)
+    interrupted_fit(
+        monkeypatch, 4, TINY, config(steps=10, ckpt_every=4), token_dir, tmp_path / "a", **run
+    )
+
+    settings = config(steps=10, ckpt_every=4, lr=2e-2 if change == "lr" else 1e-2)
+    if change == "data":  # the same sequences, other tokens: as a shard rewritten
+        write_tokens(token_dir / "2.parquet", 160, first_seq_id=2000, seed=7)
+    elif change == "seq_ids":
+        run["seq_ids"] = np.arange(1, 2200, 2)
+    elif change == "val":
+        write_tokens(val, 16, first_seq_id=9000, seed=8)
+    capsys.readouterr()
+    resumed = fit(TINY, settings, token_dir, tmp_path / "a", **run)
+    log = capsys.readouterr().err
+    if change == "nothing":
+        assert resumed["resumed_from_step"] == 4 and "resuming from" in log
+        return
+    assert resumed["resumed_from_step"] == 0
+    reason = "train_config.lr" if change == "lr" else f"inputs.{change} changed"
+    assert "not resuming" in log and reason in log
+
+    fit(TINY, settings, token_dir, tmp_path / "straight", **run)
+    got = pq.read_table(tmp_path / "a" / "metrics.parquet").to_pydict()
+    want = pq.read_table(tmp_path / "straight" / "metrics.parquet").to_pydict()
+    assert got["step"] == want["step"] and got["loss"] == want["loss"]
+    assert got["val_loss"] == want["val_loss"]
+    trained = load_file(tmp_path / "a" / "model.safetensors")
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    assert all(torch.equal(trained[name], straight[name]) for name in straight)
+
+
+def test_a_fingerprint_follows_the_content_not_the_path_or_time(tmp_path: Path):
+    original = write_tokens(tmp_path / "a" / "0.parquet", 50, seed=0)
+    copy = tmp_path / "b" / "0.parquet"
+    copy.parent.mkdir()
+    copy.write_bytes(original.read_bytes())
+    assert fingerprint([copy]) == fingerprint([original])
+    write_tokens(copy, 50, seed=1)  # the same sequence ids and row count, other tokens
+    assert fingerprint([copy]) != fingerprint([original])
+    write_tokens(copy, 49, seed=0)  # one sequence fewer
+    assert fingerprint([copy]) != fingerprint([original])
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"\0" * 100)
+    before = fingerprint([weights])
+    weights.write_bytes(b"\0" * 99 + b"\1")
+    assert fingerprint([weights]) != before
 
 
 def test_bf16_autocast_trains_on_cpu(token_dir: Path, tmp_path: Path):
