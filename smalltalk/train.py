@@ -479,7 +479,7 @@ def fit(
     ckpt_dir = out_dir / "ckpt"
     ckpt, stale = latest_checkpoint(ckpt_dir), []
     if is_finished(ckpt_dir):
-        stale = ["the training that wrote it finished, and running it again trains afresh"]
+        stale = ["its training finished, and a finished job run again is trained again"]
     elif ckpt is not None:
         state = read_state(ckpt)
         stale = _why_not_resume(state["resolved"], resolved)

@@ -135,12 +135,15 @@ def test_tiny_config_end_to_end(tmp_path):
     # A finished run leaves nothing to do.
     again = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(TINY))
     assert "Nothing to be done" in again.stdout + again.stderr
-    # Same config and seed: the same tokens, assignments and shards, byte for byte.
+    # Same config and seed: the same tokens, assignments, shards and weights, byte for byte.
     kept = {
         path.relative_to(results): path.read_bytes()
         for folder in ("tokens", "routers", "shards")
         for path in (results / folder).rglob("*.parquet")
         if path.name != "metrics.parquet"  # holds wall-clock throughput
+    }
+    kept |= {
+        path.relative_to(results): path.read_bytes() for path in results.rglob("*.safetensors")
     }
     snakemake(tmp_path, "--cores", "2", "--configfile", str(TINY), "--forceall")
     for relative, content in kept.items():
@@ -171,6 +174,10 @@ def test_tiny_config_end_to_end(tmp_path):
         tmp_path, target, "--cores", "2", "--configfile", str(TINY), "--forcerun", "train_expert"
     )
     assert retrained.stat().st_mtime_ns > before
+    # Trained again from step 0, not resumed from the checkpoint the first training left.
+    retrained_summary = json.loads((results / "experts" / "e1" / "summary.json").read_text())
+    assert retrained_summary["resumed_from_step"] == 0
+    assert "not resuming" in (results / "logs" / "experts" / "e1.log").read_text()
     rerun = snakemake(tmp_path, "--cores", "2", "--configfile", str(TINY))
     assert "train_expert" not in rerun.stdout + rerun.stderr
     assert "train_dense" not in rerun.stdout + rerun.stderr
