@@ -355,11 +355,12 @@ def _validation_tokens(files, count: int) -> torch.Tensor:
 def _input_fingerprints(data_files, seq_ids, init_from, val_files) -> dict[str, str | None]:
     """Digests of what a run learns from and is measured on (see `files.fingerprint` for their
     cost): a checkpoint goes on only with the same."""
+    sequences = None
+    if seq_ids is not None:  # a set: the stream keeps rows in file order whatever the ids' order
+        sequences = hashlib.blake2b(np.unique(seq_ids).astype(np.int64).tobytes()).hexdigest()
     return {
         "data": fingerprint(parquet_files(data_files)),
-        "seq_ids": None
-        if seq_ids is None
-        else hashlib.blake2b(np.unique(seq_ids).astype(np.int64).tobytes()).hexdigest(),
+        "seq_ids": sequences,
         "init_from": None if init_from is None else fingerprint([init_from]),
         "val": fingerprint(parquet_files(val_files)) if val_files else None,
     }
@@ -379,7 +380,7 @@ def _why_not_resume(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
         if saved.get(key) != current[key]
     ]
     differences += [
-        f"train_config.{key}: {value!r} -> {current['train_config'][key]!r}"
+        f"train_config.{key}: {value!r} -> {current['train_config'].get(key)!r}"
         for key, value in saved["train_config"].items()
         if key not in RESUMABLE_CHANGES and value != current["train_config"].get(key)
     ]
