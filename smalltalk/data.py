@@ -34,6 +34,10 @@ SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 ORDINAL_BITS = 30  # seq_id = chunk << 32 | split << 30 | ordinal
 ENCODE_BATCH_BYTES = 4 << 20
 ROW_GROUP_SEQUENCES = 1024
+ZSTD_MAX_FRAME_HEADER = 18
+ZSTD_SKIPPABLE_MAGIC = 0x184D2A50  # low 4 bits free
+ZSTD_RLE_BLOCK = 1  # its content is one byte, whatever the size it decodes to
+COMPRESSION_ERRORS = (EOFError, OSError, zlib.error, zstandard.ZstdError)
 
 
 @dataclass(slots=True, frozen=True)
@@ -65,13 +69,76 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
-        # read_across_frames: zstd CLI output and pzstd write several frames.
+        return io.BufferedReader(_ZstdFrames(path), buffer_size=1 << 20)
+    return open(path, "rb")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The frames of a zstd file, one after the other (zstd CLI output and pzstd hold
+    several), refusing a file that ends inside a frame.
+
+    The decoder takes the end of the input at a block boundary for the end of the data, so
+    a file cut there would read as complete; `zstd -t` refuses it, and so do we.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
         raw = open(path, "rb")  # noqa: SIM115 -- closed by the stream reader (closefd)
-        reader = zstandard.ZstdDecompressor().stream_reader(
+        self.reader = zstandard.ZstdDecompressor().stream_reader(
             raw, read_across_frames=True, closefd=True
         )
-        return io.BufferedReader(reader, buffer_size=1 << 20)
-    return open(path, "rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = self.reader.readinto(buffer)
+        if count == 0 and len(buffer) and _ends_inside_a_zstd_frame(self.path):
+            raise EOFError("the file ends inside a zstd frame")
+        return count
+
+    def close(self) -> None:
+        self.reader.close()
+        super().close()
+
+
+def _ends_inside_a_zstd_frame(path: Path) -> bool:
+    """Walks the frame and block headers (RFC 8878 §3.1) without decoding."""
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        offset = 0
+        while offset < size:
+            file.seek(offset)
+            header = file.read(ZSTD_MAX_FRAME_HEADER)
+            if int.from_bytes(header[:4], "little") & ~0xF == ZSTD_SKIPPABLE_MAGIC:
+                offset += 8 + int.from_bytes(header[4:8], "little")
+                continue
+            try:
+                has_checksum = zstandard.get_frame_parameters(header).has_checksum
+                offset += zstandard.frame_header_size(header)
+            except zstandard.ZstdError:
+                return True
+            last_block = False
+            while not last_block:
+                if offset + 3 > size:
+                    return True
+                file.seek(offset)
+                block = int.from_bytes(file.read(3), "little")
+                last_block, kind, length = block & 1, block >> 1 & 3, block >> 3
+                offset += 3 + (1 if kind == ZSTD_RLE_BLOCK else length)
+            offset += 4 if has_checksum else 0
+        return offset > size
+
+
+def _compression_fault(path: Path) -> str | None:
+    """Why a compressed file does not decompress to its end (`gzip -t`, `zstd -t`), if so."""
+    try:
+        with _open_binary(path) as stream:
+            while stream.read(1 << 20):
+                pass
+    except COMPRESSION_ERRORS as error:
+        return str(error)
+    return None
 
 
 def _meta_source(meta) -> str | None:
@@ -94,6 +161,10 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
+def _truncated_or_corrupt(error: object) -> str:
+    return f"truncated or corrupt compressed data ({error})"
+
+
 def _json_lines(
     path: Path,
     doc_key: str,
@@ -104,6 +175,7 @@ def _json_lines(
 ) -> Iterator[Document]:
     # RedPajama-V2 files are named {lang}_{head|middle}.json.gz and carry no domain label.
     default_source = _stem(path) if path.name.lower().endswith(".json.gz") else UNKNOWN_SOURCE
+    compressed = path.name.lower().endswith((".gz", ".zst"))
     line_no = 0
     records = 0
     with _open_binary(path) as stream:
@@ -113,12 +185,9 @@ def _json_lines(
                 raw = next(lines)
             except StopIteration:
                 break
-            except (EOFError, OSError, zlib.error, zstandard.ZstdError) as error:
+            except COMPRESSION_ERRORS as error:
                 _report(
-                    BadRecordError(
-                        path, line_no + 1, f"truncated or corrupt compressed data ({error})"
-                    ),
-                    on_bad_record,
+                    BadRecordError(path, line_no + 1, _truncated_or_corrupt(error)), on_bad_record
                 )
                 return
             line_no += 1
@@ -127,11 +196,18 @@ def _json_lines(
             records += 1
             try:
                 record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as error:
-                _report(BadRecordError(path, line_no, f"not UTF-8 ({error})"), on_bad_record)
-                continue
-            except json.JSONDecodeError as error:
-                _report(BadRecordError(path, line_no, f"invalid JSON ({error})"), on_bad_record)
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                # Corrupt compressed data often decodes to garbage long before the checksum
+                # that proves it, so blame the compression if the file fails its own test.
+                fault = _compression_fault(path) if compressed else None
+                if fault is not None:
+                    _report(
+                        BadRecordError(path, line_no, _truncated_or_corrupt(fault)), on_bad_record
+                    )
+                    return
+                compressed = False  # tested once: its bad lines are its own
+                reason = "not UTF-8" if isinstance(error, UnicodeDecodeError) else "invalid JSON"
+                _report(BadRecordError(path, line_no, f"{reason} ({error})"), on_bad_record)
                 continue
             if not isinstance(record, dict):
                 _report(BadRecordError(path, line_no, "not a JSON object"), on_bad_record)
