@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
+
+from smalltalk.files import atomic_path, naming_a_full_disk
 
 CHECKPOINT_DIR = re.compile(r"step-(\d{8})")
 WEIGHTS, STATE = "model.safetensors", "state.pt"
@@ -52,11 +54,16 @@ def _fsync(path: Path) -> None:
 def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict | None = None):
     """Write weights as safetensors, atomically. The tied embedding is stored once; `metadata`
     (JSON-encoded into the header, e.g. the model config) makes the file self-describing."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_model(unwrap(model), str(tmp), metadata={METADATA_KEY: json.dumps(metadata or {})})
-    _fsync(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        try:
+            save_model(unwrap(model), str(tmp), metadata={METADATA_KEY: json.dumps(metadata or {})})
+        except SafetensorError as error:
+            # An I/O error comes as text ("... (os error 28)"); a full disk must read as one.
+            code = re.search(r"\(os error (\d+)\)", str(error))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1]))) from error
+        _fsync(tmp)
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
@@ -154,15 +161,20 @@ def save_checkpoint(
     final = checkpoint_path(ckpt_dir, step)
     tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
-    save_weights(model, tmp / WEIGHTS)
-    payload = {
-        **state,
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_state(),
-    }
-    torch.save(payload, tmp / STATE)
-    _fsync(tmp / STATE)
+    try:
+        save_weights(model, tmp / WEIGHTS)
+        payload = {
+            **state,
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "rng": rng_state(),
+        }
+        with naming_a_full_disk(tmp / STATE):
+            torch.save(payload, tmp / STATE)
+        _fsync(tmp / STATE)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # only when a run is resumed from an older copy of this same step
         shutil.rmtree(final)
     os.replace(tmp, final)

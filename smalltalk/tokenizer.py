@@ -12,6 +12,7 @@ import numpy as np
 
 from smalltalk.config import DataConfig, TokenizerConfig
 from smalltalk.data import BadRecordError, read_corpus_file, split_of
+from smalltalk.files import write_bytes_atomically
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,4 @@ def train_tokenizer(
                 f"(SentencePiece: {error})"
             ) from None
         raise
-    out_model = Path(out_model)
-    out_model.parent.mkdir(parents=True, exist_ok=True)
-    temp = out_model.with_name(f".{out_model.name}.tmp-{os.getpid()}")
-    try:
-        temp.write_bytes(model.getvalue())
-        os.replace(temp, out_model)
-    finally:
-        temp.unlink(missing_ok=True)
-    return out_model
+    return write_bytes_atomically(model.getvalue(), out_model)

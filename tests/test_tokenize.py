@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_records, write_jsonl
+import yaml
+from conftest import fill, make_records, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from smalltalk import cli
 from smalltalk.config import DataConfig, TokenizerConfig, validate_config
 from smalltalk.data import (
     BadRecordError,
@@ -219,6 +222,70 @@ def test_a_failed_chunk_leaves_nothing_and_spares_the_others(tmp_path, corpus, t
     assert stats.bad_records == 1
     assert "line 152" in stats.bad_record_examples[0]
     assert sum(s.documents for s in stats.splits.values()) == 151
+
+
+def tokenize_command(tmp_path, model, out_dir) -> list[str]:
+    """`smalltalk tokenize` of the first corpus file, with the config of `data_config`."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "inputs": [str(tmp_path / "corpus" / "*.jsonl.zst")],
+                "splits": SPLITS,
+                "seq_len": 32,
+                "routing": {"n_experts": 2, "prefix_len": 8},
+                "tokenizer": {"vocab_size": 300, "sample_bytes": 50_000},
+            }
+        )
+    )
+    corpus_file = tmp_path / "corpus" / "part-0.jsonl.zst"
+    return [
+        "tokenize",
+        *("--config", str(config), "--chunk", "c00000"),
+        *("--tokenizer", str(model), "--out-dir", str(out_dir), str(corpus_file)),
+    ]
+
+
+def assert_failed_cleanly_on_a_full_disk(status, stderr, out_dir):
+    assert status == 1
+    assert "Traceback" not in stderr
+    assert f"smalltalk tokenize: error: {out_dir}: No space left on device" in stderr
+    assert not [path for path in out_dir.rglob("*") if path.is_file()]
+
+
+@pytest.mark.parametrize("fails", ["mid-write and on close", "on close"])
+def test_a_full_disk_fails_cleanly_naming_the_path_and_leaves_no_temporary_file(
+    tmp_path, corpus, tokenizer_model, monkeypatch, capsys, fails
+):
+    real_write, real_close = pq.ParquetWriter.write_table, pq.ParquetWriter.close
+    writes = []
+
+    def disk_full():
+        # What pyarrow raises: errno set, no file name.
+        return OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space")
+
+    def write_table(self, *args, **kwargs):
+        writes.append(1)
+        if fails.startswith("mid-write") and len(writes) == 2:
+            raise disk_full()
+        real_write(self, *args, **kwargs)
+
+    def close(self):
+        real_close(self)
+        raise disk_full()
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", write_table)
+    monkeypatch.setattr(pq.ParquetWriter, "close", close)
+    out_dir = tmp_path / "tokens"
+    status = cli.main(tokenize_command(tmp_path, tokenizer_model, out_dir))
+    assert_failed_cleanly_on_a_full_disk(status, capsys.readouterr().err, out_dir)
+
+
+def test_a_really_full_disk_fails_cleanly(tmp_path, corpus, tokenizer_model, small_disk, capsys):
+    fill(small_disk, leave=8192)  # a few pages: less than the chunk's tokens
+    out_dir = small_disk / "tokens"
+    status = cli.main(tokenize_command(tmp_path, tokenizer_model, out_dir))
+    assert_failed_cleanly_on_a_full_disk(status, capsys.readouterr().err, out_dir)
 
 
 def test_tokenizer_training_is_deterministic(tmp_path, corpus, tokenizer_model):
