@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import fill, make_records, write_jsonl
+import zstandard
+from conftest import fill, json_lines, make_records, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -224,8 +226,8 @@ def test_a_failed_chunk_leaves_nothing_and_spares_the_others(tmp_path, corpus, t
     assert sum(s.documents for s in stats.splits.values()) == 151
 
 
-def tokenize_command(tmp_path, model, out_dir) -> list[str]:
-    """`smalltalk tokenize` of the first corpus file, with the config of `data_config`."""
+def write_config(tmp_path) -> Path:
+    """The config of `data_config`, as a file for the command line."""
     config = tmp_path / "config.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -238,6 +240,12 @@ def tokenize_command(tmp_path, model, out_dir) -> list[str]:
             }
         )
     )
+    return config
+
+
+def tokenize_command(tmp_path, model, out_dir) -> list[str]:
+    """`smalltalk tokenize` of the first corpus file."""
+    config = write_config(tmp_path)
     corpus_file = tmp_path / "corpus" / "part-0.jsonl.zst"
     return [
         "tokenize",
@@ -286,6 +294,22 @@ def test_a_really_full_disk_fails_cleanly(tmp_path, corpus, tokenizer_model, sma
     out_dir = small_disk / "tokens"
     status = cli.main(tokenize_command(tmp_path, tokenizer_model, out_dir))
     assert_failed_cleanly_on_a_full_disk(status, capsys.readouterr().err, out_dir)
+
+
+def test_a_bad_record_stops_tokenizer_training_with_its_file_and_line(tmp_path, corpus, capsys):
+    bad = corpus[1]
+    bad.write_bytes(
+        zstandard.ZstdCompressor().compress(b'{"text": \n' + json_lines(make_records(200)))
+    )
+    out = tmp_path / "tok" / "spm.model"
+    status = cli.main(
+        ["train-tokenizer", "--config", str(write_config(tmp_path)), "--out", str(out)]
+    )
+    stderr = capsys.readouterr().err
+    assert status == 1
+    assert f"smalltalk train-tokenizer: error: {bad}, line 1: invalid JSON" in stderr
+    assert "Traceback" not in stderr and "INTERNAL" not in stderr
+    assert not out.parent.exists()
 
 
 def test_tokenizer_training_is_deterministic(tmp_path, corpus, tokenizer_model):
