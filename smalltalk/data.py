@@ -33,6 +33,8 @@ UNKNOWN_SOURCE = "unknown"
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 ORDINAL_BITS = 30  # seq_id = chunk << 32 | split << 30 | ordinal
 ENCODE_BATCH_BYTES = 4 << 20
+# Longer documents are encoded in pieces: SentencePiece takes ~50 bytes per character encoded.
+LONG_DOCUMENT_CHARS = 1 << 18
 ROW_GROUP_SEQUENCES = 1024
 ZSTD_MAX_FRAME_HEADER = 18
 ZSTD_SKIPPABLE_MAGIC = 0x184D2A50  # low 4 bits free
@@ -426,6 +428,28 @@ def split_of(doc_id: str, splits: dict[str, float]) -> str:
 # --------------------------------------------------------------------------- packing
 
 
+def text_pieces(text: str, size: int) -> Iterator[str]:
+    """`text` in pieces of at most `size` characters whose tokens are those of the whole.
+
+    A piece ends before a space between two words, and that space is left out: SentencePiece
+    puts its own before the next piece (the dummy prefix), and no token crosses the space that
+    starts a word. Only where `size` characters hold no such space is the text cut anywhere,
+    which may change the tokens next to the cut.
+    """
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + 1, start + size)
+        while cut > start and (text[cut - 1] == " " or text[cut + 1] == " "):
+            cut = text.rfind(" ", start + 1, cut)
+        if cut > start:
+            yield text[start:cut]
+            start = cut + 1
+        else:
+            yield text[start : start + size]
+            start += size
+    yield text[start:]
+
+
 @dataclass(slots=True)
 class SplitStats:
     documents: int = 0
@@ -567,10 +591,23 @@ def tokenize_chunk(
 
     handler = on_bad_record if data.on_bad_record == "skip" else None
 
+    def encode(batch: list[Document]) -> Iterator[list[int] | np.ndarray]:
+        short = iter(
+            processor.encode(
+                [doc.text for doc in batch if len(doc.text) <= LONG_DOCUMENT_CHARS],
+                num_threads=threads,
+            )
+        )
+        for doc in batch:
+            if len(doc.text) <= LONG_DOCUMENT_CHARS:
+                yield next(short)
+            else:  # as an array: a list of Python ints takes ~36 bytes a token
+                pieces = text_pieces(doc.text, LONG_DOCUMENT_CHARS)
+                yield np.concatenate([np.asarray(processor.encode(p), dtype) for p in pieces])
+
     def flush(batch: list[Document]) -> None:
-        encoded = processor.encode([doc.text for doc in batch], num_threads=threads)
         by_split: dict[str, tuple[list, list]] = {split: ([], []) for split in SPLITS}
-        for doc, ids in zip(batch, encoded, strict=True):
+        for doc, ids in zip(batch, encode(batch), strict=True):
             split = split_of(doc.id, data.splits)
             split_stats = stats.splits[split]
             split_stats.documents += 1
@@ -619,7 +656,10 @@ def tokenize_chunk(
 
 
 def summarize_stats(stats_paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """One TSV row per split with the totals of every chunk's stats file, plus bad records."""
+    """One TSV row per split with the totals of every chunk's stats file, then their sum, "all".
+
+    Bad records have no split (most have no readable id), so they are counted in "all" only.
+    """
     totals = {split: SplitStats() for split in SPLITS}
     chunks = bad_records = 0
     for path in stats_paths:
@@ -630,8 +670,11 @@ def summarize_stats(stats_paths: Iterable[str | os.PathLike], out: str | os.Path
             for name, value in values.items():
                 setattr(totals[split], name, getattr(totals[split], name) + value)
     columns = list(SplitStats.__dataclass_fields__)
+    rows = [
+        [split, chunks, *(getattr(totals[split], name) for name in columns), ""] for split in SPLITS
+    ]
+    sums = [sum(getattr(split_stats, name) for split_stats in totals.values()) for name in columns]
+    rows.append(["all", chunks, *sums, bad_records])
     lines = ["\t".join(["split", "chunks", *columns, "bad_records"])]
-    for split, split_stats in totals.items():
-        values = [getattr(split_stats, name) for name in columns]
-        lines.append("\t".join(map(str, [split, chunks, *values, bad_records])))
+    lines += ["\t".join(map(str, row)) for row in rows]
     return write_text_atomically("\n".join(lines) + "\n", out)

@@ -8,22 +8,28 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
 import zstandard
-from conftest import fill, json_lines, make_records, write_jsonl
+from conftest import DOMAINS, fill, json_lines, make_records, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smalltalk import cli
+from smalltalk import data as data_module
 from smalltalk.config import DataConfig, TokenizerConfig, validate_config
 from smalltalk.data import (
     BadRecordError,
+    Chunk,
+    ChunkStats,
     SequencePacker,
     document_key,
     plan_chunks,
     split_of,
+    summarize_stats,
+    text_pieces,
     tokenize_chunk,
 )
 from smalltalk.tokenizer import train_tokenizer
@@ -184,6 +190,80 @@ def test_tokenize_is_deterministic(tmp_path, corpus, tokenizer_model):
             assert a == b
 
 
+def test_long_documents_encoded_in_pieces_give_the_tokens_of_the_whole(
+    tmp_path, corpus, tokenizer_model, monkeypatch
+):
+    tokenize(tmp_path, corpus, tokenizer_model, name="whole")
+    monkeypatch.setattr(data_module, "LONG_DOCUMENT_CHARS", 40)  # every document, in pieces
+    tokenize(tmp_path, corpus, tokenizer_model, name="pieces")
+    for split in ("train", "val", "test"):
+        for chunk in ("c00000", "c00001", "c00002"):
+            whole = (tmp_path / "whole" / split / f"{chunk}.parquet").read_bytes()
+            assert (tmp_path / "pieces" / split / f"{chunk}.parquet").read_bytes() == whole
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the lord  spake unto   moses\n saying\tthou shalt   ",
+        "  def return self\n\n    import class for in if else none while yield  x",
+        "déjà vu 東京 タワー ünïcödé naïve café 123456 7 8 9",
+    ],
+)
+def test_text_pieces_encode_to_the_tokens_of_the_whole_text(tokenizer_model, text):
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    cut_at_spaces = 0
+    for size in range(8, len(text)):
+        pieces = list(text_pieces(text, size))
+        assert all(len(piece) <= size for piece in pieces)
+        if " ".join(pieces) != text:
+            continue  # `size` characters without a space between words: cut anywhere
+        cut_at_spaces += 1
+        assert sum((processor.encode(piece) for piece in pieces), []) == processor.encode(text)
+    assert cut_at_spaces > len(text) // 2
+
+
+def peak_memory_growth(data: DataConfig, model, warm_up: str, document: str) -> int:
+    """Bytes the peak RSS of this process grows by to tokenize `document` after `warm_up`."""
+    import resource
+
+    def peak() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    for index, path in enumerate([warm_up, document]):
+        if index == 1:
+            before = peak()
+        out = Path(path).parent / f"out-{index}"
+        chunk = Chunk(index=index, name=f"c{index:05d}", files=(str(path),))
+        tokenize_chunk(
+            chunk=chunk, data=data, tokenizer_model=model, out_dir=out, stats_path=out / "stats"
+        )
+    return peak() - before
+
+
+def test_a_long_single_line_document_tokenizes_in_bounded_memory(tmp_path, corpus, tokenizer_model):
+    import multiprocessing
+    import random
+    from concurrent.futures import ProcessPoolExecutor
+
+    rng = random.Random(0)
+    words = [word for words in DOMAINS.values() for word in words]
+    length = 4_000_000
+    document = write_jsonl(
+        tmp_path / "long.jsonl", [{"text": " ".join(rng.choices(words, k=length // 5))}]
+    )
+    warm_up = write_jsonl(tmp_path / "short.jsonl", make_records(10))
+    # A fresh process, so that the peak is this document's.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        growth = pool.submit(
+            peak_memory_growth, data_config(tmp_path), tokenizer_model, warm_up, document
+        ).result()
+    # Encoded whole, SentencePiece alone takes ~50 bytes a character.
+    assert growth < 25 * length
+
+
 def test_a_failed_chunk_leaves_nothing_and_spares_the_others(tmp_path, corpus, tokenizer_model):
     tokenize(tmp_path, corpus, tokenizer_model)
     before = {path: path.read_bytes() for path in (tmp_path / "out").rglob("*") if path.is_file()}
@@ -310,6 +390,20 @@ def test_a_bad_record_stops_tokenizer_training_with_its_file_and_line(tmp_path, 
     assert f"smalltalk train-tokenizer: error: {bad}, line 1: invalid JSON" in stderr
     assert "Traceback" not in stderr and "INTERNAL" not in stderr
     assert not out.parent.exists()
+
+
+def test_the_token_summary_counts_bad_records_once_not_on_every_split(tmp_path):
+    paths = []
+    for chunk, bad_records in (("c00000", 2), ("c00001", 3)):
+        stats = ChunkStats(chunk=chunk, files=[], bad_records=bad_records)
+        stats.splits["train"].documents = 10
+        paths.append(tmp_path / f"{chunk}.json")
+        paths[-1].write_text(json.dumps(stats.as_dict()))
+    summary = pd.read_csv(summarize_stats(paths, tmp_path / "summary.tsv"), sep="\t")
+    assert list(summary["split"]) == ["train", "val", "test", "all"]
+    assert summary["bad_records"].sum() == 5
+    assert summary.set_index("split").loc["all", "bad_records"] == 5
+    assert list(summary["documents"]) == [20, 0, 0, 20]
 
 
 def test_tokenizer_training_is_deterministic(tmp_path, corpus, tokenizer_model):
