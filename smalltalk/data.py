@@ -651,7 +651,12 @@ def tokenize_chunk(
         for split, packer in packers.items():
             stats.splits[split].dropped_tokens = len(packer.carry)
     # Stats last: their presence says the chunk's token files are complete.
-    write_text_atomically(json.dumps(stats.as_dict(), indent=2) + "\n", stats_path)
+    try:
+        write_text_atomically(json.dumps(stats.as_dict(), indent=2) + "\n", stats_path)
+    except BaseException:
+        for final in finals:  # token files without stats would pass for a finished chunk
+            final.unlink(missing_ok=True)
+        raise
     return stats
 
 

@@ -341,6 +341,25 @@ def assert_failed_cleanly_on_a_full_disk(status, stderr, out_dir):
     assert not [path for path in out_dir.rglob("*") if path.is_file()]
 
 
+def test_a_full_disk_at_the_stats_file_leaves_no_token_file_either(
+    tmp_path, corpus, tokenizer_model, monkeypatch, capsys
+):
+    real_write = data_module.write_text_atomically
+
+    def write_text_atomically(text, path):
+        if Path(path).name == "c00000.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(text, path)
+
+    monkeypatch.setattr(data_module, "write_text_atomically", write_text_atomically)
+    out_dir = tmp_path / "tokens"
+    status = cli.main(tokenize_command(tmp_path, tokenizer_model, out_dir))
+    stderr = capsys.readouterr().err
+    assert status == 1
+    assert f"{out_dir / 'stats' / 'c00000.json'}: No space left on device" in stderr
+    assert not [path for path in out_dir.rglob("*") if path.is_file()]
+
+
 @pytest.mark.parametrize("fails", ["mid-write and on close", "on close"])
 def test_a_full_disk_fails_cleanly_naming_the_path_and_leaves_no_temporary_file(
     tmp_path, corpus, tokenizer_model, monkeypatch, capsys, fails
