@@ -107,17 +107,16 @@ def train_tokenizer(
     try:
         _train(spm, sentences(), tokenizer, model, threads)
     except RuntimeError as error:
-        if failures:
-            pass  # raised below, out of SentencePiece's error
-        elif "Vocabulary size is smaller than required_chars" in str(error):
+        too_small = "Vocabulary size is smaller than required_chars" in str(error)
+        if too_small and not failures:
             raise ValueError(
                 f"tokenizer.vocab_size={tokenizer.vocab_size} is too small for this corpus: "
                 "it must hold 256 byte pieces, 3 specials and every character within "
                 f"tokenizer.character_coverage={tokenizer.character_coverage} "
                 f"(SentencePiece: {error})"
             ) from None
-        else:
+        if not failures:
             raise
-    if failures:
+    if failures:  # raised here, out of SentencePiece's error
         raise failures[0]
     return write_bytes_atomically(model.getvalue(), out_model)
