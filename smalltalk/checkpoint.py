@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_file
+
+from smalltalk.files import atomic_path, naming_a_full_disk
 
 CHECKPOINT_DIR = re.compile(r"step-(\d{8})")
 WEIGHTS, STATE, FINISHED = "model.safetensors", "state.pt", "finished"
@@ -71,15 +73,20 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict
     The same weights and metadata give the same bytes. safetensors writes the header's metadata
     from a randomly seeded hash map, so it must hold one entry: not save_model, which adds one
     per dropped tied name."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(
-        _distinct_tensors(unwrap(model)),
-        str(tmp),
-        metadata={METADATA_KEY: json.dumps(metadata or {})},
-    )
-    _fsync(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        try:
+            save_file(
+                _distinct_tensors(unwrap(model)),
+                str(tmp),
+                metadata={METADATA_KEY: json.dumps(metadata or {})},
+            )
+        except SafetensorError as error:
+            # An I/O error comes as text ("... (os error 28)"); a full disk must read as one.
+            code = re.search(r"\(os error (\d+)\)", str(error))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1]))) from error
+        _fsync(tmp)
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
@@ -177,15 +184,20 @@ def save_checkpoint(
     final = checkpoint_path(ckpt_dir, step)
     tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
-    save_weights(model, tmp / WEIGHTS)
-    payload = {
-        **state,
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_state(),
-    }
-    torch.save(payload, tmp / STATE)
-    _fsync(tmp / STATE)
+    try:
+        save_weights(model, tmp / WEIGHTS)
+        payload = {
+            **state,
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "rng": rng_state(),
+        }
+        with naming_a_full_disk(tmp / STATE):
+            torch.save(payload, tmp / STATE)
+        _fsync(tmp / STATE)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # only when a run is resumed from an older copy of this same step
         shutil.rmtree(final)
     os.replace(tmp, final)

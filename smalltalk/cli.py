@@ -1014,6 +1014,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(error: Exception) -> str:
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"  # as ls and cp say it, with no [Errno 28]
+    return str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1027,9 +1033,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (ConfigError, BadRecordError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, BadRecordError, OSError, ValueError) as error:
         log.debug("details", exc_info=True)
-        print(f"smalltalk {args.command}: error: {error}", file=sys.stderr)
+        print(f"smalltalk {args.command}: error: {_message(error)}", file=sys.stderr)
         return 1
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,11 +199,9 @@ def write_resolved_config(config: dict[str, Any], path: str | Path) -> Path:
     text += yaml.safe_dump(config, sort_keys=False)
     if path.is_file() and path.read_text() == text:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(text)
-    os.replace(temp, path)
-    return path
+    from smalltalk.files import write_text_atomically  # pyarrow: not for every config read
+
+    return write_text_atomically(text, path)
 
 
 def model_config(config: dict[str, Any], role: str, *, vocab_size: int):

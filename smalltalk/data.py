@@ -33,7 +33,13 @@ UNKNOWN_SOURCE = "unknown"
 SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 ORDINAL_BITS = 30  # seq_id = chunk << 32 | split << 30 | ordinal
 ENCODE_BATCH_BYTES = 4 << 20
+# Longer documents are encoded in pieces: SentencePiece takes ~50 bytes per character encoded.
+LONG_DOCUMENT_CHARS = 1 << 18
 ROW_GROUP_SEQUENCES = 1024
+ZSTD_MAX_FRAME_HEADER = 18
+ZSTD_SKIPPABLE_MAGIC = 0x184D2A50  # low 4 bits free
+ZSTD_RLE_BLOCK = 1  # its content is one byte, whatever the size it decodes to
+COMPRESSION_ERRORS = (EOFError, OSError, zlib.error, zstandard.ZstdError)
 
 
 @dataclass(slots=True, frozen=True)
@@ -65,13 +71,76 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
-        # read_across_frames: zstd CLI output and pzstd write several frames.
+        return io.BufferedReader(_ZstdFrames(path), buffer_size=1 << 20)
+    return open(path, "rb")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The frames of a zstd file, one after the other (zstd CLI output and pzstd hold
+    several), refusing a file that ends inside a frame.
+
+    The decoder takes the end of the input at a block boundary for the end of the data, so
+    a file cut there would read as complete; `zstd -t` refuses it, and so do we.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
         raw = open(path, "rb")  # noqa: SIM115 -- closed by the stream reader (closefd)
-        reader = zstandard.ZstdDecompressor().stream_reader(
+        self.reader = zstandard.ZstdDecompressor().stream_reader(
             raw, read_across_frames=True, closefd=True
         )
-        return io.BufferedReader(reader, buffer_size=1 << 20)
-    return open(path, "rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = self.reader.readinto(buffer)
+        if count == 0 and len(buffer) and _ends_inside_a_zstd_frame(self.path):
+            raise EOFError("the file ends inside a zstd frame")
+        return count
+
+    def close(self) -> None:
+        self.reader.close()
+        super().close()
+
+
+def _ends_inside_a_zstd_frame(path: Path) -> bool:
+    """Walks the frame and block headers (RFC 8878 §3.1) without decoding."""
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        offset = 0
+        while offset < size:
+            file.seek(offset)
+            header = file.read(ZSTD_MAX_FRAME_HEADER)
+            if int.from_bytes(header[:4], "little") & ~0xF == ZSTD_SKIPPABLE_MAGIC:
+                offset += 8 + int.from_bytes(header[4:8], "little")
+                continue
+            try:
+                has_checksum = zstandard.get_frame_parameters(header).has_checksum
+                offset += zstandard.frame_header_size(header)
+            except zstandard.ZstdError:
+                return True
+            last_block = False
+            while not last_block:
+                if offset + 3 > size:
+                    return True
+                file.seek(offset)
+                block = int.from_bytes(file.read(3), "little")
+                last_block, kind, length = block & 1, block >> 1 & 3, block >> 3
+                offset += 3 + (1 if kind == ZSTD_RLE_BLOCK else length)
+            offset += 4 if has_checksum else 0
+        return offset > size
+
+
+def _compression_fault(path: Path) -> str | None:
+    """Why a compressed file does not decompress to its end (`gzip -t`, `zstd -t`), if so."""
+    try:
+        with _open_binary(path) as stream:
+            while stream.read(1 << 20):
+                pass
+    except COMPRESSION_ERRORS as error:
+        return str(error)
+    return None
 
 
 def _meta_source(meta) -> str | None:
@@ -94,6 +163,10 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
+def _truncated_or_corrupt(error: object) -> str:
+    return f"truncated or corrupt compressed data ({error})"
+
+
 def _json_lines(
     path: Path,
     doc_key: str,
@@ -104,6 +177,7 @@ def _json_lines(
 ) -> Iterator[Document]:
     # RedPajama-V2 files are named {lang}_{head|middle}.json.gz and carry no domain label.
     default_source = _stem(path) if path.name.lower().endswith(".json.gz") else UNKNOWN_SOURCE
+    compressed = path.name.lower().endswith((".gz", ".zst"))
     line_no = 0
     records = 0
     with _open_binary(path) as stream:
@@ -113,12 +187,9 @@ def _json_lines(
                 raw = next(lines)
             except StopIteration:
                 break
-            except (EOFError, OSError, zlib.error, zstandard.ZstdError) as error:
+            except COMPRESSION_ERRORS as error:
                 _report(
-                    BadRecordError(
-                        path, line_no + 1, f"truncated or corrupt compressed data ({error})"
-                    ),
-                    on_bad_record,
+                    BadRecordError(path, line_no + 1, _truncated_or_corrupt(error)), on_bad_record
                 )
                 return
             line_no += 1
@@ -127,11 +198,18 @@ def _json_lines(
             records += 1
             try:
                 record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as error:
-                _report(BadRecordError(path, line_no, f"not UTF-8 ({error})"), on_bad_record)
-                continue
-            except json.JSONDecodeError as error:
-                _report(BadRecordError(path, line_no, f"invalid JSON ({error})"), on_bad_record)
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                # Corrupt compressed data often decodes to garbage long before the checksum
+                # that proves it, so blame the compression if the file fails its own test.
+                fault = _compression_fault(path) if compressed else None
+                if fault is not None:
+                    _report(
+                        BadRecordError(path, line_no, _truncated_or_corrupt(fault)), on_bad_record
+                    )
+                    return
+                compressed = False  # tested once: its bad lines are its own
+                reason = "not UTF-8" if isinstance(error, UnicodeDecodeError) else "invalid JSON"
+                _report(BadRecordError(path, line_no, f"{reason} ({error})"), on_bad_record)
                 continue
             if not isinstance(record, dict):
                 _report(BadRecordError(path, line_no, "not a JSON object"), on_bad_record)
@@ -350,6 +428,28 @@ def split_of(doc_id: str, splits: dict[str, float]) -> str:
 # --------------------------------------------------------------------------- packing
 
 
+def text_pieces(text: str, size: int) -> Iterator[str]:
+    """`text` in pieces of at most `size` characters whose tokens are those of the whole.
+
+    A piece ends before a space between two words, and that space is left out: SentencePiece
+    puts its own before the next piece (the dummy prefix), and no token crosses the space that
+    starts a word. Only where `size` characters hold no such space is the text cut anywhere,
+    which may change the tokens next to the cut.
+    """
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + 1, start + size)
+        while cut > start and (text[cut - 1] == " " or text[cut + 1] == " "):
+            cut = text.rfind(" ", start + 1, cut)
+        if cut > start:
+            yield text[start:cut]
+            start = cut + 1
+        else:
+            yield text[start : start + size]
+            start += size
+    yield text[start:]
+
+
 @dataclass(slots=True)
 class SplitStats:
     documents: int = 0
@@ -491,10 +591,23 @@ def tokenize_chunk(
 
     handler = on_bad_record if data.on_bad_record == "skip" else None
 
+    def encode(batch: list[Document]) -> Iterator[list[int] | np.ndarray]:
+        short = iter(
+            processor.encode(
+                [doc.text for doc in batch if len(doc.text) <= LONG_DOCUMENT_CHARS],
+                num_threads=threads,
+            )
+        )
+        for doc in batch:
+            if len(doc.text) <= LONG_DOCUMENT_CHARS:
+                yield next(short)
+            else:  # as an array: a list of Python ints takes ~36 bytes a token
+                pieces = text_pieces(doc.text, LONG_DOCUMENT_CHARS)
+                yield np.concatenate([np.asarray(processor.encode(p), dtype) for p in pieces])
+
     def flush(batch: list[Document]) -> None:
-        encoded = processor.encode([doc.text for doc in batch], num_threads=threads)
         by_split: dict[str, tuple[list, list]] = {split: ([], []) for split in SPLITS}
-        for doc, ids in zip(batch, encoded, strict=True):
+        for doc, ids in zip(batch, encode(batch), strict=True):
             split = split_of(doc.id, data.splits)
             split_stats = stats.splits[split]
             split_stats.documents += 1
@@ -538,12 +651,20 @@ def tokenize_chunk(
         for split, packer in packers.items():
             stats.splits[split].dropped_tokens = len(packer.carry)
     # Stats last: their presence says the chunk's token files are complete.
-    write_text_atomically(json.dumps(stats.as_dict(), indent=2) + "\n", stats_path)
+    try:
+        write_text_atomically(json.dumps(stats.as_dict(), indent=2) + "\n", stats_path)
+    except BaseException:
+        for final in finals:  # token files without stats would pass for a finished chunk
+            final.unlink(missing_ok=True)
+        raise
     return stats
 
 
 def summarize_stats(stats_paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """One TSV row per split with the totals of every chunk's stats file, plus bad records."""
+    """One TSV row per split with the totals of every chunk's stats file, then their sum, "all".
+
+    Bad records have no split (most have no readable id), so they are counted in "all" only.
+    """
     totals = {split: SplitStats() for split in SPLITS}
     chunks = bad_records = 0
     for path in stats_paths:
@@ -554,8 +675,11 @@ def summarize_stats(stats_paths: Iterable[str | os.PathLike], out: str | os.Path
             for name, value in values.items():
                 setattr(totals[split], name, getattr(totals[split], name) + value)
     columns = list(SplitStats.__dataclass_fields__)
+    rows = [
+        [split, chunks, *(getattr(totals[split], name) for name in columns), ""] for split in SPLITS
+    ]
+    sums = [sum(getattr(split_stats, name) for split_stats in totals.values()) for name in columns]
+    rows.append(["all", chunks, *sums, bad_records])
     lines = ["\t".join(["split", "chunks", *columns, "bad_records"])]
-    for split, split_stats in totals.items():
-        values = [getattr(split_stats, name) for name in columns]
-        lines.append("\t".join(map(str, [split, chunks, *values, bad_records])))
+    lines += ["\t".join(map(str, row)) for row in rows]
     return write_text_atomically("\n".join(lines) + "\n", out)

@@ -1,8 +1,10 @@
-"""Writing results so that a crash never leaves a half-written file under a final name, and
-fingerprints that tell whether input files changed."""
+"""Writing results so that a failure never leaves a half-written file under a final name, nor a
+temporary file beside it; fingerprints that tell whether input files changed."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
@@ -12,11 +14,43 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
 
 def temporary_path(path: str | os.PathLike) -> Path:
     """A hidden name beside `path`, unique to this process (same filesystem: rename is atomic)."""
     path = Path(path)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def naming_a_full_disk(path: str | os.PathLike) -> Iterator[None]:
+    """Give a full disk's error, raised while writing `path`, that path as its file name.
+
+    Neither Python's nor pyarrow's write errors name the file, and "No space left on device"
+    alone does not say which disk.
+    """
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in DISK_FULL or error.filename is not None:
+            raise
+        raise OSError(error.errno, os.strerror(error.errno), str(path)) from error
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside `path` to write to: renamed over `path` when the block succeeds,
+    removed when it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = temporary_path(path)
+    try:
+        with naming_a_full_disk(path):
+            yield temp
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def write_parquet_atomically(table: pa.Table, path: str | os.PathLike) -> Path:
@@ -31,15 +65,9 @@ def write_text_atomically(text: str, path: str | os.PathLike) -> Path:
 
 
 def write_bytes_atomically(data: bytes, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = temporary_path(path)
-    try:
+    with atomic_path(path) as temp:
         temp.write_bytes(data)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 @contextmanager
@@ -54,17 +82,20 @@ def parquet_writers(
     temps = [temporary_path(path) for path in paths]
     writers: list[pq.ParquetWriter] = []
     try:
-        for temp in temps:
-            temp.parent.mkdir(parents=True, exist_ok=True)
-            writers.append(pq.ParquetWriter(temp, schema, compression="zstd"))
-        yield writers
-        while writers:
-            writers.pop().close()
+        with naming_a_full_disk(paths[0] if len(paths) == 1 else os.path.commonpath(paths)):
+            for temp in temps:
+                temp.parent.mkdir(parents=True, exist_ok=True)
+                writers.append(pq.ParquetWriter(temp, schema, compression="zstd"))
+            yield writers
+            while writers:
+                writers.pop().close()
         for temp, path in zip(temps, paths, strict=True):
             os.replace(temp, path)
     finally:
         for writer in writers:
-            writer.close()
+            # On a full disk close() fails again; the error on its way out already says why.
+            with contextlib.suppress(Exception):
+                writer.close()
         for temp in temps:
             temp.unlink(missing_ok=True)
 

@@ -39,6 +39,8 @@ from matplotlib.ticker import (
     PercentFormatter,
 )
 
+from smalltalk.files import atomic_path
+
 PathLike = str | os.PathLike
 
 # ---- style ----------------------------------------------------------------------------------
@@ -90,15 +92,9 @@ def _figure(width: float, height: float) -> Figure:
 
 def _atomically(out: PathLike, write: Callable[[Path], object]) -> Path:
     """Call write(temporary path) beside `out`, then rename it over `out`."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         write(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return Path(out)
 
 
 def _save(fig: Figure, out: PathLike) -> Path:

@@ -12,6 +12,7 @@ import numpy as np
 
 from smalltalk.config import DataConfig, TokenizerConfig
 from smalltalk.data import BadRecordError, read_corpus_file, split_of
+from smalltalk.files import write_bytes_atomically
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,9 @@ def sample_sentences(
         log.warning("skipped %d bad records while sampling, first: %s", len(skipped), skipped[0])
 
 
-def _train(spm, files, data, tokenizer, model, threads) -> None:
+def _train(spm, sentences, tokenizer, model, threads) -> None:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=sample_sentences(files, data, tokenizer),
+        sentence_iterator=sentences,
         model_writer=model,
         model_type="bpe",
         vocab_size=tokenizer.vocab_size,
@@ -92,23 +93,30 @@ def train_tokenizer(
     import sentencepiece as spm
 
     model = io.BytesIO()
+    # SentencePiece turns an error raised by the iterator into "INTERNAL: BadRecordError"
+    # inside its own traceback; keep the error to raise it as the readers do.
+    failures: list[Exception] = []
+
+    def sentences() -> Iterator[str]:
+        try:
+            yield from sample_sentences(files, data, tokenizer)
+        except Exception as error:
+            failures.append(error)
+            raise
+
     try:
-        _train(spm, files, data, tokenizer, model, threads)
+        _train(spm, sentences(), tokenizer, model, threads)
     except RuntimeError as error:
-        if "Vocabulary size is smaller than required_chars" in str(error):
+        too_small = "Vocabulary size is smaller than required_chars" in str(error)
+        if too_small and not failures:
             raise ValueError(
                 f"tokenizer.vocab_size={tokenizer.vocab_size} is too small for this corpus: "
                 "it must hold 256 byte pieces, 3 specials and every character within "
                 f"tokenizer.character_coverage={tokenizer.character_coverage} "
                 f"(SentencePiece: {error})"
             ) from None
-        raise
-    out_model = Path(out_model)
-    out_model.parent.mkdir(parents=True, exist_ok=True)
-    temp = out_model.with_name(f".{out_model.name}.tmp-{os.getpid()}")
-    try:
-        temp.write_bytes(model.getvalue())
-        os.replace(temp, out_model)
-    finally:
-        temp.unlink(missing_ok=True)
-    return out_model
+        if not failures:
+            raise
+    if failures:  # raised here, out of SentencePiece's error
+        raise failures[0]
+    return write_bytes_atomically(model.getvalue(), out_model)

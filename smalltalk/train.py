@@ -52,7 +52,7 @@ from smalltalk.checkpoint import (
     save_weights,
 )
 from smalltalk.data import token_matrix
-from smalltalk.files import fingerprint
+from smalltalk.files import atomic_path, fingerprint
 from smalltalk.flops import counted_flops, training_flops
 from smalltalk.model import LM, ModelConfig
 from smalltalk.scoring import sequence_nll
@@ -305,9 +305,8 @@ METRICS_SCHEMA = pa.schema(
 
 
 def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 class MetricsLog:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
+import subprocess
 from pathlib import Path
 
 import pyarrow as pa
@@ -61,3 +63,25 @@ def corpus(tmp_path: Path) -> list[Path]:
         path.parent.mkdir(exist_ok=True)
         paths.append(write_jsonl(path, make_records(200, seed=index)))
     return paths
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs, for root where mounting is permitted."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    yield mount_point
+    # Lazily: a failing run may still hold a file open there.
+    subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+
+
+def fill(disk: Path, leave: int = 0) -> None:
+    """Take all of the free space of `disk` but `leave` bytes."""
+    stats = os.statvfs(disk)
+    with open(disk / "filler", "wb") as handle:
+        handle.write(b"\0" * (stats.f_bavail * stats.f_frsize - leave))

@@ -127,6 +127,12 @@ def bad_input_cases(tmp_path: Path) -> dict[str, tuple[Path, int | None]]:
     path.write_bytes(bytes(data))
     cases["corrupt zstd"] = (path, None)
 
+    path = tmp_path / "corrupt.json.gz"
+    data = bytearray(gzip.compress(good, mtime=0))
+    data[len(data) // 2] ^= 0x55  # decodes to garbage lines long before the CRC fails
+    path.write_bytes(bytes(data))
+    cases["corrupt gzip"] = (path, None)
+
     path = tmp_path / "invalid.jsonl"
     path.write_bytes(b'{"text": "ok"}\n{"text": broken\n{"text": "ok"}\n')
     cases["invalid JSON"] = (path, 2)
@@ -151,6 +157,7 @@ CASES = [
     "truncated gzip",
     "truncated zstd",
     "corrupt zstd",
+    "corrupt gzip",
     "invalid JSON",
     "no text",
     "not UTF-8",
@@ -178,6 +185,36 @@ def test_bad_input_skipped_and_counted(tmp_path, case):
     docs = read_all(path, on_bad_record=skipped.append)
     assert len(skipped) == 1
     assert all(doc.text.startswith(("ok", "record")) for doc in docs)
+
+
+# Not "corrupt zstd": without a checksum (the default) its garbage decodes, and `zstd -t`
+# passes it too; what is left to report is the line that is not JSON.
+@pytest.mark.parametrize("case", ["truncated gzip", "truncated zstd", "corrupt gzip"])
+def test_broken_compression_is_reported_as_such_not_as_a_bad_line(tmp_path, case):
+    path, _ = bad_input_cases(tmp_path)[case]
+    with pytest.raises(BadRecordError, match="truncated or corrupt compressed data"):
+        read_all(path)
+
+
+def test_a_zstd_file_cut_at_a_block_boundary_at_a_line_end_is_truncated(tmp_path):
+    # The decoder takes the end of input after a whole block for the end of the data.
+    compressor = zstandard.ZstdCompressor().compressobj()
+    data, line_ends = b"", []
+    for record in make_records(20):
+        data += compressor.compress(json.dumps(record).encode() + b"\n")
+        data += compressor.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        line_ends.append(len(data))
+    data += compressor.flush()
+    path = tmp_path / "cut.jsonl.zst"
+    path.write_bytes(data)
+    assert len(read_all(path)) == 20
+    path.write_bytes(data[: line_ends[9]])
+    with pytest.raises(BadRecordError, match="truncated") as raised:
+        read_all(path)
+    assert raised.value.path == str(path)
+    skipped = []
+    assert len(read_all(path, on_bad_record=skipped.append)) == 10
+    assert len(skipped) == 1
 
 
 def test_parquet_null_text_and_missing_column(tmp_path):

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_records, write_jsonl
+import yaml
+import zstandard
+from conftest import DOMAINS, fill, json_lines, make_records, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from smalltalk import cli
+from smalltalk import data as data_module
 from smalltalk.config import DataConfig, TokenizerConfig, validate_config
 from smalltalk.data import (
     BadRecordError,
+    Chunk,
+    ChunkStats,
     SequencePacker,
     document_key,
     plan_chunks,
     split_of,
+    summarize_stats,
+    text_pieces,
     tokenize_chunk,
 )
 from smalltalk.tokenizer import train_tokenizer
@@ -179,6 +190,80 @@ def test_tokenize_is_deterministic(tmp_path, corpus, tokenizer_model):
             assert a == b
 
 
+def test_long_documents_encoded_in_pieces_give_the_tokens_of_the_whole(
+    tmp_path, corpus, tokenizer_model, monkeypatch
+):
+    tokenize(tmp_path, corpus, tokenizer_model, name="whole")
+    monkeypatch.setattr(data_module, "LONG_DOCUMENT_CHARS", 40)  # every document, in pieces
+    tokenize(tmp_path, corpus, tokenizer_model, name="pieces")
+    for split in ("train", "val", "test"):
+        for chunk in ("c00000", "c00001", "c00002"):
+            whole = (tmp_path / "whole" / split / f"{chunk}.parquet").read_bytes()
+            assert (tmp_path / "pieces" / split / f"{chunk}.parquet").read_bytes() == whole
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the lord  spake unto   moses\n saying\tthou shalt   ",
+        "  def return self\n\n    import class for in if else none while yield  x",
+        "déjà vu 東京 タワー ünïcödé naïve café 123456 7 8 9",
+    ],
+)
+def test_text_pieces_encode_to_the_tokens_of_the_whole_text(tokenizer_model, text):
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    cut_at_spaces = 0
+    for size in range(8, len(text)):
+        pieces = list(text_pieces(text, size))
+        assert all(len(piece) <= size for piece in pieces)
+        if " ".join(pieces) != text:
+            continue  # `size` characters without a space between words: cut anywhere
+        cut_at_spaces += 1
+        assert sum((processor.encode(piece) for piece in pieces), []) == processor.encode(text)
+    assert cut_at_spaces > len(text) // 2
+
+
+def peak_memory_growth(data: DataConfig, model, warm_up: str, document: str) -> int:
+    """Bytes the peak RSS of this process grows by to tokenize `document` after `warm_up`."""
+    import resource
+
+    def peak() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    for index, path in enumerate([warm_up, document]):
+        if index == 1:
+            before = peak()
+        out = Path(path).parent / f"out-{index}"
+        chunk = Chunk(index=index, name=f"c{index:05d}", files=(str(path),))
+        tokenize_chunk(
+            chunk=chunk, data=data, tokenizer_model=model, out_dir=out, stats_path=out / "stats"
+        )
+    return peak() - before
+
+
+def test_a_long_single_line_document_tokenizes_in_bounded_memory(tmp_path, corpus, tokenizer_model):
+    import multiprocessing
+    import random
+    from concurrent.futures import ProcessPoolExecutor
+
+    rng = random.Random(0)
+    words = [word for words in DOMAINS.values() for word in words]
+    length = 4_000_000
+    document = write_jsonl(
+        tmp_path / "long.jsonl", [{"text": " ".join(rng.choices(words, k=length // 5))}]
+    )
+    warm_up = write_jsonl(tmp_path / "short.jsonl", make_records(10))
+    # A fresh process, so that the peak is this document's.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        growth = pool.submit(
+            peak_memory_growth, data_config(tmp_path), tokenizer_model, warm_up, document
+        ).result()
+    # Encoded whole, SentencePiece alone takes ~50 bytes a character.
+    assert growth < 25 * length
+
+
 def test_a_failed_chunk_leaves_nothing_and_spares_the_others(tmp_path, corpus, tokenizer_model):
     tokenize(tmp_path, corpus, tokenizer_model)
     before = {path: path.read_bytes() for path in (tmp_path / "out").rglob("*") if path.is_file()}
@@ -219,6 +304,125 @@ def test_a_failed_chunk_leaves_nothing_and_spares_the_others(tmp_path, corpus, t
     assert stats.bad_records == 1
     assert "line 152" in stats.bad_record_examples[0]
     assert sum(s.documents for s in stats.splits.values()) == 151
+
+
+def write_config(tmp_path) -> Path:
+    """The config of `data_config`, as a file for the command line."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "inputs": [str(tmp_path / "corpus" / "*.jsonl.zst")],
+                "splits": SPLITS,
+                "seq_len": 32,
+                "routing": {"n_experts": 2, "prefix_len": 8},
+                "tokenizer": {"vocab_size": 300, "sample_bytes": 50_000},
+            }
+        )
+    )
+    return config
+
+
+def tokenize_command(tmp_path, model, out_dir) -> list[str]:
+    """`smalltalk tokenize` of the first corpus file."""
+    config = write_config(tmp_path)
+    corpus_file = tmp_path / "corpus" / "part-0.jsonl.zst"
+    return [
+        "tokenize",
+        *("--config", str(config), "--chunk", "c00000"),
+        *("--tokenizer", str(model), "--out-dir", str(out_dir), str(corpus_file)),
+    ]
+
+
+def assert_failed_cleanly_on_a_full_disk(status, stderr, out_dir):
+    assert status == 1
+    assert "Traceback" not in stderr
+    assert f"smalltalk tokenize: error: {out_dir}: No space left on device" in stderr
+    assert not [path for path in out_dir.rglob("*") if path.is_file()]
+
+
+def test_a_full_disk_at_the_stats_file_leaves_no_token_file_either(
+    tmp_path, corpus, tokenizer_model, monkeypatch, capsys
+):
+    real_write = data_module.write_text_atomically
+
+    def write_text_atomically(text, path):
+        if Path(path).name == "c00000.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(text, path)
+
+    monkeypatch.setattr(data_module, "write_text_atomically", write_text_atomically)
+    out_dir = tmp_path / "tokens"
+    status = cli.main(tokenize_command(tmp_path, tokenizer_model, out_dir))
+    stderr = capsys.readouterr().err
+    assert status == 1
+    assert f"{out_dir / 'stats' / 'c00000.json'}: No space left on device" in stderr
+    assert not [path for path in out_dir.rglob("*") if path.is_file()]
+
+
+@pytest.mark.parametrize("fails", ["mid-write and on close", "on close"])
+def test_a_full_disk_fails_cleanly_naming_the_path_and_leaves_no_temporary_file(
+    tmp_path, corpus, tokenizer_model, monkeypatch, capsys, fails
+):
+    real_write, real_close = pq.ParquetWriter.write_table, pq.ParquetWriter.close
+    writes = []
+
+    def disk_full():
+        # What pyarrow raises: errno set, no file name.
+        return OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space")
+
+    def write_table(self, *args, **kwargs):
+        writes.append(1)
+        if fails.startswith("mid-write") and len(writes) == 2:
+            raise disk_full()
+        real_write(self, *args, **kwargs)
+
+    def close(self):
+        real_close(self)
+        raise disk_full()
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", write_table)
+    monkeypatch.setattr(pq.ParquetWriter, "close", close)
+    out_dir = tmp_path / "tokens"
+    status = cli.main(tokenize_command(tmp_path, tokenizer_model, out_dir))
+    assert_failed_cleanly_on_a_full_disk(status, capsys.readouterr().err, out_dir)
+
+
+def test_a_really_full_disk_fails_cleanly(tmp_path, corpus, tokenizer_model, small_disk, capsys):
+    fill(small_disk, leave=8192)  # a few pages: less than the chunk's tokens
+    out_dir = small_disk / "tokens"
+    status = cli.main(tokenize_command(tmp_path, tokenizer_model, out_dir))
+    assert_failed_cleanly_on_a_full_disk(status, capsys.readouterr().err, out_dir)
+
+
+def test_a_bad_record_stops_tokenizer_training_with_its_file_and_line(tmp_path, corpus, capsys):
+    bad = corpus[1]
+    bad.write_bytes(
+        zstandard.ZstdCompressor().compress(b'{"text": \n' + json_lines(make_records(200)))
+    )
+    out = tmp_path / "tok" / "spm.model"
+    status = cli.main(
+        ["train-tokenizer", "--config", str(write_config(tmp_path)), "--out", str(out)]
+    )
+    stderr = capsys.readouterr().err
+    assert status == 1
+    assert f"smalltalk train-tokenizer: error: {bad}, line 1: invalid JSON" in stderr
+    assert "Traceback" not in stderr and "INTERNAL" not in stderr
+    assert not out.parent.exists()
+
+
+def test_the_token_summary_counts_bad_records_once_not_on_every_split(tmp_path):
+    paths = []
+    for chunk, bad_records in (("c00000", 2), ("c00001", 3)):
+        stats = ChunkStats(chunk=chunk, files=[], bad_records=bad_records)
+        stats.splits["train"].documents = 10
+        paths.append(tmp_path / f"{chunk}.json")
+        paths[-1].write_text(json.dumps(stats.as_dict()))
+    summary = pd.read_csv(summarize_stats(paths, tmp_path / "summary.tsv"), sep="\t")
+    assert list(summary["split"]) == ["train", "val", "test", "all"]
+    assert summary["bad_records"].sum() == 5
+    assert summary.set_index("split").loc["all", "bad_records"] == 5
+    assert list(summary["documents"]) == [20, 0, 0, 20]
 
 
 def test_tokenizer_training_is_deterministic(tmp_path, corpus, tokenizer_model):
