@@ -44,13 +44,15 @@ def _router(config: dict, args: argparse.Namespace, keep_loaded: bool = False):
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _config(args.config)
+    from smalltalk.config import load_config
+
+    config = load_config(*args.config)
     if args.print:
         import yaml
 
         sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
     else:
-        print(f"{args.config}: valid")
+        print(f"{' + '.join(map(str, args.config))}: valid")
     return 0
 
 
@@ -410,7 +412,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         dense_weights=args.dense,
         prefix_lens=eval_prefix_lens(config),
         train_prefix_len=config["routing"]["prefix_len"],
-        topk=min(evaluation["topk"], config["routing"]["n_experts"]),
+        topk=evaluation["topk"],
         temperature=evaluation["temperature"],
         batch_size=evaluation["batch_size"],
         out=args.out,
@@ -762,7 +764,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     sub = add("check-config", cmd_check_config, "validate a config file and report every problem")
-    add_config(sub)
+    sub.add_argument(
+        "--config",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="workflow config YAML, then overlays merged on top in order (as --configfile)",
+    )
     sub.add_argument("--print", action="store_true", help="print the config with defaults")
 
     sub = add("chunks", cmd_chunks, "list the input chunks (JSON lines: chunk, files)")
