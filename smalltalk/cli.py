@@ -1011,7 +1011,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--include-path",
         action="append",
         default=[],
-        help="more task directories (besides RESULTS/harness)",
+        help="more task directories (their YAML may run Python from there: name only trusted ones)",
     )
     sub.add_argument("--max-experts", type=int, help="experts kept in memory (default: 2)")
     sub.add_argument("--topk", type=int, default=1, help="mix the top k experts (c-BTM)")

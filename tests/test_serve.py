@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -504,6 +505,24 @@ def test_lm_eval_runs_the_local_task_offline(results, tmp_path, capsys):
         assert 0 <= row["value"] <= 1 and row["stderr"] >= 0
     assert "continuation_choice" in json.loads(raw.read_text())["mixture"]["results"]
     assert "mixture  continuation_choice" in capsys.readouterr().out
+
+
+def test_lm_eval_never_imports_code_planted_in_the_results(results, tmp_path):
+    planted = tmp_path / "results"
+    shutil.copytree(results, planted)
+    marker = tmp_path / "imported"
+    for folder in ("continuation_choice", "planted"):  # the workflow's task, and a new one
+        task_dir = planted / "harness" / folder
+        task_dir.mkdir(exist_ok=True)
+        (task_dir / "utils.py").write_text(
+            f"open({str(marker)!r}, 'w').close()\n\ndef docs(dataset):\n    return dataset\n"
+        )
+        task = task_dir / "continuation_choice.yaml"
+        text = task.read_text() if task.exists() else ""
+        task.write_text(text + "process_docs: !function utils.docs\n")
+    args = ["lm-eval", "--results", str(planted), "--limit", "4", "--threads", "1"]
+    assert cli.main(args) == 0
+    assert not marker.exists()
 
 
 def test_config_refuses_options_that_do_not_fit_a_sequence():
