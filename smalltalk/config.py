@@ -177,9 +177,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
     """One YAML config file as a mapping, not validated (it may be an overlay)."""
     path = Path(path)
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        with path.open(encoding="utf-8") as text:  # YAML's messages then name the file
+            raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as error:  # a directory, no permission
+        raise ConfigError(f"{path}: cannot read it: {error.strerror}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
@@ -203,7 +206,10 @@ def load_config(*paths: str | Path) -> dict[str, Any]:
     raw: dict[str, Any] = {}
     for path in paths:
         raw = merge_configs(raw, read_config(path))
-    return validate_config(raw)
+    try:
+        return validate_config(raw)
+    except ConfigError as error:
+        raise ConfigError(f"{' + '.join(map(str, paths))}: {error}") from None
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
