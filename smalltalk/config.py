@@ -81,6 +81,7 @@ def semantic_errors(config: dict[str, Any]) -> list[str]:
         routing.get("method") == "smalltalk"
         and isinstance(n_experts, int)
         and isinstance(block, int)
+        and n_experts >= 1
     ):
         # A balanced round gives an expert at most ceil(N / E) sequences, so the last one may be
         # left with only N - (E - 1) * ceil(N / E): a router with nothing to train on.
@@ -144,15 +145,14 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """A copy of `config` with defaults filled in; raises ConfigError listing every problem."""
     config = copy.deepcopy(config)
     validator = _with_defaults(Draft202012Validator)(load_schema())
-    errors = [
-        f"{_key(error.absolute_path)}: {error.message}"
-        for error in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
-    ]
-    # The checks across keys assume the types are right (a section of null, a string for a list).
-    if not errors:
+    schema_errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    errors = [f"{_key(error.absolute_path)}: {error.message}" for error in schema_errors]
+    # The checks across keys need the keys there and of the right type (not a section of null,
+    # a string for a list); values out of range they can take, and are reported beside.
+    if not any(error.validator in ("type", "required") for error in schema_errors):
         if config["eval"]["topk"] is None:
             config["eval"]["topk"] = min(DEFAULT_TOPK, config["routing"]["n_experts"])
-        errors = semantic_errors(config)
+        errors += semantic_errors(config)
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     return config

@@ -96,6 +96,15 @@ def test_every_problem_is_reported_at_once():
     assert "seq_len" in message and "routing.n_experts" in message and "typo" in message
 
 
+def test_checks_across_keys_are_reported_beside_values_out_of_range():
+    config = with_change("routing.prefix_len", 128)
+    config["files_per_chunk"] = 0
+    with pytest.raises(ConfigError) as raised:
+        validate_config(config)
+    assert "routing.prefix_len: the routing prefix" in str(raised.value)
+    assert "files_per_chunk: 0 is less than the minimum" in str(raised.value)
+
+
 def test_load_config_names_a_missing_or_broken_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
