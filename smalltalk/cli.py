@@ -563,8 +563,11 @@ def _texts(args: argparse.Namespace) -> list[str]:
         except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
             raise ValueError(f"text argument {position}: not UTF-8 text") from None
     if args.file is not None and str(args.file) != "-":
-        with open(args.file, encoding="utf-8") as lines:
-            texts += read(lines, args.file)
+        try:
+            with open(args.file, encoding="utf-8") as lines:
+                texts += read(lines, args.file)
+        except OSError as error:  # missing, a directory, no permission
+            raise ValueError(f"{args.file}: cannot read it: {error.strerror}") from None
     elif args.file is not None or not texts:
         texts += stdin()
     if not texts:

@@ -460,6 +460,8 @@ def test_texts_that_are_not_utf8_or_missing_are_refused(results, tmp_path, capsy
     latin1.write_bytes("café\n".encode("latin-1"))
     assert cli.main([*common, "--file", str(latin1)]) == 1
     assert f"error: {latin1}: not UTF-8 text" in capsys.readouterr().err
+    assert cli.main([*common, "--file", str(tmp_path)]) == 1
+    assert f"error: {tmp_path}: cannot read it: Is a directory" in capsys.readouterr().err
     assert cli.main([*common, "caf\udce9"]) == 1  # how Python passes on the bytes of argv
     assert "error: text argument 1: not UTF-8 text" in capsys.readouterr().err
     for data, message in ((b"caf\xe9\n\x00\xff", "stdin: not UTF-8 text"), (b"", "no texts")):
