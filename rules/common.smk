@@ -6,10 +6,19 @@ sys.path.insert(0, workflow.basedir)
 
 from snakemake.utils import validate
 
-from smalltalk.config import SCHEMA_PATH, SPLITS, validate_config, write_resolved_config
+from smalltalk.config import (
+    SCHEMA_PATH,
+    SPLITS,
+    read_config,
+    validate_config,
+    write_resolved_config,
+)
 from smalltalk.data import plan_chunks
 from smalltalk.routers import final_router_paths
 
+# Snakemake keeps the last of a key given twice in a config file: refuse that instead.
+for configfile in workflow.configfiles:
+    read_config(configfile)
 # All problems at once, each naming its key; then Snakemake's own pass sets the defaults.
 validate_config(config)
 

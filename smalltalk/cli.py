@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -44,13 +46,15 @@ def _router(config: dict, args: argparse.Namespace, keep_loaded: bool = False):
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _config(args.config)
+    from smalltalk.config import load_config
+
+    config = load_config(*args.config)
     if args.print:
         import yaml
 
         sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
     else:
-        print(f"{args.config}: valid")
+        print(f"{' + '.join(map(str, args.config))}: valid")
     return 0
 
 
@@ -410,7 +414,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         dense_weights=args.dense,
         prefix_lens=eval_prefix_lens(config),
         train_prefix_len=config["routing"]["prefix_len"],
-        topk=min(evaluation["topk"], config["routing"]["n_experts"]),
+        topk=evaluation["topk"],
         temperature=evaluation["temperature"],
         batch_size=evaluation["batch_size"],
         out=args.out,
@@ -525,7 +529,8 @@ def cmd_concat(args: argparse.Namespace) -> int:
 
 def _texts(args: argparse.Namespace) -> list[str]:
     """Texts from the arguments, then from --file (`-`: stdin); from stdin when neither is given.
-    A file holds one text per line, or JSON lines with a "text" field (texts with newlines)."""
+    A file holds one text per line, or JSON lines with a "text" field (texts with newlines).
+    Every text must be UTF-8, and there must be at least one."""
 
     def text_of(line: str) -> str:
         line = line.rstrip("\n")
@@ -538,17 +543,35 @@ def _texts(args: argparse.Namespace) -> list[str]:
                 return record["text"]
         return line
 
-    texts = list(args.texts)
-    if args.file is not None:
-        if str(args.file) == "-":
-            texts += [text_of(line) for line in sys.stdin if line.strip()]
-        else:
-            with open(args.file, encoding="utf-8") as lines:
-                texts += [text_of(line) for line in lines if line.strip()]
-    elif not texts:
-        if sys.stdin.isatty():
+    def read(lines, source: str) -> list[str]:
+        try:
+            return [text_of(line) for line in lines if line.strip()]
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{source}: not UTF-8 text ({error.reason})") from None
+
+    def stdin() -> list[str]:
+        if sys.stdin.isatty() and not texts:
             raise ValueError("give texts as arguments, with --file, or on stdin")
-        texts = [text_of(line) for line in sys.stdin if line.strip()]
+        if hasattr(sys.stdin, "buffer"):  # as UTF-8, whatever the locale
+            return read(io.TextIOWrapper(io.BytesIO(sys.stdin.buffer.read()), "utf-8"), "stdin")
+        return read(sys.stdin, "stdin")
+
+    texts = list(args.texts)
+    for position, text in enumerate(texts, 1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
+            raise ValueError(f"text argument {position}: not UTF-8 text") from None
+    if args.file is not None and str(args.file) != "-":
+        try:
+            with open(args.file, encoding="utf-8") as lines:
+                texts += read(lines, args.file)
+        except OSError as error:  # missing, a directory, no permission
+            raise ValueError(f"{args.file}: cannot read it: {error.strerror}") from None
+    elif args.file is not None or not texts:
+        texts += stdin()
+    if not texts:
+        raise ValueError(f"no texts in {args.file or 'stdin'}")
     return texts
 
 
@@ -585,7 +608,9 @@ def _mixture(args: argparse.Namespace):
     from smalltalk.mixture import load
 
     _torch_threads(args.threads)
-    return load(args.results, **({"max_experts": args.max_experts} if args.max_experts else {}))
+    return load(
+        args.results, **({} if args.max_experts is None else {"max_experts": args.max_experts})
+    )
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -695,7 +720,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         include_paths=args.include_path,
         topk=args.topk,
-        **({"max_experts": args.max_experts} if args.max_experts else {}),
+        **({} if args.max_experts is None else {"max_experts": args.max_experts}),
     )
     if args.out:
         write_parquet_atomically(table, args.out)
@@ -711,6 +736,32 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
                 f"{row['value']:.4f}{stderr}  ({row['examples']} examples)"
             )
     return 0
+
+
+def _int_at_least(low: int):
+    """An argparse type: an integer >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _temperature(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -734,7 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     def add_threads(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+        sub.add_argument(
+            "--threads", type=_int_at_least(1), default=1, help="CPU threads (default: 1)"
+        )
 
     def add_serving(sub: argparse.ArgumentParser, texts: str = "texts") -> None:
         sub.add_argument("texts", nargs="*", help=f"{texts} (default: --file, else stdin)")
@@ -744,7 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--results", default="results", help="the trained results directory")
         sub.add_argument(
             "--max-experts",
-            type=int,
+            type=_int_at_least(1),
             help="experts kept in memory, the least recently used dropped first (default: 2)",
         )
         sub.add_argument(
@@ -755,14 +808,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_topk(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
-            "--topk", type=int, default=1, help="mix the top k experts by router score (c-BTM)"
+            "--topk",
+            type=_int_at_least(1),
+            default=1,
+            help="mix the top k experts by router score (c-BTM)",
         )
         sub.add_argument(
             "--dense", action="store_true", help="the dense baseline instead, for comparison"
         )
 
     sub = add("check-config", cmd_check_config, "validate a config file and report every problem")
-    add_config(sub)
+    sub.add_argument(
+        "--config",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="workflow config YAML, then overlays merged on top in order (as --configfile)",
+    )
     sub.add_argument("--print", action="store_true", help="print the config with defaults")
 
     sub = add("chunks", cmd_chunks, "list the input chunks (JSON lines: chunk, files)")
@@ -963,9 +1025,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("generate", cmd_generate, "continue prompts with their routed expert (KV cache)")
     add_serving(sub, texts="prompts")
     add_topk(sub)
-    sub.add_argument("--max-new-tokens", type=int, default=64, help="at most (default: 64)")
-    sub.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default: 1.0)")
-    sub.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only")
+    sub.add_argument(
+        "--max-new-tokens",
+        type=_int_at_least(1),
+        default=64,
+        help="at most (default: 64; up to 65536)",
+    )
+    sub.add_argument(
+        "--temperature", type=_temperature, default=1.0, help="0: greedy (default: 1.0)"
+    )
+    sub.add_argument(
+        "--top-k", type=_int_at_least(1), help="sample from the k likeliest tokens only"
+    )
     sub.add_argument("--seed", type=int, help="sampling seed (reproducible output)")
     sub.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
 
@@ -998,15 +1069,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=["mixture"],
         help="the routed mixture and/or the dense baseline (default: mixture)",
     )
-    sub.add_argument("--limit", type=int, help="at most this many examples per task")
+    sub.add_argument("--limit", type=_int_at_least(1), help="at most this many examples per task")
     sub.add_argument(
         "--include-path",
         action="append",
         default=[],
-        help="more task directories (besides RESULTS/harness)",
+        help="more task directories (their YAML may run Python from there: name only trusted ones)",
     )
-    sub.add_argument("--max-experts", type=int, help="experts kept in memory (default: 2)")
-    sub.add_argument("--topk", type=int, default=1, help="mix the top k experts (c-BTM)")
+    sub.add_argument(
+        "--max-experts", type=_int_at_least(1), help="experts kept in memory (default: 2)"
+    )
+    sub.add_argument(
+        "--topk", type=_int_at_least(1), default=1, help="mix the top k experts (c-BTM)"
+    )
     sub.add_argument("--out", help="the scores table to write (Parquet)")
     sub.add_argument("--raw", help="lm-eval's results to write (JSON)")
     sub.add_argument("--json", action="store_true", help="print one JSON object per score")

@@ -18,6 +18,7 @@ from jsonschema import Draft202012Validator, validators
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 SPLITS = ("train", "val", "test")
+DEFAULT_TOPK = 2  # experts mixed by the top-k ensemble when eval.topk is unset (or E, if fewer)
 
 
 class ConfigError(ValueError):
@@ -48,7 +49,11 @@ def _key(path) -> str:
 
 def semantic_errors(config: dict[str, Any]) -> list[str]:
     """Checks that span several keys, which JSON Schema cannot express."""
-    errors = []
+    errors = [
+        f"{_key(path)}: {value} is not a finite number"
+        for path, value in _numbers(config)
+        if not math.isfinite(value)
+    ]
     splits = config.get("splits", {})
     if all(isinstance(splits.get(name), int | float) for name in SPLITS):
         total = sum(splits[name] for name in SPLITS)
@@ -66,6 +71,26 @@ def semantic_errors(config: dict[str, Any]) -> list[str]:
             "training.router.warmup_steps: the warm-up (round 1 only) must be shorter than "
             f"routing.steps_per_round={steps}"
         )
+    n_experts = routing.get("n_experts")
+    topk = config.get("eval", {}).get("topk")
+    if isinstance(n_experts, int) and isinstance(topk, int) and topk > n_experts:
+        errors.append(f"eval.topk: {topk} experts to mix, but there are only E={n_experts}")
+    block = routing.get("sequences_per_round")
+    if (
+        routing.get("method") == "smalltalk"
+        and isinstance(n_experts, int)
+        and isinstance(block, int)
+        and n_experts >= 1
+    ):
+        # A balanced round gives an expert at most ceil(N / E) sequences, so the last one may be
+        # left with only N - (E - 1) * ceil(N / E): a router with nothing to train on.
+        fewest = block - (n_experts - 1) * -(-block // n_experts)
+        if fewest < 1:
+            errors.append(
+                f"routing.sequences_per_round: N={block} sequences per round can leave one of "
+                f"E={n_experts} routers with none to train on (at most ceil(N/E) each); use a "
+                "multiple of E"
+            )
     seq_len = config.get("seq_len")
     for position, value in enumerate(config.get("eval", {}).get("prefix_lens", [])):
         if isinstance(seq_len, int) and isinstance(value, int) and value >= seq_len:
@@ -84,6 +109,18 @@ def semantic_errors(config: dict[str, Any]) -> list[str]:
             f"{span} must fit in a sequence of S+1={seq_len + 1} tokens"
         )
     return errors
+
+
+def _numbers(node, path=()):
+    """(key path, value) of every float in the config: YAML reads .inf and .nan as numbers."""
+    if isinstance(node, float):
+        yield path, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _numbers(value, (*path, key))
+    elif isinstance(node, list):
+        for position, value in enumerate(node):
+            yield from _numbers(value, (*path, position))
 
 
 def _model_errors(config: dict[str, Any], role: str) -> list[str]:
@@ -107,28 +144,71 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """A copy of `config` with defaults filled in; raises ConfigError listing every problem."""
     config = copy.deepcopy(config)
     validator = _with_defaults(Draft202012Validator)(load_schema())
-    errors = [
-        f"{_key(error.absolute_path)}: {error.message}"
-        for error in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
-    ]
-    errors += semantic_errors(config)
+    schema_errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    errors = [f"{_key(error.absolute_path)}: {error.message}" for error in schema_errors]
+    # The checks across keys need the keys there and of the right type (not a section of null,
+    # a string for a list); values out of range they can take, and are reported beside.
+    if not any(error.validator in ("type", "required") for error in schema_errors):
+        if config["eval"]["topk"] is None:
+            config["eval"]["topk"] = min(DEFAULT_TOPK, config["routing"]["n_experts"])
+        errors += semantic_errors(config)
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     return config
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file and validate it."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Refuses a key given twice in one mapping, which plain YAML loading resolves silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """One YAML config file as a mapping, not validated (it may be an overlay)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        with path.open(encoding="utf-8") as text:  # YAML's messages then name the file
+            raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as error:
+    except OSError as error:  # a directory, no permission
+        raise ConfigError(f"{path}: cannot read it: {error.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values")
-    return validate_config(raw)
+    return raw
+
+
+def merge_configs(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """`overlay` on top of `base`, mappings merged key by key, as Snakemake's --configfile does."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_configs(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(*paths: str | Path) -> dict[str, Any]:
+    """Read a YAML config file, and any overlays on top of it in order, and validate the result."""
+    raw: dict[str, Any] = {}
+    for path in paths:
+        raw = merge_configs(raw, read_config(path))
+    try:
+        return validate_config(raw)
+    except ConfigError as error:
+        raise ConfigError(f"{' + '.join(map(str, paths))}: {error}") from None
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from safetensors import SafetensorError
 
 from smalltalk.data import token_matrix
 from smalltalk.files import parquet_writers, write_parquet_atomically
@@ -125,7 +126,10 @@ def load_model(config: ModelConfig, weights: str | os.PathLike, device: str = "a
     cos, sin = rotary_tables(config.head_dim, config.seq_len, config.rope_base)
     model.rope_cos.copy_(cos)  # derived buffers are not in the file
     model.rope_sin.copy_(sin)
-    load_weights(model, weights)
+    try:
+        load_weights(model, weights)
+    except (SafetensorError, RuntimeError) as error:  # cut short, empty, or another model's
+        raise ValueError(f"{weights}: not weights of this model ({error})") from None
     return model.eval()
 
 

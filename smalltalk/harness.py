@@ -9,20 +9,24 @@
   sequence's first M tokens (the routing prefix) are the question, its next tokens the answer, and
   the same span of other test sequences the distractors. It is written as JSON lines beside an
   lm-eval task YAML (`dataset_path: json`), so it runs with no network.
-- `run_lm_eval`: lm-eval's `simple_evaluate` over tasks from `{results}/harness` (and lm-eval's
-  own, when they are cached locally), one row per model, task and metric.
+- `run_lm_eval`: lm-eval's `simple_evaluate` over the continuation-choice task, the task
+  directories named (and lm-eval's own tasks, when they are cached locally), one row per model,
+  task and metric.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import yaml
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
@@ -175,7 +179,6 @@ def build_choice_task(
     that join it to a context. Returns a summary."""
     import pyarrow.parquet as pq
     import sentencepiece as spm
-    import yaml
 
     from smalltalk.data import token_matrix
     from smalltalk.em import sampling_keys
@@ -244,11 +247,31 @@ def build_choice_task(
     out_dir = Path(out_dir).resolve()
     data = out_dir / f"{TASK_NAME}.jsonl"
     write_text_atomically("".join(json.dumps(q) + "\n" for q in questions), data)
-    task = {
+    header = (
+        "# The continuation-choice task (smalltalk harness-task): which span follows the context?\n"
+        f"# {len(questions)} questions from the test split, {choices} choices each, "
+        f"{context_tokens} context and {continuation_tokens} continuation tokens.\n"
+    )
+    write_text_atomically(
+        header + yaml.safe_dump(choice_task(data), sort_keys=False), out_dir / f"{TASK_NAME}.yaml"
+    )
+    return {
+        "questions": len(questions),
+        "choices": choices,
+        "sources": {s: sum(q["source"] == s for q in questions) for s in sorted(set(sources))},
+    }
+
+
+def choice_task(data: Path) -> dict[str, Any]:
+    """The lm-eval task over the questions in `data`: plain fields, no code of its own."""
+    return {
         "task": TASK_NAME,
         # Local JSON lines and a cache beside them: nothing is downloaded.
         "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(out_dir / "cache")},
+        "dataset_kwargs": {
+            "data_files": {"test": str(data)},
+            "cache_dir": str(data.parent / "cache"),
+        },
         "test_split": "test",
         "output_type": "multiple_choice",
         "doc_to_text": "context",  # field names: lm-eval reads the values as they are
@@ -260,19 +283,6 @@ def build_choice_task(
             {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
         ],
         "metadata": {"version": 1.0},
-    }
-    header = (
-        "# The continuation-choice task (smalltalk harness-task): which span follows the context?\n"
-        f"# {len(questions)} questions from the test split, {choices} choices each, "
-        f"{context_tokens} context and {continuation_tokens} continuation tokens.\n"
-    )
-    write_text_atomically(
-        header + yaml.safe_dump(task, sort_keys=False), out_dir / f"{TASK_NAME}.yaml"
-    )
-    return {
-        "questions": len(questions),
-        "choices": choices,
-        "sources": {s: sum(q["source"] == s for q in questions) for s in sorted(set(sources))},
     }
 
 
@@ -292,9 +302,14 @@ def run_lm_eval(
     seed: int = 1234,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Run lm-eval's `simple_evaluate` with each of `models` (`mixture`, `dense`) on `tasks`,
-    offline. Tasks are looked up in `{results}/harness/*/` and `include_paths`, and among
-    lm-eval's own tasks only when not all are found there (their data must then be cached).
-    Returns the `SCORES_SCHEMA` table and lm-eval's results per model."""
+    offline. Tasks are looked up among the workflow's continuation-choice questions
+    (`{results}/harness/continuation_choice/`) and in `include_paths`, and among lm-eval's own
+    tasks only when not all are found there (their data must then be cached). Returns the
+    `SCORES_SCHEMA` table and lm-eval's results per model.
+
+    A task YAML may import Python from its directory (`!function utils.f`), so none is read from
+    the results directory, which holds what jobs wrote: the continuation-choice task is written
+    afresh to a temporary directory, pointing at the questions' JSON lines (data only)."""
     # Tasks read local files: the datasets library and the Hub client must not reach the network.
     # Both read these when first imported, so set them before lm-eval imports them.
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -302,38 +317,49 @@ def run_lm_eval(
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    paths = [
-        str(path) for path in [Path(results) / "harness", *include_paths] if Path(path).is_dir()
-    ]
-    manager = TaskManager(include_path=paths, include_defaults=False)
-    if any(task not in manager.all_tasks for task in tasks):
-        manager = TaskManager(include_path=paths)
     rows, raw = [], {}
-    for name in models:
-        lm = SmallTalkLM(
-            results=str(results),
-            model=name,
-            max_experts=max_experts,
-            topk=topk,
-            batch_size=batch_size,
-        )
-        output = simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            task_manager=manager,
-            limit=limit,
-            bootstrap_iters=1000,
-            log_samples=False,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
-        raw[name] = {
-            key: output.get(key) for key in ("results", "n-samples", "configs", "versions")
-        }
-        rows += _metric_rows(name, output)
+    with _workflow_tasks(results) as own_tasks:
+        paths = [own_tasks, *(str(path) for path in include_paths)]
+        manager = TaskManager(include_path=paths, include_defaults=False)
+        if any(task not in manager.all_tasks for task in tasks):
+            manager = TaskManager(include_path=paths)
+        for name in models:
+            lm = SmallTalkLM(
+                results=str(results),
+                model=name,
+                max_experts=max_experts,
+                topk=topk,
+                batch_size=batch_size,
+            )
+            output = simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                task_manager=manager,
+                limit=limit,
+                bootstrap_iters=1000,
+                log_samples=False,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
+            raw[name] = {
+                key: output.get(key) for key in ("results", "n-samples", "configs", "versions")
+            }
+            rows += _metric_rows(name, output)
     return pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), raw
+
+
+@contextmanager
+def _workflow_tasks(results: str | os.PathLike) -> Iterator[str]:
+    """A temporary task directory holding the continuation-choice task of `results`, if it has
+    questions: the YAML is written here from `choice_task`, never read from the results."""
+    with tempfile.TemporaryDirectory(prefix="smalltalk-tasks-") as folder:
+        data = Path(results).resolve() / "harness" / TASK_NAME / f"{TASK_NAME}.jsonl"
+        if data.is_file():
+            task = yaml.safe_dump(choice_task(data), sort_keys=False)
+            Path(folder, f"{TASK_NAME}.yaml").write_text(task)
+        yield folder
 
 
 def _metric_rows(model: str, output: dict[str, Any]) -> list[dict[str, Any]]:

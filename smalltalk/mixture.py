@@ -18,7 +18,9 @@ Optionally the top k experts by router score are mixed per token, with weights s
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,12 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from smalltalk.model import LM, KVCache
 from smalltalk.scoring import inference_autocast
 
 DEFAULT_MAX_EXPERTS = 2
+MAX_NEW_TOKENS = 1 << 16  # the longest generation asked for at once, as long as the longest S
 SCORE_BATCH = 16  # requests per forward pass in `Mixture.loglikelihoods`
 
 
@@ -212,7 +214,7 @@ class Mixture:
     ):
         import sentencepiece as spm
 
-        from smalltalk.config import model_config
+        from smalltalk.config import load_config, model_config
         from smalltalk.routers import load_router
 
         if max_experts < 1:
@@ -224,7 +226,7 @@ class Mixture:
                 f"{config_path}: not a trained results directory (the workflow writes its "
                 "resolved config there)"
             )
-        self.config: dict[str, Any] = yaml.safe_load(config_path.read_text())
+        self.config: dict[str, Any] = load_config(config_path)
         routing = self.config["routing"]
         self.n_experts: int = routing["n_experts"]
         self.prefix_len: int = routing["prefix_len"]
@@ -235,7 +237,13 @@ class Mixture:
             ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         )
 
-        self.tokenizer = spm.SentencePieceProcessor(model_file=str(self._tokenizer_path()))
+        tokenizer_path = self._tokenizer_path()
+        if not tokenizer_path.is_file():
+            raise FileNotFoundError(f"{tokenizer_path}: tokenizer not found")
+        try:
+            self.tokenizer = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+        except (OSError, RuntimeError) as error:
+            raise ValueError(f"{tokenizer_path}: not a SentencePiece model ({error})") from None
         self.eos_id: int = self.tokenizer.eos_id()
         vocab_size = self.tokenizer.get_piece_size()
         self.router_config = model_config(self.config, "router", vocab_size=vocab_size)
@@ -251,11 +259,14 @@ class Mixture:
             method=self.method,
             paths=self._router_paths(),
             router_config=self.router_config,
-            tokenizer_model=self._tokenizer_path(),
+            tokenizer_model=tokenizer_path,
             device=str(self.device),
             keep_loaded=True,
         )
         self._experts: OrderedDict[int, LM] = OrderedDict()  # least recently used first
+        # Threads serving one mixture share the LRU: checking for room, evicting and loading
+        # happen under one lock, or two loads at once could both find room for one.
+        self._lock = threading.RLock()
         self._dense: LM | None = None
         self.expert_loads: list[int] = []  # every expert read from disk, in order
 
@@ -301,27 +312,30 @@ class Mixture:
     @property
     def loaded_experts(self) -> list[int]:
         """Experts in memory, least recently used first."""
-        return list(self._experts)
+        with self._lock:
+            return list(self._experts)
 
     def expert(self, e: int) -> LM:
         """Expert e, loaded on first use. Loading one more than `max_experts` first drops the least
         recently used, so at most `max_experts` are ever in memory at once."""
         if not 0 <= e < self.n_experts:
             raise ValueError(f"no expert {e}: this mixture has experts 0..{self.n_experts - 1}")
-        if e in self._experts:
-            self._experts.move_to_end(e)
+        with self._lock:
+            if e in self._experts:
+                self._experts.move_to_end(e)
+                return self._experts[e]
+            while len(self._experts) >= self.max_experts:
+                self._experts.popitem(last=False)
+            self._experts[e] = self._load(self.expert_paths[e])
+            self.expert_loads.append(e)
             return self._experts[e]
-        while len(self._experts) >= self.max_experts:
-            self._experts.popitem(last=False)
-        self._experts[e] = self._load(self.expert_paths[e])
-        self.expert_loads.append(e)
-        return self._experts[e]
 
     def dense(self) -> LM:
         """The dense baseline (same architecture, all the data): loaded once, outside the LRU."""
-        if self._dense is None:
-            self._dense = self._load(self.dense_path)
-        return self._dense
+        with self._lock:
+            if self._dense is None:
+                self._dense = self._load(self.dense_path)
+            return self._dense
 
     def _load(self, path: Path) -> LM:
         from smalltalk.em import load_model
@@ -503,12 +517,17 @@ class Mixture:
         with `dense` the dense baseline).
 
         temperature 0 decodes greedily; otherwise tokens are sampled from the `top_k` most likely
-        (all when None), reproducibly for a given `seed`. Decoding ends after `max_new_tokens`, at
-        EOS (the end of a document, when `stop_at_eos`), or at the first of the `stop` strings,
-        which is cut off. `use_cache=False` recomputes every step: the same tokens, slower.
+        (all when None), reproducibly for a given `seed`. Decoding ends after `max_new_tokens`
+        (1 to MAX_NEW_TOKENS), at EOS (the end of a document, when `stop_at_eos`), or at the first
+        of the `stop` strings, which is cut off. `use_cache=False` recomputes every step: the same
+        tokens, slower.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(
+                f"max_new_tokens must lie in [1, {MAX_NEW_TOKENS}], got {max_new_tokens}"
+            )
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         ids = self.encode(prompt)

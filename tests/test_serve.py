@@ -10,7 +10,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -404,6 +407,129 @@ def test_cli_score_still_runs_the_em_stage(results, tmp_path):
     assert pq.read_table(out).num_rows == pq.read_table(tokens).num_rows
 
 
+def break_results(results: Path, folder: Path, damage: str) -> tuple[Path, str]:
+    """A copy of `results` with one kind of damage, and the file the error must name."""
+    broken = folder / "broken"
+    if damage == "only a config":
+        broken.mkdir()
+        shutil.copy(results / "config.yaml", broken)
+        return broken, str(broken / "tokenizer" / "spm.model")
+    shutil.copytree(results, broken)
+    if damage == "truncated experts":
+        for e in range(N_EXPERTS):
+            path = broken / "experts" / f"e{e}" / "model.safetensors"
+            path.write_bytes(path.read_bytes()[:100])
+        return broken, "model.safetensors: not weights of this model"
+    if damage == "empty router":
+        path = broken / "routers" / "r1" / "e1.safetensors"
+        path.write_bytes(b"")
+        return broken, f"{path}: not weights of this model"
+    if damage == "no tokenizer":
+        path = broken / "tokenizer" / "spm.model"
+        path.unlink()
+        return broken, f"{path}: tokenizer not found"
+    path = broken / "config.yaml"
+    if damage == "invalid config":
+        path.write_text(path.read_text().replace("seq_len: 32", "seq_len: long"))
+        return broken, f"{path}: invalid configuration:\n  seq_len: 'long' is not of type"
+    path.write_text(path.read_text() + "seq_len: 32\n")  # a key given twice
+    return broken, f"{path}: not valid YAML: duplicate key 'seq_len'"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "truncated experts",
+        "empty router",
+        "no tokenizer",
+        "only a config",
+        "invalid config",
+        "twice",
+    ],
+)
+def test_a_broken_results_directory_fails_naming_the_file(results, tmp_path, capsys, damage):
+    broken, message = break_results(results, tmp_path, damage)
+    assert cli.main(["score", "--results", str(broken), TEXTS[0]]) == 1
+    error = capsys.readouterr().err
+    assert message in error and error.startswith("smalltalk score: error: ")
+
+
+def test_texts_that_are_not_utf8_or_missing_are_refused(results, tmp_path, capsys, monkeypatch):
+    common = ["route", "--results", str(results)]
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café\n".encode("latin-1"))
+    assert cli.main([*common, "--file", str(latin1)]) == 1
+    assert f"error: {latin1}: not UTF-8 text" in capsys.readouterr().err
+    assert cli.main([*common, "--file", str(tmp_path)]) == 1
+    assert f"error: {tmp_path}: cannot read it: Is a directory" in capsys.readouterr().err
+    assert cli.main([*common, "caf\udce9"]) == 1  # how Python passes on the bytes of argv
+    assert "error: text argument 1: not UTF-8 text" in capsys.readouterr().err
+    for data, message in ((b"caf\xe9\n\x00\xff", "stdin: not UTF-8 text"), (b"", "no texts")):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+        assert cli.main(common) == 1
+        assert f"error: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--temperature", "nan"],
+        ["--temperature", "-1"],
+        ["--threads", "0"],
+        ["--max-new-tokens", "-5"],
+        ["--max-new-tokens", "1e12"],
+        ["--max-experts", "0"],
+        ["--top-k", "0"],
+    ],
+    ids=" ".join,
+)
+def test_serving_options_out_of_range_are_refused(results, capsys, option):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["generate", "--results", str(results), *option, TEXTS[0]])
+    assert exited.value.code == 2
+    assert f"argument {option[0]}: " in capsys.readouterr().err
+
+
+def test_generation_length_is_bounded(results, capsys):
+    loaded = smalltalk.load(results)
+    for wrong in (0, -5, mixture.MAX_NEW_TOKENS + 1):
+        with pytest.raises(ValueError, match="max_new_tokens must lie in"):
+            loaded.generate(TEXTS[0], max_new_tokens=wrong)
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        loaded.generate(TEXTS[0], temperature=math.nan)
+    assert cli.main(["generate", "--results", str(results), "--max-new-tokens", "10" * 6, "x"]) == 1
+    assert "max_new_tokens must lie in [1, 65536]" in capsys.readouterr().err
+
+
+def test_threads_sharing_a_mixture_never_hold_more_than_max_experts(results, monkeypatch):
+    loaded = smalltalk.load(results, max_experts=1)
+    resident = []
+    original = em.load_model
+
+    def slow(config, weights, device="auto"):
+        resident.append(len(loaded.loaded_experts))
+        time.sleep(0.05)  # long enough for the other threads to ask for their experts
+        model = original(config, weights, device)
+        resident.append(len(loaded.loaded_experts))
+        return model
+
+    monkeypatch.setattr(em, "load_model", slow)
+    start = threading.Barrier(4)
+
+    def serve(first: int) -> None:
+        start.wait()
+        for e in range(first, first + 3):
+            loaded.expert(e % N_EXPERTS)
+            resident.append(len(loaded.loaded_experts))
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loaded.expert_loads) >= 3 and max(resident) <= 1
+
+
 # ---- lm-evaluation-harness -------------------------------------------------------------------
 
 
@@ -504,6 +630,24 @@ def test_lm_eval_runs_the_local_task_offline(results, tmp_path, capsys):
         assert 0 <= row["value"] <= 1 and row["stderr"] >= 0
     assert "continuation_choice" in json.loads(raw.read_text())["mixture"]["results"]
     assert "mixture  continuation_choice" in capsys.readouterr().out
+
+
+def test_lm_eval_never_imports_code_planted_in_the_results(results, tmp_path):
+    planted = tmp_path / "results"
+    shutil.copytree(results, planted)
+    marker = tmp_path / "imported"
+    for folder in ("continuation_choice", "planted"):  # the workflow's task, and a new one
+        task_dir = planted / "harness" / folder
+        task_dir.mkdir(exist_ok=True)
+        (task_dir / "utils.py").write_text(
+            f"open({str(marker)!r}, 'w').close()\n\ndef docs(dataset):\n    return dataset\n"
+        )
+        task = task_dir / "continuation_choice.yaml"
+        text = task.read_text() if task.exists() else ""
+        task.write_text(text + "process_docs: !function utils.docs\n")
+    args = ["lm-eval", "--results", str(planted), "--limit", "4", "--threads", "1"]
+    assert cli.main(args) == 0
+    assert not marker.exists()
 
 
 def test_config_refuses_options_that_do_not_fit_a_sequence():

@@ -79,6 +79,14 @@ def test_bad_config_stops_before_any_job(tmp_path):
     assert not (tmp_path / "results" / "tokens").exists()
 
 
+def test_a_key_given_twice_in_a_config_file_stops_the_run(tmp_path):
+    overlay = tmp_path / "twice.yaml"
+    overlay.write_text("seq_len: 64\nseq_len: 128\n")
+    result = snakemake(tmp_path, "-n", "--configfile", str(overlay), check=False)
+    assert result.returncode != 0
+    assert f"{overlay}: not valid YAML: duplicate key 'seq_len'" in result.stdout + result.stderr
+
+
 def test_inputs_override_points_the_dag_at_another_corpus(tmp_path):
     corpus = tmp_path / "other"
     corpus.mkdir()
