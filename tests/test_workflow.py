@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import REPO, make_records, write_jsonl
 
 BIN = Path(sys.executable).parent
@@ -176,6 +178,66 @@ def test_tiny_config_end_to_end(tmp_path):
     assert "train_dense" not in rerun.stdout + rerun.stderr
     for path, state in untouched.items():
         assert (path.stat().st_mtime_ns, path.read_bytes()) == state, path
+
+
+# A results folder and corpus files named so that an unquoted shell command would split them
+# into several arguments or run the command hidden in them.
+ODD_RESULTS = 'results/my "tiny" run;touch pwned;#'
+ODD_CORPUS = ("it's part 0.jsonl.zst", '"part" 1;touch pwned-1;#.jsonl.zst')
+
+
+@pytest.fixture(scope="module")
+def odd_run(tmp_path_factory):
+    """The tiny config run to the end with ODD_RESULTS and ODD_CORPUS: (workdir, results)."""
+    workdir = tmp_path_factory.mktemp("odd")
+    corpus = workdir / "corpus"
+    corpus.mkdir()
+    for demo, name in zip(("demo-000", "demo-001"), ODD_CORPUS, strict=True):
+        shutil.copy(REPO / "data" / "demo" / f"{demo}.jsonl.zst", corpus / name)
+    overlay = workdir / "odd.yaml"
+    overlay.write_text(
+        yaml.safe_dump({"results": ODD_RESULTS, "inputs": [str(corpus / "*.jsonl.zst")]})
+    )
+    snakemake(workdir, "--cores", "2", "--configfile", str(TINY), str(overlay))
+    return workdir, workdir / ODD_RESULTS
+
+
+def odd_config_args(workdir: Path) -> list[str]:
+    return ["--configfile", str(TINY), str(workdir / "odd.yaml")]
+
+
+@pytest.mark.slow
+def test_paths_with_spaces_quotes_and_semicolons_reach_every_job_as_one_argument(odd_run):
+    workdir, results = odd_run
+    assert not [path for path in workdir.rglob("pwned*")]
+    assert not (workdir / "results" / "my").exists()
+    assert json.loads((results / "segmentation" / "check.json").read_text())["ok"]
+    for path in ("experts/e1/model.safetensors", "report/results.html", "report/ledger.html"):
+        assert (results / path).is_file(), path
+    tokens = pq.read_table(results / "tokens" / "train")
+    assert tokens.num_rows > 0
+
+
+@pytest.mark.slow
+def test_a_dry_run_with_other_overrides_leaves_the_runs_config_untouched(odd_run):
+    workdir, results = odd_run
+    config = results / "config.yaml"
+    before = (config.read_bytes(), config.stat().st_mtime_ns)
+    plan = snakemake(
+        workdir, "-n", "--cores", "2", *odd_config_args(workdir), "--config", "seed=999"
+    )
+    assert "resolve_config" in plan.stdout  # the change is seen, and would re-run the jobs
+    assert (config.read_bytes(), config.stat().st_mtime_ns) == before
+    assert yaml.safe_load(config.read_text())["seed"] != 999
+
+
+@pytest.mark.slow
+def test_a_run_rebuilds_deleted_experts_that_serving_needs(odd_run):
+    workdir, results = odd_run
+    shutil.rmtree(results / "experts")
+    plan = snakemake(workdir, "-n", "--cores", "2", *odd_config_args(workdir))
+    jobs = [line.split() for line in plan.stdout.splitlines()]
+    assert ["train_expert", "2"] in jobs
 
 
 @pytest.mark.parametrize("method", ["tfidf_kmeans", "random", "source"])
