@@ -312,3 +312,28 @@ def get_process_threads(wildcards, threads, resources):
     processes, one per GPU, so that they do not oversubscribe the job's CPUs."""
     return max(1, threads // max(1, resources.get("gpu", 0)))
 
+
+def check_slurm_requests(jobs):
+    """Stop before the first submission if a rule asks for more than its partition's nodes
+    have; checks what the jobs will request, with --max-threads and --set-* applied."""
+    from snakemake.exceptions import WorkflowError
+
+    from smalltalk.preflight import ClusterError, Request, check_partitions
+
+    requests = {}
+    for job in jobs:
+        if job.is_local:
+            continue
+        resources = job.resources
+        request = Request(
+            partition=resources.get("slurm_partition"),
+            cpus=job.threads,
+            mem_mb=resources.get("mem_mb"),
+            gpus=resources.get("gpu", 0),
+            gpu_model=resources.get("gpu_model"),
+        )
+        requests.setdefault(job.rule.name, set()).add(request)
+    try:
+        check_partitions(requests)
+    except ClusterError as error:
+        raise WorkflowError(str(error)) from None
