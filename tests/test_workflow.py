@@ -103,6 +103,15 @@ def test_inputs_override_points_the_dag_at_another_corpus(tmp_path):
     assert jobs and jobs[0].split()[-1] == "3"
 
 
+def test_the_tokenizer_asks_for_what_the_cluster_section_gives_it(tmp_path):
+    overlay = tmp_path / "cluster.yaml"
+    overlay.write_text("cluster:\n  tokenizer: {cpus: 3, mem_mb: 1234, runtime: 7}\n")
+    plan = snakemake(tmp_path, "-n", "--cores", "4", "--configfile", str(TINY), str(overlay))
+    job = plan.stdout.split("rule train_tokenizer:")[1].split("Shell command")[0]
+    assert "threads: 3" in job
+    assert "runtime=7" in job and "mem_mb=1234" in job
+
+
 @pytest.mark.slow
 def test_tiny_config_end_to_end(tmp_path):
     snakemake(tmp_path, "--cores", "2", "--configfile", str(TINY))
