@@ -27,3 +27,9 @@ rule all:
     default_target: True
     input:
         get_final_outputs(),
+
+
+onstart:
+    # Only SLURM runs: local ones submit nothing and need no sinfo.
+    if workflow.executor_plugin.name == "slurm":
+        check_slurm_requests(workflow.dag.needrun_jobs())

@@ -1,5 +1,6 @@
 # Config validation, the results-root helper and input functions; logic lives in smalltalk/.
 import os
+import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)
@@ -10,8 +11,8 @@ from smalltalk.config import (
     SCHEMA_PATH,
     SPLITS,
     read_config,
+    resolved_config_text,
     validate_config,
-    write_resolved_config,
 )
 from smalltalk.data import plan_chunks
 from smalltalk.routers import final_router_paths
@@ -26,20 +27,24 @@ validate_config(config)
 validate(config, str(SCHEMA_PATH))
 
 
-# Jobs read the resolved config (command-line overrides included) from one file.
-CONFIG_FILE = write_resolved_config(
-    config, os.path.join(config["results"], "config.yaml")
-)
+# Jobs read the resolved config (command-line overrides included) from one file, which
+# resolve_config writes as a job. Written while parsing, a dry run with other overrides would
+# change the config of a running or finished run under its jobs.
+CONFIG_FILE = os.path.join(config["results"], "config.yaml")
+# Jobs take it as an input that must exist but whose rewriting alone re-runs nothing: each rule
+# re-runs when the config sections it uses change (the `lookup` params of its rule), so a new
+# evaluation setting does not retrain the models.
+RUN_CONFIG = ancient(CONFIG_FILE)
 
 # Jobs run `python -m smalltalk` from this checkout: under conda with the environment's
 # python, else with the interpreter that runs Snakemake.
 shell.prefix(
     # (Braces doubled twice: once for this f-string, once for Snakemake's formatting.)
-    f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+    f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
     + (
         ""
         if workflow.deployment_settings.deployment_method
-        else f"export PATH={os.path.dirname(sys.executable)}:$PATH; "
+        else f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:$PATH; "
     )
 )
 CHUNKS = {
@@ -75,6 +80,13 @@ wildcard_constraints:
 def R(path):
     """A path under the results root."""
     return os.path.join(config["results"], path)
+
+
+def get_resolved_config_text():
+    """What resolve_config writes; its change re-runs the jobs that read it. Without
+    `cluster`: what jobs ask a cluster for is no part of the experiment, and a longer
+    runtime must not make every result out of date."""
+    return resolved_config_text({k: v for k, v in config.items() if k != "cluster"})
 
 
 def get_tokens_dir(wildcards, output):
@@ -123,7 +135,8 @@ def get_router_training_inputs(wildcards):
 
 
 def get_router_init_flag(wildcards, input):
-    return f"--init {input.init}" if "init" in input.keys() else ""
+    """Arguments, each shell-quoted by `{params.init:q}`."""
+    return ["--init", input.init] if "init" in input.keys() else []
 
 
 def get_router_work_dir(wildcards, output):
@@ -148,8 +161,8 @@ def get_assignment_inputs(wildcards):
 
 def get_previous_probe_flag(wildcards, input):
     if "previous_probe_scores" not in input.keys():
-        return ""
-    return "--previous-probe-scores " + " ".join(input.previous_probe_scores)
+        return []
+    return ["--previous-probe-scores", *input.previous_probe_scores]
 
 
 def get_final_routers():
@@ -219,15 +232,23 @@ def get_ledger_table_flags(wildcards, input):
         "communication": "Communication: bytes of scores exchanged (App. A.4)",
         "paper": "The paper, Table 3, recomputed from Tables 1-2",
     }
-    return " ".join(
-        f"--table '{title}={input[name]}'"
+    return [
+        argument
         for name, title in titles.items()
         if name in input.keys()
-    )
+        for argument in ("--table", f"{title}={input[name]}")
+    ]
 
 
 def get_final_outputs():
+    """Every result, and what serving the mixture reads (smalltalk.load), so that a deleted
+    model or config is rebuilt rather than found missing when the mixture is loaded."""
     return [
+        CONFIG_FILE,
+        get_tokenizer_model(),
+        *get_final_routers(),
+        *get_expert_models(),
+        get_dense("model.safetensors"),
         *get_token_files(SPLITS),
         R("tokens/summary.tsv"),
         *(
@@ -237,7 +258,7 @@ def get_final_outputs():
                 R("ledger/communication.parquet"),
             ]
             if LEARNED_ROUTERS
-            else get_final_routers()
+            else []
         ),
         R("segmentation/check.json"),
         *expand(R("eval/summary/{table}.parquet"), table=EVAL_TABLES),
@@ -289,17 +310,43 @@ def get_conda_env(kind):
 
 
 def get_python_launcher(wildcards, resources):
-    """How a training job starts Python: granted n > 1 GPUs, n processes under torchrun
-    (smalltalk.train then trains with DistributedDataParallel); else plain python. Read
-    from the granted resources: --set-resources train_expert:gpu=4 launches 4 as well.
+    """How a training job starts Python, as arguments: granted n > 1 GPUs, n processes under
+    torchrun (smalltalk.train then trains with DistributedDataParallel); else plain python.
+    Read from the granted resources: --set-resources train_expert:gpu=4 launches 4 as well.
     """
     gpus = resources.get("gpu", 0)
     if gpus > 1:
-        return f"torchrun --standalone --nproc-per-node {gpus}"
-    return "python"
+        return ["torchrun", "--standalone", "--nproc-per-node", gpus]
+    return ["python"]
 
 
 def get_process_threads(wildcards, threads, resources):
     """CPU threads of each training process: the job's threads shared among its torchrun
     processes, one per GPU, so that they do not oversubscribe the job's CPUs."""
     return max(1, threads // max(1, resources.get("gpu", 0)))
+
+
+def check_slurm_requests(jobs):
+    """Stop before the first submission if a rule asks for more than its partition's nodes
+    have; checks what the jobs will request, with --max-threads and --set-* applied."""
+    from snakemake.exceptions import WorkflowError
+
+    from smalltalk.preflight import ClusterError, Request, check_partitions
+
+    requests = {}
+    for job in jobs:
+        if job.is_local:
+            continue
+        resources = job.resources
+        request = Request(
+            partition=resources.get("slurm_partition"),
+            cpus=job.threads,
+            mem_mb=resources.get("mem_mb"),
+            gpus=resources.get("gpu", 0),
+            gpu_model=resources.get("gpu_model"),
+        )
+        requests.setdefault(job.rule.name, set()).add(request)
+    try:
+        check_partitions(requests)
+    except ClusterError as error:
+        raise WorkflowError(str(error)) from None

@@ -9,6 +9,7 @@ rule evaluate_chunk:
         experts=get_expert_models(),
         dense=get_dense("model.safetensors"),
         tokenizer=get_tokenizer_model,
+        config=RUN_CONFIG,
     output:
         R("eval/test/{chunk}.parquet"),
     log:
@@ -21,12 +22,11 @@ rule evaluate_chunk:
     resources:
         **get_cluster_resources("evaluate"),
     params:
-        config=CONFIG_FILE,
         eval=lookup(dpath="eval", within=config),
     shell:
-        "python -m smalltalk evaluate --config {params.config} --tokens {input.tokens} "
-        "--tokenizer {input.tokenizer} --routers {input.routers} --experts {input.experts} "
-        "--dense {input.dense} --out {output} --threads {threads} > {log} 2>&1"
+        "python -m smalltalk evaluate --config {input.config:q} --tokens {input.tokens:q} "
+        "--tokenizer {input.tokenizer:q} --routers {input.routers:q} --experts {input.experts:q} "
+        "--dense {input.dense:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule aggregate_eval:
@@ -48,7 +48,7 @@ rule aggregate_eval:
     params:
         out_dir=get_summary_dir,
     shell:
-        "python -m smalltalk aggregate --out-dir {params.out_dir} {input} > {log} 2>&1"
+        "python -m smalltalk aggregate --out-dir {params.out_dir:q} {input:q} > {log:q} 2>&1"
 
 
 rule flops_ledger:
@@ -59,6 +59,7 @@ rule flops_ledger:
         experts=expand(R("experts/e{e}/summary.json"), e=EXPERTS),
         dense=get_dense("summary.json"),
         tokenizer=get_tokenizer_model,
+        config=RUN_CONFIG,
     output:
         flops=R("ledger/flops.parquet"),
         paper=R("ledger/paper_table3.parquet"),
@@ -73,11 +74,10 @@ rule flops_ledger:
         **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
-    params:
-        config=CONFIG_FILE,
     shell:
-        "python -m smalltalk ledger-flops --config {params.config} --tokenizer {input.tokenizer} "
-        "--router-summaries {input.routers} --em-scores {input.em_scores} "
-        "--shard-scores {input.shard_scores} --expert-summaries {input.experts} "
-        "--dense-summary {input.dense} --out {output.flops} --paper-out {output.paper} "
-        "> {log} 2>&1"
+        "python -m smalltalk ledger-flops --config {input.config:q} "
+        "--tokenizer {input.tokenizer:q} --router-summaries {input.routers:q} "
+        "--em-scores {input.em_scores:q} --shard-scores {input.shard_scores:q} "
+        "--expert-summaries {input.experts:q} "
+        "--dense-summary {input.dense:q} --out {output.flops:q} --paper-out {output.paper:q} "
+        "> {log:q} 2>&1"

@@ -7,6 +7,7 @@ rule route_validation:
         val=get_token_files("val"),
         routers=get_final_routers(),
         tokenizer=get_tokenizer_model,
+        config=RUN_CONFIG,
     output:
         routing=R("eval/val/routing.parquet"),
         pool=R("eval/val/all.parquet"),
@@ -20,12 +21,10 @@ rule route_validation:
     threads: get_cluster_threads("router_score")
     resources:
         **get_cluster_resources("router_score"),
-    params:
-        config=CONFIG_FILE,
     shell:
-        "python -m smalltalk route-validation --config {params.config} --val {input.val} "
-        "--tokenizer {input.tokenizer} --routers {input.routers} --routing {output.routing} "
-        "--pool {output.pool} --experts {output.experts} --threads {threads} > {log} 2>&1"
+        "python -m smalltalk route-validation --config {input.config:q} --val {input.val:q} "
+        "--tokenizer {input.tokenizer:q} --routers {input.routers:q} --routing {output.routing:q} "
+        "--pool {output.pool:q} --experts {output.experts:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule train_expert:
@@ -33,6 +32,7 @@ rule train_expert:
         shards=get_expert_shards,
         val=R("eval/val/expert={e}.parquet"),
         tokenizer=get_tokenizer_model,
+        config=RUN_CONFIG,
     output:
         weights=R("experts/e{e}/model.safetensors"),
         summary=R("experts/e{e}/summary.json"),
@@ -47,16 +47,16 @@ rule train_expert:
     resources:
         **get_cluster_resources("expert_train"),
     params:
+        seed=lookup(dpath="seed", within=config),
         launcher=get_python_launcher,
         process_threads=get_process_threads,
-        config=CONFIG_FILE,
         out_dir=get_model_dir,
         training=lookup(dpath="training/expert", within=config),
         model=lookup(dpath="models/expert", within=config),
     shell:
-        "{params.launcher} -m smalltalk train --config {params.config} --role expert "
-        "--index {wildcards.e} --tokenizer {input.tokenizer} --out-dir {params.out_dir} "
-        "--val {input.val} --threads {params.process_threads} {input.shards} > {log} 2>&1"
+        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role expert "
+        "--index {wildcards.e} --tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} "
+        "--val {input.val:q} --threads {params.process_threads:q} {input.shards:q} > {log:q} 2>&1"
 
 
 rule train_dense:
@@ -64,6 +64,7 @@ rule train_dense:
         shards=get_shard_files(),
         val=R("eval/val/all.parquet"),
         tokenizer=get_tokenizer_model,
+        config=RUN_CONFIG,
     output:
         weights=R("dense/model.safetensors"),
         summary=R("dense/summary.json"),
@@ -78,14 +79,14 @@ rule train_dense:
     resources:
         **get_cluster_resources("dense_train"),
     params:
+        seed=lookup(dpath="seed", within=config),
         launcher=get_python_launcher,
         process_threads=get_process_threads,
-        config=CONFIG_FILE,
         out_dir=get_model_dir,
         training=lookup(dpath="training/expert", within=config),
         scale=lookup(dpath="training/dense_scale", within=config),
         model=lookup(dpath="models/expert", within=config),
     shell:
-        "{params.launcher} -m smalltalk train --config {params.config} --role dense "
-        "--tokenizer {input.tokenizer} --out-dir {params.out_dir} --val {input.val} "
-        "--threads {params.process_threads} {input.shards} > {log} 2>&1"
+        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role dense "
+        "--tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} --val {input.val:q} "
+        "--threads {params.process_threads:q} {input.shards:q} > {log:q} 2>&1"

@@ -6,6 +6,7 @@ rule harness_task:
     input:
         tokens=get_token_files("test"),
         tokenizer=get_tokenizer_model,
+        config=RUN_CONFIG,
     output:
         data=R("harness/continuation_choice/continuation_choice.jsonl"),
         task=R("harness/continuation_choice/continuation_choice.yaml"),
@@ -21,12 +22,13 @@ rule harness_task:
         mem_mb=2000,
         runtime=10,
     params:
-        config=CONFIG_FILE,
+        seed=lookup(dpath="seed", within=config),
         out_dir=get_summary_dir,
         harness=lookup(dpath="harness", within=config),
     shell:
-        "python -m smalltalk harness-task --config {params.config} --tokenizer {input.tokenizer} "
-        "--out-dir {params.out_dir} {input.tokens} > {log} 2>&1"
+        "python -m smalltalk harness-task --config {input.config:q} "
+        "--tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} {input.tokens:q} "
+        "> {log:q} 2>&1"
 
 
 rule lm_eval:
@@ -52,9 +54,9 @@ rule lm_eval:
     params:
         results=get_results_dir,
     shell:
-        "python -m smalltalk lm-eval --results {params.results} --tasks continuation_choice "
-        "--models mixture dense --out {output.scores} --raw {output.raw} --threads {threads} "
-        "> {log} 2>&1"
+        "python -m smalltalk lm-eval --results {params.results:q} --tasks continuation_choice "
+        "--models mixture dense --out {output.scores:q} --raw {output.raw:q} --threads {threads} "
+        "> {log:q} 2>&1"
 
 
 rule harness_table:
@@ -78,5 +80,5 @@ rule harness_table:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m smalltalk tables --out {output} "
-        "--table 'lm-evaluation-harness: mixture and dense baseline={input}' > {log} 2>&1"
+        "python -m smalltalk tables --out {output:q} "
+        "--table 'lm-evaluation-harness: mixture and dense baseline='{input:q} > {log:q} 2>&1"

@@ -23,8 +23,8 @@ rule plot_perplexity_vs_flops:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m smalltalk plot perplexity_vs_flops --experts {input.experts} "
-        "--dense {input.dense} --out {output} > {log} 2>&1"
+        "python -m smalltalk plot perplexity_vs_flops --experts {input.experts:q} "
+        "--dense {input.dense:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_expert_load:
@@ -51,8 +51,8 @@ rule plot_expert_load:
     params:
         prefix_len=lookup(dpath="routing/prefix_len", within=config),
     shell:
-        "python -m smalltalk plot expert_load --check {input.check} --load {input.load} "
-        "--prefix-len {params.prefix_len} --out {output} > {log} 2>&1"
+        "python -m smalltalk plot expert_load --check {input.check:q} --load {input.load:q} "
+        "--prefix-len {params.prefix_len:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_segment_perplexity:
@@ -78,8 +78,8 @@ rule plot_segment_perplexity:
     params:
         prefix_len=lookup(dpath="routing/prefix_len", within=config),
     shell:
-        "python -m smalltalk plot segment_perplexity --per-segment {input} "
-        "--prefix-len {params.prefix_len} --out {output} > {log} 2>&1"
+        "python -m smalltalk plot segment_perplexity --per-segment {input:q} "
+        "--prefix-len {params.prefix_len:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_prefix_sensitivity:
@@ -105,8 +105,8 @@ rule plot_prefix_sensitivity:
     params:
         prefix_len=lookup(dpath="routing/prefix_len", within=config),
     shell:
-        "python -m smalltalk plot prefix_sensitivity --overall {input} "
-        "--prefix-len {params.prefix_len} --out {output} > {log} 2>&1"
+        "python -m smalltalk plot prefix_sensitivity --overall {input:q} "
+        "--prefix-len {params.prefix_len:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_em_convergence:
@@ -130,8 +130,8 @@ rule plot_em_convergence:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m smalltalk plot em_convergence --diagnostics {input} --out {output} "
-        "> {log} 2>&1"
+        "python -m smalltalk plot em_convergence --diagnostics {input:q} --out {output:q} "
+        "> {log:q} 2>&1"
 
 
 rule plot_segment_source:
@@ -157,8 +157,8 @@ rule plot_segment_source:
     params:
         prefix_len=lookup(dpath="routing/prefix_len", within=config),
     shell:
-        "python -m smalltalk plot segment_source --segment-source {input} "
-        "--prefix-len {params.prefix_len} --out {output} > {log} 2>&1"
+        "python -m smalltalk plot segment_source --segment-source {input:q} "
+        "--prefix-len {params.prefix_len:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule results_table:
@@ -184,10 +184,10 @@ rule results_table:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m smalltalk tables --out {output} "
-        "--table 'Test perplexity by routing prefix length={input.overall}' "
-        "--table 'Per segment={input.per_segment}' "
-        "--table 'Per source={input.per_source}' > {log} 2>&1"
+        "python -m smalltalk tables --out {output:q} "
+        "--table 'Test perplexity by routing prefix length='{input.overall:q} "
+        "--table 'Per segment='{input.per_segment:q} "
+        "--table 'Per source='{input.per_source:q} > {log:q} 2>&1"
 
 
 rule ledger_table:
@@ -213,4 +213,4 @@ rule ledger_table:
     params:
         tables=get_ledger_table_flags,
     shell:
-        "python -m smalltalk tables --out {output} {params.tables} > {log} 2>&1"
+        "python -m smalltalk tables --out {output:q} {params.tables:q} > {log:q} 2>&1"

@@ -7,6 +7,7 @@ rule sample_em_blocks:
     input:
         train=get_em_token_files("train"),
         val=get_em_token_files("val"),
+        config=RUN_CONFIG,
     output:
         blocks=expand(R("routers/blocks/b{r}.parquet"), r=ROUNDS),
         probe=R("routers/probe.parquet"),
@@ -22,17 +23,18 @@ rule sample_em_blocks:
         mem_mb=4000,
         runtime=60,
     params:
-        config=CONFIG_FILE,
+        seed=lookup(dpath="seed", within=config),
         routing=lookup(dpath="routing", within=config),
     shell:
-        "python -m smalltalk em-sample --config {params.config} --train {input.train} "
-        "--val {input.val} --blocks {output.blocks} --probe {output.probe} > {log} 2>&1"
+        "python -m smalltalk em-sample --config {input.config:q} --train {input.train:q} "
+        "--val {input.val:q} --blocks {output.blocks:q} --probe {output.probe:q} > {log:q} 2>&1"
 
 
 rule fit_router:
     input:
         sample=expand(R("routers/blocks/b{r}.parquet"), r=ROUNDS),
         tokenizer=get_tokenizer_model,
+        config=RUN_CONFIG,
     output:
         R("routers/{method}.npz"),
     log:
@@ -47,16 +49,17 @@ rule fit_router:
         mem_mb=8000,
         runtime=60,
     params:
-        config=CONFIG_FILE,
+        seed=lookup(dpath="seed", within=config),
         routing=lookup(dpath="routing", within=config),
     shell:
-        "python -m smalltalk fit-router --config {params.config} --tokenizer {input.tokenizer} "
-        "--out {output} {input.sample} > {log} 2>&1"
+        "python -m smalltalk fit-router --config {input.config:q} --tokenizer {input.tokenizer:q} "
+        "--out {output:q} {input.sample:q} > {log:q} 2>&1"
 
 
 rule assign_random:
     input:
         block=R("routers/blocks/b0.parquet"),
+        config=RUN_CONFIG,
     output:
         assignment=R("routers/r0/assignment.parquet"),
         diagnostics=R("routers/r0/diagnostics.parquet"),
@@ -73,16 +76,17 @@ rule assign_random:
         mem_mb=2000,
         runtime=10,
     params:
-        config=CONFIG_FILE,
+        seed=lookup(dpath="seed", within=config),
     shell:
-        "python -m smalltalk assign --config {params.config} --round 0 --block {input.block} "
-        "--out {output.assignment} --diagnostics {output.diagnostics} "
-        "--contingency {output.contingency} > {log} 2>&1"
+        "python -m smalltalk assign --config {input.config:q} --round 0 --block {input.block:q} "
+        "--out {output.assignment:q} --diagnostics {output.diagnostics:q} "
+        "--contingency {output.contingency:q} > {log:q} 2>&1"
 
 
 rule train_router:
     input:
         unpack(get_router_training_inputs),
+        config=RUN_CONFIG,
     output:
         weights=R("routers/r{r}/e{e}.safetensors"),
         summary=R("routers/r{r}/e{e}/summary.json"),
@@ -96,18 +100,19 @@ rule train_router:
     resources:
         **get_cluster_resources("router_train"),
     params:
+        seed=lookup(dpath="seed", within=config),
         launcher=get_python_launcher,
         process_threads=get_process_threads,
-        config=CONFIG_FILE,
         out_dir=get_router_work_dir,
         init=get_router_init_flag,
         training=lookup(dpath="training/router", within=config),
         model=lookup(dpath="models/router", within=config),
     shell:
-        "{params.launcher} -m smalltalk train --config {params.config} --role router "
-        "--index {wildcards.e} --round {wildcards.r} --assignment {input.assignment} {params.init} "
-        "--tokenizer {input.tokenizer} --out-dir {params.out_dir} --weights {output.weights} "
-        "--threads {params.process_threads} {input.block} > {log} 2>&1"
+        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role router "
+        "--index {wildcards.e} --round {wildcards.r} --assignment {input.assignment:q} "
+        "{params.init:q} --tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} "
+        "--weights {output.weights:q} --threads {params.process_threads:q} {input.block:q} "
+        "> {log:q} 2>&1"
 
 
 rule score_router:
@@ -116,6 +121,7 @@ rule score_router:
         block=R("routers/blocks/b{r}.parquet"),
         probe=R("routers/probe.parquet"),
         tokenizer=get_tokenizer_model,
+        config=RUN_CONFIG,
     output:
         scores=R("routers/r{r}/scores/e{e}.parquet"),
         probe=R("routers/r{r}/probe/e{e}.parquet"),
@@ -128,17 +134,16 @@ rule score_router:
     threads: get_cluster_threads("router_score")
     resources:
         **get_cluster_resources("router_score"),
-    params:
-        config=CONFIG_FILE,
     shell:
-        "python -m smalltalk score --config {params.config} --weights {input.weights} "
-        "--tokenizer {input.tokenizer} --tokens {input.block} --out {output.scores} "
-        "--tokens {input.probe} --out {output.probe} --threads {threads} > {log} 2>&1"
+        "python -m smalltalk score --config {input.config:q} --weights {input.weights:q} "
+        "--tokenizer {input.tokenizer:q} --tokens {input.block:q} --out {output.scores:q} "
+        "--tokens {input.probe:q} --out {output.probe:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule assign_round:
     input:
         unpack(get_assignment_inputs),
+        config=RUN_CONFIG,
     output:
         assignment=R("routers/r{r}/assignment.parquet"),
         diagnostics=R("routers/r{r}/diagnostics.parquet"),
@@ -155,14 +160,13 @@ rule assign_round:
         mem_mb=2000,
         runtime=10,
     params:
-        config=CONFIG_FILE,
         previous_probe=get_previous_probe_flag,
     shell:
-        "python -m smalltalk assign --config {params.config} --round {wildcards.r} "
-        "--block {input.block} --scores {input.scores} --probe {input.probe} "
-        "--probe-scores {input.probe_scores} {params.previous_probe} "
-        "--out {output.assignment} --diagnostics {output.diagnostics} "
-        "--contingency {output.contingency} > {log} 2>&1"
+        "python -m smalltalk assign --config {input.config:q} --round {wildcards.r} "
+        "--block {input.block:q} --scores {input.scores:q} --probe {input.probe:q} "
+        "--probe-scores {input.probe_scores:q} {params.previous_probe:q} "
+        "--out {output.assignment:q} --diagnostics {output.diagnostics:q} "
+        "--contingency {output.contingency:q} > {log:q} 2>&1"
 
 
 rule em_diagnostics:
@@ -182,7 +186,7 @@ rule em_diagnostics:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m smalltalk concat --out {output} {input} > {log} 2>&1"
+        "python -m smalltalk concat --out {output:q} {input:q} > {log:q} 2>&1"
 
 
 rule em_contingency:
@@ -202,4 +206,4 @@ rule em_contingency:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m smalltalk concat --out {output} {input} > {log} 2>&1"
+        "python -m smalltalk concat --out {output:q} {input:q} > {log:q} 2>&1"

@@ -269,14 +269,19 @@ class TokenizerConfig:
         return cls(**config["tokenizer"], seed=config["seed"])
 
 
+def resolved_config_text(config: dict[str, Any]) -> str:
+    """The validated config (overrides included) as the YAML file that jobs read."""
+    text = "# Resolved by the workflow from config.yaml and command-line overrides.\n"
+    return text + yaml.safe_dump(config, sort_keys=False)
+
+
 def write_resolved_config(config: dict[str, Any], path: str | Path) -> Path:
-    """Write the validated config (overrides included) for jobs to read; untouched if unchanged.
+    """Write the resolved config for jobs to read; untouched if unchanged.
 
     Leaving an identical file alone keeps its mtime, so re-planning never looks like a change.
     """
     path = Path(path)
-    text = "# Resolved by the workflow from config.yaml and command-line overrides.\n"
-    text += yaml.safe_dump(config, sort_keys=False)
+    text = resolved_config_text(config)
     if path.is_file() and path.read_text() == text:
         return path
     from smalltalk.files import write_text_atomically  # pyarrow: not for every config read

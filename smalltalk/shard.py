@@ -86,6 +86,8 @@ def check_shards(
 ) -> dict:
     """Prove with DuckDB that every train seq_id lands in exactly one shard and that every
     chunk's per-expert count obeys the capacity ceil(n_chunk / E). Raises if not."""
+    for path in [*train_files, *shard_files]:
+        _require_parquet(path)
     con = duckdb.connect()
     con.read_parquet([str(p) for p in train_files], filename=True).select(
         "seq_id, filename AS file"
@@ -143,6 +145,14 @@ def check_shards(
         raise ValueError("shard check failed: " + "; ".join(problems))
     write_text_atomically(json.dumps(report, indent=2) + "\n", out)
     return report
+
+
+def _require_parquet(path: str | os.PathLike) -> None:
+    """Name a truncated or missing file here; DuckDB would bury its name in a traceback."""
+    try:
+        pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as error:
+        raise ValueError(f"{path}: not a readable Parquet file (truncated?): {error}") from None
 
 
 def _plain(value):

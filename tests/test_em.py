@@ -9,11 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smalltalk import em
 from smalltalk.checkpoint import save_weights
+from smalltalk.cli import main
 from smalltalk.data import token_matrix, token_schema
 from smalltalk.model import LM, ModelConfig
 from smalltalk.routers import LMRouters
@@ -138,6 +140,26 @@ def test_assign_round_balances_the_gathered_scores(tmp_path):
     pq.write_table(pa.table({"seq_id": seq_ids[:10], "nll": np.zeros(10, np.float16)}), bad)
     with pytest.raises(ValueError, match="different set of sequences"):
         em.read_scores([paths[0], bad])
+
+
+def test_check_shards_names_a_truncated_shard_and_fails_without_a_traceback(tmp_path, capsys):
+    train = tmp_path / "tokens/train/c0.parquet"
+    write_tokens(train, np.arange(10))
+    shards = [tmp_path / f"shards/expert={e}/c0.parquet" for e in range(2)]
+    write_tokens(shards[0], np.arange(5))
+    write_tokens(shards[1], np.arange(5, 10))
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    config = REPO / "tests" / "configs" / "tiny.yaml"  # E = 2
+    status = main(
+        ["check-shards", "--config", str(config), "--train", str(train), "--shards"]
+        + [str(path) for path in shards]
+        + ["--out", str(tmp_path / "check.json")]
+    )
+    error = capsys.readouterr().err
+    assert status != 0
+    assert str(shards[1]) in error and "Traceback" not in error
+    assert not (tmp_path / "check.json").exists()
 
 
 def tiny_router(path, seed):

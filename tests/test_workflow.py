@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import REPO, make_records, write_jsonl
 
 BIN = Path(sys.executable).parent
@@ -109,6 +111,15 @@ def test_inputs_override_points_the_dag_at_another_corpus(tmp_path):
     assert jobs and jobs[0].split()[-1] == "3"
 
 
+def test_the_tokenizer_asks_for_what_the_cluster_section_gives_it(tmp_path):
+    overlay = tmp_path / "cluster.yaml"
+    overlay.write_text("cluster:\n  tokenizer: {cpus: 3, mem_mb: 1234, runtime: 7}\n")
+    plan = snakemake(tmp_path, "-n", "--cores", "4", "--configfile", str(TINY), str(overlay))
+    job = plan.stdout.split("rule train_tokenizer:")[1].split("Shell command")[0]
+    assert "threads: 3" in job
+    assert "runtime=7" in job and "mem_mb=1234" in job
+
+
 @pytest.mark.slow
 def test_tiny_config_end_to_end(tmp_path):
     snakemake(tmp_path, "--cores", "2", "--configfile", str(TINY))
@@ -191,6 +202,84 @@ def test_tiny_config_end_to_end(tmp_path):
     assert "train_dense" not in rerun.stdout + rerun.stderr
     for path, state in untouched.items():
         assert (path.stat().st_mtime_ns, path.read_bytes()) == state, path
+
+
+# A results folder and corpus files named so that an unquoted shell command would split them
+# into several arguments or run the command hidden in them.
+ODD_RESULTS = 'results/my "tiny" run;touch pwned;#'
+ODD_CORPUS = ("it's part 0.jsonl.zst", '"part" 1;touch pwned-1;#.jsonl.zst')
+
+
+@pytest.fixture(scope="module")
+def odd_run(tmp_path_factory):
+    """The tiny config run to the end with ODD_RESULTS and ODD_CORPUS: (workdir, results)."""
+    workdir = tmp_path_factory.mktemp("odd")
+    corpus = workdir / "corpus"
+    corpus.mkdir()
+    for demo, name in zip(("demo-000", "demo-001"), ODD_CORPUS, strict=True):
+        shutil.copy(REPO / "data" / "demo" / f"{demo}.jsonl.zst", corpus / name)
+    overlay = workdir / "odd.yaml"
+    overlay.write_text(
+        yaml.safe_dump({"results": ODD_RESULTS, "inputs": [str(corpus / "*.jsonl.zst")]})
+    )
+    snakemake(workdir, "--cores", "2", "--configfile", str(TINY), str(overlay))
+    return workdir, workdir / ODD_RESULTS
+
+
+def odd_config_args(workdir: Path) -> list[str]:
+    return ["--configfile", str(TINY), str(workdir / "odd.yaml")]
+
+
+@pytest.mark.slow
+def test_paths_with_spaces_quotes_and_semicolons_reach_every_job_as_one_argument(odd_run):
+    workdir, results = odd_run
+    assert not [path for path in workdir.rglob("pwned*")]
+    assert not (workdir / "results" / "my").exists()
+    assert json.loads((results / "segmentation" / "check.json").read_text())["ok"]
+    for path in ("experts/e1/model.safetensors", "report/results.html", "report/ledger.html"):
+        assert (results / path).is_file(), path
+    tokens = pq.read_table(results / "tokens" / "train")
+    assert tokens.num_rows > 0
+
+
+@pytest.mark.slow
+def test_a_dry_run_with_other_overrides_leaves_the_runs_config_untouched(odd_run):
+    workdir, results = odd_run
+    config = results / "config.yaml"
+    before = (config.read_bytes(), config.stat().st_mtime_ns)
+    plan = snakemake(
+        workdir, "-n", "--cores", "2", *odd_config_args(workdir), "--config", "seed=999"
+    )
+    assert "resolve_config" in plan.stdout  # the change is seen, and would re-run the jobs
+    assert (config.read_bytes(), config.stat().st_mtime_ns) == before
+    assert yaml.safe_load(config.read_text())["seed"] != 999
+
+
+@pytest.mark.slow
+def test_a_changed_setting_re_runs_the_jobs_that_use_it_and_no_others(odd_run, tmp_path):
+    """Every job reads the run's config file, but a new evaluation setting must not retrain
+    the models; a new seed must."""
+    workdir, _ = odd_run
+    overlay = tmp_path / "temperature.yaml"
+    overlay.write_text("eval:\n  temperature: 0.5\n")
+    plan = snakemake(workdir, "-n", "--cores", "2", *odd_config_args(workdir), str(overlay))
+    jobs = {line.split()[0] for line in plan.stdout.splitlines() if line.strip()}
+    assert {"resolve_config", "evaluate_chunk", "aggregate_eval"} <= jobs
+    assert not jobs & {"tokenize_chunk", "train_router", "shard_chunk", "train_expert"}
+    plan = snakemake(
+        workdir, "-n", "--cores", "2", *odd_config_args(workdir), "--config", "seed=999"
+    )
+    jobs = {line.split()[0] for line in plan.stdout.splitlines() if line.strip()}
+    assert {"train_tokenizer", "train_router", "train_expert", "train_dense"} <= jobs
+
+
+@pytest.mark.slow
+def test_a_run_rebuilds_deleted_experts_that_serving_needs(odd_run):
+    workdir, results = odd_run
+    shutil.rmtree(results / "experts")
+    plan = snakemake(workdir, "-n", "--cores", "2", *odd_config_args(workdir))
+    jobs = [line.split() for line in plan.stdout.splitlines()]
+    assert ["train_expert", "2"] in jobs
 
 
 @pytest.mark.parametrize("method", ["tfidf_kmeans", "random", "source"])
