@@ -136,3 +136,19 @@ def test_fewer_than_three_seeds_give_no_interval():
     spread = seed_spread([0.96, 0.98])
     assert math.isnan(spread.low) and math.isnan(spread.high)
     assert verdict(spread.mean, spread.low, spread.high) == "no data"
+
+
+@pytest.mark.parametrize("equal_lengths", [True, False])
+def test_bootstrap_equals_a_plain_resampling_loop(monkeypatch, equal_lengths):
+    rng = np.random.default_rng(7)
+    nll_a, nll_b, n_tokens = _simulated(rng, 40, true_log_ratio=0.02)
+    if equal_lengths:
+        n_tokens = np.full(40, 64)
+    monkeypatch.setattr(stats, "CHUNK_ELEMENTS", 1)  # one resample per draw, as the loop
+    (ci,) = bootstrap_ratio(nll_a, nll_b, n_tokens, resamples=300, seed=11)
+    draws = np.random.default_rng(11)
+    ratios = []
+    for _ in range(300):
+        rows = draws.integers(0, 40, size=(1, 40), dtype=np.uint32)[0]
+        ratios.append(np.exp((nll_a[rows] - nll_b[rows]).sum() / n_tokens[rows].sum()))
+    assert (ci.low, ci.high) == pytest.approx(tuple(np.quantile(ratios, [0.025, 0.975])))
