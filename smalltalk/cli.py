@@ -462,6 +462,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import duckdb
 
     from smalltalk import compare
+    from smalltalk.files import write_parquet_atomically
     from smalltalk.plots import tables_html
 
     runs = {}
@@ -471,12 +472,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise SystemExit(f"smalltalk compare: --run wants NAME=RESULTS_DIR, got {spec!r}")
         runs[name] = folder
     table = compare.compare_runs(runs, args.out)
+    html_tables = {"Routing methods at equal training FLOPs (test split)": args.out}
+    if args.seeds:
+        write_parquet_atomically(compare.seed_summary(table), args.seeds)
+        html_tables["Mixture/dense perplexity ratio over seeds (runs RECIPE@SEED)"] = args.seeds
     if args.markdown:
         compare.markdown(table, args.markdown)
     if args.figure:
         compare.comparison_figure(args.out, runs, args.figure)
     if args.html:
-        tables_html({"Routing methods at equal training FLOPs (test split)": args.out}, args.html)
+        tables_html(html_tables, args.html)
     duckdb.from_arrow(table).show(max_width=250, max_rows=200)
     return 0
 
@@ -977,9 +982,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = add("compare", cmd_compare, "compare finished runs at equal training FLOPs")
     sub.add_argument(
-        "--run", action="append", required=True, help="NAME=RESULTS_DIR of a finished run"
+        "--run",
+        action="append",
+        required=True,
+        help="NAME=RESULTS_DIR of a finished run; seeds of one recipe are named RECIPE@SEED",
     )
     sub.add_argument("--out", required=True, help="the comparison table (.parquet)")
+    sub.add_argument("--seeds", help="mean and spread of each RECIPE's ratios over seeds")
     sub.add_argument("--markdown", help="the rows at M-hat = M as a Markdown table")
     sub.add_argument("--figure", help="the comparison figure (.png)")
     sub.add_argument("--html", help="the table as an HTML fragment for the report")

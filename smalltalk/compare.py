@@ -6,6 +6,12 @@ and the experts' and dense model's `metrics.parquet` (validation curves). One ro
 the figure shows the test gain over dense per run, its dependence on M̂ (paper Fig. 4b), and the
 validation gain along training (paper Fig. 2), the curve that says how the gain moves with
 tokens seen.
+
+Every mixture/dense perplexity ratio comes with its 95 % paired-bootstrap interval over the test
+sequences and a verdict in words (`smalltalk.stats`). Runs of one recipe trained with different
+seeds are named `RECIPE@SEED` (say `smalltalk-e4@1`, `smalltalk-e4@2`, `smalltalk-e4@3`): the
+part before the `@` is the run's group, and `seed_summary` gives each group's mean ratio, its
+spread (std, min-max) and, from 3 seeds on, a t interval over the seeds and its verdict.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from smalltalk.files import write_parquet_atomically, write_text_atomically
+from smalltalk.stats import MIN_SEEDS, seed_spread, verdict
 
 PathLike = str | os.PathLike
 
@@ -45,14 +52,34 @@ def validation_curves(run: PathLike) -> tuple:
     return loss_curve(experts), loss_curve([dense_dir / "metrics.parquet"])
 
 
+RATIO_COLUMNS = [
+    *("ratio", "ratio_ci_low", "ratio_ci_high", "verdict"),
+    *("ratio_topk", "ratio_topk_ci_low", "ratio_topk_ci_high", "verdict_topk"),
+]
+"""What `compare_runs` takes from each run's overall aggregate: ratios to dense, CIs, verdicts."""
+
+
+def group_of(run: str) -> str:
+    """The recipe a run belongs to: its name up to the first "@" (`smalltalk-e4@2`: seed 2)."""
+    return run.partition("@")[0]
+
+
 def compare_runs(runs: Mapping[str, PathLike], out: PathLike) -> pa.Table:
-    """One row per (run, inference prefix M̂): method, E, router, test perplexities and gain,
-    final validation perplexities and gain, and training FLOPs of mixture and dense."""
+    """One row per (run, inference prefix M̂): group, method, E, router, test perplexities, gain,
+    ratio to dense with its 95 % interval and verdict (mixture and top-k), final validation
+    perplexities and gain, and training FLOPs of mixture and dense."""
     rows = []
     for name, run in runs.items():
         run = Path(run)
         config = yaml.safe_load((run / "config.yaml").read_text())
-        overall = pq.read_table(run / "eval/summary/overall.parquet").to_pylist()
+        overall = pq.read_table(run / "eval/summary/overall.parquet")
+        missing = sorted(set(RATIO_COLUMNS) - set(overall.column_names))
+        if missing:
+            raise ValueError(
+                f"{run}/eval/summary/overall.parquet lacks {', '.join(missing)}: it predates "
+                "the confidence intervals; rebuild it with `snakemake --forcerun aggregate_eval`"
+            )
+        overall = overall.to_pylist()
         ledger = pq.read_table(run / "ledger/flops.parquet").to_pydict()
         mixture, dense = validation_curves(run)
         mixture_flops = _flops(ledger, "mixture total (Eq. 12)")
@@ -61,6 +88,7 @@ def compare_runs(runs: Mapping[str, PathLike], out: PathLike) -> pa.Table:
             rows.append(
                 {
                     "run": name,
+                    "group": group_of(name),
                     "method": config["routing"]["method"],
                     "n_experts": config["routing"]["n_experts"],
                     "router": _router_name(config)
@@ -73,6 +101,7 @@ def compare_runs(runs: Mapping[str, PathLike], out: PathLike) -> pa.Table:
                     "test_gain": row["relative_gain"],
                     "ppl_topk": row["ppl_topk"],
                     "ppl_oracle": row["ppl_oracle"],
+                    **{column: row[column] for column in RATIO_COLUMNS},
                     "val_ppl_mixture": float(mixture.perplexity[-1]),
                     "val_ppl_dense": float(dense.perplexity[-1]),
                     "val_gain": float(1 - mixture.perplexity[-1] / dense.perplexity[-1]),
@@ -88,22 +117,96 @@ def compare_runs(runs: Mapping[str, PathLike], out: PathLike) -> pa.Table:
     return table
 
 
+def seed_summary(table: pa.Table) -> pa.Table:
+    """One row per (group of two or more runs, M̂): the seeds' mixture/dense ratios as mean,
+    std, min and max, a t interval of the mean (NaN below `MIN_SEEDS` seeds) and its verdict."""
+    runs: dict[tuple, dict[str, float]] = {}
+    for row in table.to_pylist():
+        runs.setdefault((row["group"], row["prefix_len"]), {})[row["run"]] = row["ratio"]
+    rows = []
+    for (group, prefix_len), ratios in runs.items():
+        if len(ratios) < 2:
+            continue
+        spread = seed_spread(list(ratios.values()))
+        rows.append(
+            {
+                "group": group,
+                "prefix_len": prefix_len,
+                "seeds": spread.seeds,
+                "ratio_mean": spread.mean,
+                "ratio_std": spread.std,
+                "ratio_min": spread.min,
+                "ratio_max": spread.max,
+                "ratio_ci_low": spread.low,
+                "ratio_ci_high": spread.high,
+                "verdict": verdict(spread.mean, spread.low, spread.high)
+                if spread.seeds >= MIN_SEEDS
+                else f"fewer than {MIN_SEEDS} seeds",
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=SEED_SCHEMA)
+
+
+SEED_SCHEMA = pa.schema(
+    [
+        ("group", pa.string()),
+        ("prefix_len", pa.int64()),
+        ("seeds", pa.int64()),
+        ("ratio_mean", pa.float64()),
+        ("ratio_std", pa.float64()),
+        ("ratio_min", pa.float64()),
+        ("ratio_max", pa.float64()),
+        ("ratio_ci_low", pa.float64()),
+        ("ratio_ci_high", pa.float64()),
+        ("verdict", pa.string()),
+    ]
+)
+
+
+def ratio_with_ci(row: Mapping, suffix: str = "") -> str:
+    """0.968 [0.951, 0.985]: a row's ratio{suffix} and its 95 % interval, as tables print them."""
+    low, high = row[f"ratio{suffix}_ci_low"], row[f"ratio{suffix}_ci_high"]
+    return f"{row[f'ratio{suffix}']:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def markdown(table: pa.Table, out: PathLike) -> Path:
-    """The rows at each run's training prefix M as a Markdown table (for the README)."""
+    """The rows at each run's training prefix M as a Markdown table (for the README), and, when
+    runs are grouped by seed, their spread over seeds below it."""
     lines = [
         "| run | method | E | router | test ppl mixture | test ppl dense | test gain "
-        "| top-k | val gain | mixture/dense FLOPs |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| mixture/dense (95 % CI) | verdict | top-k | top-k/dense (95 % CI) | val gain "
+        "| mixture/dense FLOPs |",
+        "|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
-    for row in table.to_pylist():
-        if row["prefix_len"] != row["train_prefix_len"]:
-            continue
+    at_m = [row for row in table.to_pylist() if row["prefix_len"] == row["train_prefix_len"]]
+    for row in at_m:
         lines.append(
             f"| {row['run']} | {row['method']} | {row['n_experts']} | {row['router']} "
             f"| {row['ppl_mixture']:.2f} | {row['ppl_dense']:.2f} | {100 * row['test_gain']:+.1f}% "
-            f"| {row['ppl_topk']:.2f} | {100 * row['val_gain']:+.1f}% "
-            f"| {row['flops_ratio']:.3f} |"
+            f"| {ratio_with_ci(row)} | {row['verdict']} "
+            f"| {row['ppl_topk']:.2f} | {ratio_with_ci(row, '_topk')} "
+            f"| {100 * row['val_gain']:+.1f}% | {row['flops_ratio']:.3f} |"
         )
+    groups = seed_summary(pa.Table.from_pylist(at_m, schema=table.schema)).to_pylist()
+    if groups:
+        lines += [
+            "",
+            "Over seeds (runs named RECIPE@SEED), mixture/dense perplexity ratio at M̂ = M:",
+            "",
+            "| recipe | seeds | mean ratio | std | min-max | 95 % CI over seeds | verdict |",
+            "|---|---:|---:|---:|---|---|---|",
+        ]
+        for row in groups:
+            interval = (
+                f"[{row['ratio_ci_low']:.3f}, {row['ratio_ci_high']:.3f}]"
+                if row["seeds"] >= MIN_SEEDS
+                else "-"
+            )
+            lines.append(
+                f"| {row['group']} | {row['seeds']} | {row['ratio_mean']:.3f} "
+                f"| {row['ratio_std']:.3f} | {row['ratio_min']:.3f}-{row['ratio_max']:.3f} "
+                f"| {interval} | {row['verdict']} |"
+            )
     return write_text_atomically("\n".join(lines) + "\n", out)
 
 
@@ -115,19 +218,36 @@ def comparison_figure(table: PathLike, runs: Mapping[str, PathLike], out: PathLi
 
     from smalltalk import plots
 
-    columns = plots._read(table, ["run", "prefix_len", "train_prefix_len", "test_gain"])
+    columns = plots._read(
+        table,
+        ["run", "prefix_len", "train_prefix_len", "test_gain", "ratio_ci_low", "ratio_ci_high"],
+    )
     names = list(dict.fromkeys(columns["run"].tolist()))
     colours = colormaps["tab10"].colors
     with plots._styled():
         fig = plots._figure(14.0, 4.6)
         bars, sweep, curves = fig.subplots(1, 3)
         at_m = columns["prefix_len"] == columns["train_prefix_len"]
-        gains = [float(columns["test_gain"][at_m & (columns["run"] == name)][0]) for name in names]
-        bars.barh(names, gains, color=[colours[i % 10] for i in range(len(names))])
+        first = [int(np.flatnonzero(at_m & (columns["run"] == name))[0]) for name in names]
+        gains = columns["test_gain"][first].astype(float)
+        # gain = 1 - ratio, so the ratio's interval [low, high] is [1 - high, 1 - low] in gain.
+        errors = np.stack(
+            [
+                gains - (1 - columns["ratio_ci_high"][first]),
+                (1 - columns["ratio_ci_low"][first]) - gains,
+            ]
+        ).clip(min=0)  # (2, runs); the clip drops rounding below zero, which matplotlib refuses
+        bars.barh(
+            names,
+            gains,
+            xerr=errors,
+            color=[colours[i % 10] for i in range(len(names))],
+            error_kw={"ecolor": "0.2", "capsize": 3, "linewidth": 1.0},
+        )
         bars.axvline(0, color=plots.DENSE, linestyle="--", linewidth=1.0)
         bars.invert_yaxis()
         plots._percent(bars, "x", decimals=1)
-        bars.set_xlabel("test perplexity gain over dense at equal FLOPs (M\u0302 = M)")
+        bars.set_xlabel("test perplexity gain over dense at equal FLOPs (M\u0302 = M; 95 % CI)")
         bars.set_title("Gain over the dense baseline")
         for i, name in enumerate(names):
             mine = columns["run"] == name

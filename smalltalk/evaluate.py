@@ -4,7 +4,9 @@
 prefix NLLs, the expert they pick by argmin (Eq. 4 and 8, no capacity at inference, §2.2), and the
 summed NLL of the sequence under that expert, the dense baseline, the best expert in hindsight
 (oracle) and a c-BTM-style top-k ensemble. `aggregate` turns those rows into the paper's numbers
-with DuckDB: perplexity per M̂ (Fig. 4b), per routed segment (Fig. 5), per source, expert load.
+with DuckDB: perplexity per M̂ (Fig. 4b), per routed segment (Fig. 5), per source, expert load;
+overall and per source they carry the mixture/dense perplexity ratio with a paired-bootstrap
+95 % interval over the test sequences and its verdict in words (`smalltalk.stats`).
 
 Which tokens are scored. A row of a token file holds S + 1 tokens x_0..x_S; token j is predicted
 from x_0..x_{j-1} (`scoring.predicted_positions`). `nll_*` columns sum over the tokens j >= M,
@@ -36,6 +38,7 @@ from smalltalk.model import LM, ModelConfig
 from smalltalk.routers import Router, RoutingBatch
 from smalltalk.routing import route
 from smalltalk.scoring import inference_autocast, predicted_positions
+from smalltalk.stats import bootstrap_ratio, verdict
 
 SLICE_ROWS = 2048  # sequences scored per model load; bounds the (rows, M̂s, S) top-k mixture
 
@@ -390,6 +393,14 @@ AGGREGATES = {
     "segment_source": SEGMENT_SOURCE,
 }
 
+# Perplexity ratios against dense with paired-bootstrap 95 % intervals (`smalltalk.stats`), added
+# to an aggregate's rows: {aggregate: (its group columns, {suffix: (model's NLL column, name)})}.
+# Suffix "" adds ratio, ratio_ci_low, ratio_ci_high and verdict; "_topk" adds ratio_topk, ...
+RATIO_INTERVALS = {
+    "overall": (("prefix_len",), {"": ("nll_expert", "mixture"), "_topk": ("nll_topk", "top-k")}),
+    "per_source": (("prefix_len", "source"), {"": ("nll_expert", "mixture")}),
+}
+
 
 def aggregate(
     eval_files: Sequence[str | os.PathLike], out_dir: str | os.PathLike
@@ -403,10 +414,54 @@ def aggregate(
     tables = {}
     for name, query in AGGREGATES.items():
         tables[name] = pa.table(con.sql(query))
+        if name in RATIO_INTERVALS:
+            tables[name] = _with_ratio_intervals(con, tables[name], *RATIO_INTERVALS[name])
         con.register(name, tables[name])  # later queries may read it
         write_parquet_atomically(tables[name], Path(out_dir) / f"{name}.parquet")
     con.close()
     return tables
+
+
+_RATIO_COLUMNS = {
+    "ratio{}": pa.float64(),  # perplexity of the model / perplexity of dense, same tokens
+    "ratio{}_ci_low": pa.float64(),  # 95 % paired-bootstrap interval over test sequences
+    "ratio{}_ci_high": pa.float64(),
+    "verdict{}": pa.string(),  # "mixture better", "dense better", "no difference (CI contains 1)"
+}
+
+
+def _with_ratio_intervals(
+    con: duckdb.DuckDBPyConnection,
+    table: pa.Table,
+    keys: Sequence[str],
+    models: dict[str, tuple[str, str]],
+) -> pa.Table:
+    """`table` (one row per group of `keys`) with, per model, its perplexity ratio to dense over
+    the group's test sequences, the paired-bootstrap interval and the verdict in words."""
+    nll_columns = [column for column, _ in models.values()]
+    # Sequences in a fixed order (the resamples index into it), whatever the files' order.
+    order = ", ".join([*keys, "seq_id", *nll_columns, "nll_dense", "n_tokens"])
+    rows = con.sql(
+        f"SELECT {', '.join(keys)}, {', '.join(nll_columns)}, nll_dense, n_tokens "
+        f"FROM per_sequence ORDER BY {order}"
+    ).fetchnumpy()
+    new = {column.format(suffix): [] for suffix in models for column in _RATIO_COLUMNS}
+    for group in table.select(list(keys)).to_pylist():
+        at = np.logical_and.reduce([rows[key] == value for key, value in group.items()])
+        cis = bootstrap_ratio(
+            np.column_stack([rows[column][at] for column in nll_columns]),
+            rows["nll_dense"][at],
+            rows["n_tokens"][at],
+        )
+        for (suffix, (_, name)), ci in zip(models.items(), cis, strict=True):
+            for column, value in zip(_RATIO_COLUMNS, [*ci, verdict(*ci, a=name)], strict=True):
+                new[column.format(suffix)].append(value)
+    for suffix in models:
+        for column, kind in _RATIO_COLUMNS.items():
+            table = table.append_column(
+                column.format(suffix), pa.array(new[column.format(suffix)], kind)
+            )
+    return table
 
 
 # ---- routed validation subsets ---------------------------------------------------------------

@@ -423,22 +423,41 @@ def prefix_sensitivity(
 ) -> Path:
     """Paper Fig. 4b: test perplexity against the routing prefix length M-hat used at inference,
     for the routed mixture, the dense baseline, the oracle (best expert per sequence) and the
-    top-k ensemble; a dotted line marks the training prefix M when given."""
+    top-k ensemble; a dotted line marks the training prefix M when given. Where the aggregate
+    has them, the mixture and top-k points carry the 95 % interval of their ratio to dense,
+    drawn on the perplexity scale (dense perplexity times the ratio's bounds)."""
     rows = _read(overall, ["prefix_len", "ppl_mixture", "ppl_dense"])
     rows = _select(rows, np.argsort(rows["prefix_len"], kind="stable"))
     m = rows["prefix_len"].astype(int)
     lines = [
-        ("ppl_mixture", "mixture, argmin routing", MIXTURE, "-", "o"),
-        ("ppl_topk", "top-k ensemble", TOPK, "-.", "D"),
-        ("ppl_oracle", "oracle (best expert per sequence)", ORACLE, ":", "^"),
-        ("ppl_dense", "dense baseline", DENSE, "--", "s"),
+        ("ppl_mixture", "mixture, argmin routing", MIXTURE, "-", "o", ""),
+        ("ppl_topk", "top-k ensemble", TOPK, "-.", "D", "_topk"),
+        ("ppl_oracle", "oracle (best expert per sequence)", ORACLE, ":", "^", None),
+        ("ppl_dense", "dense baseline", DENSE, "--", "s", None),
     ]
     with _styled():
         fig = _figure(6.8, 4.4)
         ax = fig.add_subplot()
-        for column, label, color, linestyle, marker in lines:
-            if column in rows and np.isfinite(rows[column].astype(float)).any():
-                ax.plot(m, rows[column], label=label, color=color, ls=linestyle, marker=marker)
+        for column, label, color, linestyle, marker, ratio in lines:
+            if column not in rows or not np.isfinite(rows[column].astype(float)).any():
+                continue
+            bounds = [f"ratio{ratio}_ci_low", f"ratio{ratio}_ci_high"] if ratio is not None else []
+            if bounds and all(bound in rows for bound in bounds):
+                low, high = (rows["ppl_dense"] * rows[bound] for bound in bounds)
+                errors = np.stack([rows[column] - low, high - rows[column]]).clip(min=0)
+                label += " (95 % CI)"
+            else:
+                errors = None
+            ax.errorbar(
+                m,
+                rows[column],
+                yerr=errors,
+                label=label,
+                color=color,
+                ls=linestyle,
+                marker=marker,
+                capsize=3,
+            )
         if train_prefix_len is not None:
             ax.axvline(
                 train_prefix_len,

@@ -24,6 +24,7 @@ from smalltalk.model import LM, ModelConfig
 from smalltalk.routers import LMRouters
 from smalltalk.routing import route
 from smalltalk.scoring import sequence_nll
+from smalltalk.stats import bootstrap_ratio, verdict
 
 CONFIG = ModelConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2, n_embd=16)
 S = CONFIG.seq_len  # rows hold S + 1 tokens
@@ -275,6 +276,18 @@ def perplexity(nll, tokens):
     return float(np.exp(nll.sum() / tokens.sum()))
 
 
+def assert_ratio_interval(row, suffix, rows, at, nll, name):
+    """The row's ratio of `nll` to dense: its perplexities' ratio, with the bootstrap interval
+    of the selected sequences taken in seq_id order, and the verdict for that interval."""
+    ratio = row[f"ratio{suffix}"]
+    ppl = "ppl_mixture" if nll == "nll_expert" else "ppl_topk"
+    assert ratio == pytest.approx(row[ppl] / row["ppl_dense"], rel=1e-12)
+    order = np.argsort(rows["seq_id"][at], kind="stable")
+    ci = bootstrap_ratio(*(rows[c][at][order] for c in (nll, "nll_dense", "n_tokens")))[0]
+    assert (ratio, row[f"ratio{suffix}_ci_low"], row[f"ratio{suffix}_ci_high"]) == ci
+    assert row[f"verdict{suffix}"] == verdict(*ci, a=name)
+
+
 def test_aggregates_equal_a_numpy_recomputation(setup, evaluated, tmp_path):
     files = [setup["root"] / "eval-c0.parquet", tmp_path / "eval-c1.parquet"]
     run(setup, files[1], chunk=1)
@@ -301,6 +314,8 @@ def test_aggregates_equal_a_numpy_recomputation(setup, evaluated, tmp_path):
         assert row["relative_gain"] == pytest.approx(1 - row["ppl_mixture"] / row["ppl_dense"])
         assert row["ppl_oracle"] <= row["ppl_mixture"]
         assert (row["sequences"], row["tokens"]) == (34, 34 * (S + 1 - M))
+        assert_ratio_interval(row, "", rows, at, "nll_expert", "mixture")
+        assert_ratio_interval(row, "_topk", rows, at, "nll_topk", "top-k")
 
     per_segment = tables["per_segment"].to_pylist()
     assert len(per_segment) == len(set(PREFIX_LENS)) * E  # every expert, routed to or not
@@ -320,6 +335,7 @@ def test_aggregates_equal_a_numpy_recomputation(setup, evaluated, tmp_path):
         assert row["sequences"] == at.sum()
         assert row["ppl_mixture"] == pytest.approx(perplexity(rows["nll_expert"][at], n), **close)
         assert row["ppl_dense"] == pytest.approx(perplexity(rows["nll_dense"][at], n), **close)
+        assert_ratio_interval(row, "", rows, at, "nll_expert", "mixture")
 
     counts = {}
     keys = (rows[name].tolist() for name in ("prefix_len", "expert", "source"))
@@ -354,6 +370,55 @@ def test_aggregate_lists_experts_no_sequence_was_routed_to(tmp_path):
     )
     assert tables["load"].column("sequences").to_pylist() == [2, 1, 0]
     assert tables["overall"].column("ppl_mixture").to_pylist() == [pytest.approx(np.exp(6 / 6))]
+
+
+RATIO_COLUMNS = ["ratio", "ratio_ci_low", "ratio_ci_high", "verdict"]
+
+
+def test_ratio_intervals_do_not_depend_on_the_order_of_the_files(setup, evaluated, tmp_path):
+    files = [setup["root"] / "eval-c0.parquet", tmp_path / "eval-c1.parquet"]
+    run(setup, files[1], chunk=1)
+    aggregate(files, tmp_path / "forward")
+    aggregate(files[::-1], tmp_path / "backward")
+    for name in ("overall", "per_source"):
+        forward, backward = (
+            pq.read_table(tmp_path / order / f"{name}.parquet") for order in ("forward", "backward")
+        )
+        assert forward.select(RATIO_COLUMNS).equals(backward.select(RATIO_COLUMNS)), name
+
+
+def test_verdict_says_which_model_is_better_and_when_neither_is(tmp_path):
+    # Source "clear": the mixture saves 0.2 nats on every token of 50 sequences; "noisy": it
+    # gains or loses 1 nat per token at random, no better than dense on average.
+    rng = np.random.default_rng(0)
+    shift = np.concatenate([np.full(50, -0.2), rng.choice([-1.0, 1.0], size=50)])
+    n = 10
+    rows = {
+        "seq_id": np.arange(100),
+        "source": ["clear"] * 50 + ["noisy"] * 50,
+        "prefix_len": np.full(100, 4),
+        "expert": np.zeros(100),
+        "router_nll": [[1.0]] * 100,
+        "n_tokens": np.full(100, n),
+        "nll_dense": np.full(100, 3.0 * n),
+        "nll_expert": 3.0 * n + shift * n,
+        "nll_topk": np.full(100, 3.4 * n),  # 0.4 nats worse per token than dense
+        "n_tokens_full": np.full(100, n),
+        "nll_expert_full": 3.0 * n + shift * n,
+        "nll_dense_full": np.full(100, 3.0 * n),
+        "oracle_expert": np.zeros(100),
+        "nll_oracle": 3.0 * n + shift * n,
+    }
+    pq.write_table(pa.table(rows, schema=EVAL_SCHEMA), tmp_path / "eval.parquet")
+    tables = aggregate([tmp_path / "eval.parquet"], tmp_path / "summary")
+    (overall,) = tables["overall"].to_pylist()
+    assert overall["verdict_topk"] == "dense better"
+    assert overall["ratio_topk"] == pytest.approx(np.exp(0.4))
+    by_source = {row["source"]: row for row in tables["per_source"].to_pylist()}
+    assert by_source["clear"]["verdict"] == "mixture better"
+    assert by_source["clear"]["ratio_ci_high"] == pytest.approx(np.exp(-0.2))
+    assert by_source["noisy"]["verdict"] == "no difference (CI contains 1)"
+    assert by_source["noisy"]["ratio_ci_low"] < 1 < by_source["noisy"]["ratio_ci_high"]
 
 
 # ---- routed validation subsets ---------------------------------------------------------------

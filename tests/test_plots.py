@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
+from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.image import imread  # noqa: E402
 
 from smalltalk import plots  # noqa: E402
@@ -114,6 +115,12 @@ def make_inputs(root: Path, *, val: bool = True) -> dict:
                 "gain": (25.0 + 16.0 / m) / 27.4 - 1,
                 "sequences": 1000,
                 "tokens": 128000,
+                "ratio": (25.0 + 16.0 / m) / 27.4,
+                "ratio_ci_low": (24.5 + 16.0 / m) / 27.4,
+                "ratio_ci_high": (25.5 + 16.0 / m) / 27.4,
+                "ratio_topk": (25.3 + 8.0 / m) / 27.4,
+                "ratio_topk_ci_low": (25.0 + 8.0 / m) / 27.4,
+                "ratio_topk_ci_high": (25.6 + 8.0 / m) / 27.4,
             }
         )
     rounds = 5
@@ -244,6 +251,18 @@ def test_figures_are_byte_identical_on_rerun(inputs, tmp_path):
     second = render_all(inputs, tmp_path / "b")
     for name, path in first.items():
         assert path.read_bytes() == second[name].read_bytes(), name
+
+
+def test_prefix_sensitivity_draws_the_intervals_the_aggregate_has(inputs, tmp_path):
+    overall = pq.read_table(inputs["overall"])
+    bare = write(tmp_path / "bare.parquet", overall.drop_columns(["ratio_ci_low"]).to_pylist())
+    with_bars = imread(plots.prefix_sensitivity(inputs["overall"], tmp_path / "bars.png"))
+    without = imread(plots.prefix_sensitivity(bare, tmp_path / "bare.png"))
+
+    def mixture_pixels(image):
+        return (np.abs(image[..., :3] - to_rgb(plots.MIXTURE)).sum(axis=-1) < 0.05).sum()
+
+    assert mixture_pixels(with_bars) > mixture_pixels(without)
 
 
 def test_mixture_curve_by_hand(tmp_path):

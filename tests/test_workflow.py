@@ -148,6 +148,11 @@ def test_tiny_config_end_to_end(tmp_path):
     assert dense["flops"] == sum(summary["flops"] for summary in experts)
     overall = pq.read_table(results / "eval" / "summary" / "overall.parquet").to_pylist()
     assert {row["prefix_len"] for row in overall} == {8, 16}
+    verdicts = {"mixture better", "dense better", "no difference (CI contains 1)"}
+    for row in overall:  # every ratio to dense comes with its interval, in words too
+        assert row["ratio_ci_low"] <= row["ratio"] <= row["ratio_ci_high"]
+        assert row["verdict"] in verdicts
+        assert row["verdict_topk"].replace("top-k", "mixture") in verdicts
     # The trained mixture answers an offline lm-eval task, next to the dense baseline.
     harness = pq.read_table(results / "harness" / "scores.parquet").to_pylist()
     assert {row["model"] for row in harness if row["metric"] == "acc"} == {"mixture", "dense"}
@@ -351,4 +356,6 @@ def test_tfidf_routing_end_to_end_with_a_shared_dense_baseline(tmp_path):
     # Both runs were evaluated against the very same dense model.
     dense = {row["prefix_len"]: row["ppl_dense"] for row in rows if row["run"] == "source"}
     assert all(row["ppl_dense"] == dense[row["prefix_len"]] for row in rows)
-    assert (tmp_path / "comparison.md").read_text().count("\n") == 4
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert markdown.count("\n") == 4
+    assert all(row["verdict"] in markdown for row in rows if row["prefix_len"] == 16)
