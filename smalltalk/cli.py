@@ -278,6 +278,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_files=args.val or None,
         val_every=config["eval"]["every"],
         val_sequences=config["eval"]["val_sequences"],
+        branch_from=args.branch_from,
+        stop_at=args.stop_at,
     )
     return 0
 
@@ -893,6 +895,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--assignment", help="the previous round's assignment (routers)")
     sub.add_argument("--init", help="weights to start from (a router's previous round)")
     sub.add_argument("--steps", type=int, help="optimizer steps (default: from the config)")
+    sub.add_argument(
+        "--branch-from",
+        help="a checkpoint directory to go on from (weights, optimizer, step): BTM's branch point",
+    )
+    sub.add_argument(
+        "--stop-at", type=int, help="end after this step, leaving a checkpoint to branch from"
+    )
     sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
     sub.add_argument("--out-dir", required=True, help="metrics, checkpoints and summary")
     sub.add_argument("--weights", help="final weights (default: OUT_DIR/model.safetensors)")

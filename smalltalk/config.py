@@ -91,6 +91,18 @@ def semantic_errors(config: dict[str, Any]) -> list[str]:
                 f"E={n_experts} routers with none to train on (at most ceil(N/E) each); use a "
                 "multiple of E"
             )
+    training = config.get("training", {})
+    branch_steps, steps = training.get("branch_steps"), training.get("expert", {}).get("steps")
+    if isinstance(branch_steps, int) and branch_steps > 0:
+        if isinstance(steps, int) and branch_steps >= steps:
+            errors.append(
+                f"training.branch_steps: the shared steps ({branch_steps}) must be fewer than "
+                f"training.expert.steps={steps}"
+            )
+        if training.get("dense_scale", "batch") != "batch":
+            errors.append("training.branch_steps: branching needs training.dense_scale: batch")
+        if training.get("dense_from"):
+            errors.append("training.branch_steps: a shared dense_from baseline cannot branch")
     seq_len = config.get("seq_len")
     for position, value in enumerate(config.get("eval", {}).get("prefix_lens", [])):
         if isinstance(seq_len, int) and isinstance(value, int) and value >= seq_len:

@@ -41,6 +41,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from smalltalk.checkpoint import (
+    STATE,
+    WEIGHTS,
     is_finished,
     latest_checkpoint,
     load_checkpoint,
@@ -351,7 +353,9 @@ def _validation_tokens(files, count: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(rows)[:count].astype(np.int64))
 
 
-def _input_fingerprints(data_files, seq_ids, init_from, val_files) -> dict[str, str | None]:
+def _input_fingerprints(
+    data_files, seq_ids, init_from, val_files, branch_from=None
+) -> dict[str, str | None]:
     """Digests of what a run learns from and is measured on (see `files.fingerprint` for their
     cost): a checkpoint goes on only with the same."""
     sequences = None
@@ -362,6 +366,9 @@ def _input_fingerprints(data_files, seq_ids, init_from, val_files) -> dict[str, 
         "seq_ids": sequences,
         "init_from": None if init_from is None else fingerprint([init_from]),
         "val": fingerprint(parquet_files(val_files)) if val_files else None,
+        "branch_from": None
+        if branch_from is None
+        else fingerprint([Path(branch_from) / name for name in (WEIGHTS, STATE)]),
     }
 
 
@@ -375,7 +382,7 @@ def _why_not_resume(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
     ]
     differences += [
         f"{key}: {saved.get(key)!r} -> {current[key]!r}"
-        for key in ("role", "model_config", "steps", "seq_len", "schedule", "prefix_len")
+        for key in ("role", "model_config", "steps", "seq_len", "schedule", "prefix_len", "stop_at")
         if saved.get(key) != current[key]
     ]
     differences += [
@@ -403,6 +410,8 @@ def fit(
     val_files=None,
     val_every: int = 0,
     val_sequences: int = 512,
+    branch_from: str | os.PathLike | None = None,
+    stop_at: int | None = None,
 ) -> dict[str, Any]:
     """Train one LM on token Parquet files and write its results to `out_dir`; return the summary.
 
@@ -413,6 +422,10 @@ def fit(
     weights_path: where the final weights go (default `out_dir/model.safetensors`).
     val_files: token files whose first `val_sequences` rows give a validation loss every
     `val_every` steps and at the end (the curves of perplexity against training FLOPs, Fig. 2).
+    branch_from: a checkpoint directory of another run (BTM's seed, `branch_steps`) to go on
+    from: its weights, optimizer moments and step; on the same data also its data cursor and
+    metrics, so the run continues it exactly. stop_at: end after this step, with a checkpoint
+    there for others to branch from; the learning-rate schedule still spans all the steps.
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -472,7 +485,8 @@ def fit(
         "device": str(device),
         "precision": precision,
         "world_size": procs.world_size,
-        "inputs": _input_fingerprints(data_files, seq_ids, init_from, val_files),
+        "inputs": _input_fingerprints(data_files, seq_ids, init_from, val_files, branch_from),
+        "stop_at": stop_at,
     }
     step, seconds_before = 0, 0.0
     metrics = MetricsLog(out_dir / "metrics.parquet")
@@ -502,6 +516,22 @@ def fit(
         metrics.resume(step, state.get("metrics"))
         if procs.rank:  # the checkpoint holds rank 0's RNG; keep the other ranks' masks distinct
             torch.manual_seed(config.seed + procs.rank + 1_000_003 * step)
+    if ckpt is None and branch_from is not None:
+        state = load_checkpoint(branch_from, model, optimizer)
+        step = state["step"]
+        if not 0 < step < total_steps or state["resolved"]["steps"] != total_steps:
+            raise ValueError(
+                f"{branch_from}: a branch point at step {step} of {state['resolved']['steps']} "
+                f"does not fit a run of {total_steps} steps"
+            )
+        if state["resolved"]["inputs"]["data"] == resolved["inputs"]["data"]:
+            # The run that made it, going on: the same batches and its curve so far.
+            stream.load_state_dict(state["stream"])
+            metrics.resume(step, state.get("metrics"))
+            seconds_before = state["seconds"]
+        torch.manual_seed(config.seed + procs.rank + 1_000_003 * step)
+        resumption = f"branching from {branch_from} at step {step}"
+    resolved["branched_from_step"] = step if branch_from is not None else None
 
     train_model = torch.compile(model) if config.compile else model
     if procs.world_size > 1:
@@ -547,7 +577,8 @@ def fit(
     )
     start_step, loop_start = step, time.perf_counter()
     interval_start, interval_steps, interval_loss = loop_start, 0, torch.zeros((), device=device)
-    while step < total_steps:
+    end = total_steps if stop_at is None else stop_at
+    while step < end:
         lr = learning_rate(step, config, schedule, total_steps)
         micro_batches = [to_device(next(batches)) for _ in range(config.grad_accum)]
         loss, grad_norm = train_step(
@@ -563,11 +594,13 @@ def fit(
         interval_steps += 1
         progress.update()
 
-        checkpoint_due = config.ckpt_every and step % config.ckpt_every == 0 and step < total_steps
-        validation_due = val_tokens is not None and (
-            step == total_steps or (val_every and step % val_every == 0)
+        checkpoint_due = step == stop_at or (
+            config.ckpt_every and step % config.ckpt_every == 0 and step < total_steps
         )
-        if step % config.log_every == 0 or checkpoint_due or validation_due or step == total_steps:
+        validation_due = val_tokens is not None and (
+            step == end or (val_every and step % val_every == 0)
+        )
+        if step % config.log_every == 0 or checkpoint_due or validation_due or step == end:
             if procs.world_size > 1:  # the loss of the global batch, not of this rank's share
                 torch.distributed.all_reduce(interval_loss, op=torch.distributed.ReduceOp.AVG)
             mean_loss = (interval_loss / interval_steps).item()  # sync: waits for the device
@@ -614,16 +647,16 @@ def fit(
     progress.close()
 
     seconds = seconds_before + time.perf_counter() - loop_start
-    tokens = total_steps * tokens_per_step
+    tokens = end * tokens_per_step
     trained_here = (step - start_step) * tokens_per_step
     summary = {
         "tokens": tokens,
         "seconds": seconds,
         "tokens_per_s": trained_here / max(time.perf_counter() - loop_start, 1e-9),
         "peak_memory_bytes": peak_memory_bytes(device),
-        "flops": training_flops(model_config, total_steps, config.batch_size, seq_len),  # Eq. 10
+        "flops": training_flops(model_config, end, config.batch_size, seq_len),  # Eq. 10
         # The same run as PyTorch's FLOP counter sees it (matmuls only), to check Eq. 10 against.
-        "flops_counted": total_steps
+        "flops_counted": end
         * counted_flops(model_config, config.batch_size, seq_len, training=True),
         "parameters": n_params,
         "parameters_without_embeddings": model.num_parameters(exclude_embeddings=True),

@@ -326,6 +326,51 @@ def test_an_interrupted_run_resumes_only_with_the_same_inputs_and_settings(
     assert all(torch.equal(trained[name], straight[name]) for name in straight)
 
 
+def test_a_dense_run_branched_at_a_step_ends_exactly_as_one_never_stopped(
+    token_dir: Path, tmp_path: Path
+):
+    """BTM's seed phase costs nothing extra: the dense baseline goes on from the shared trunk
+    (weights, optimizer, data cursor, curve) and ends bit-identical to a run straight through."""
+    val = write_tokens(tmp_path / "val" / "0.parquet", 16, first_seq_id=9000, seed=9)
+    run = dict(role="dense", val_files=[val], val_every=4)
+    trunk = fit(TINY, config(steps=12), token_dir, tmp_path / "trunk", stop_at=5, **run)
+    assert trunk["tokens"] == 5 * 8 * 32 and trunk["steps"] == 12
+    branch_point = tmp_path / "trunk" / "ckpt" / "step-00000005"
+    branched = fit(
+        TINY, config(steps=12), token_dir, tmp_path / "dense", branch_from=branch_point, **run
+    )
+    straight = fit(TINY, config(steps=12), token_dir, tmp_path / "straight", **run)
+    assert branched["branched_from_step"] == 5 and branched["flops"] == straight["flops"]
+    # The curve goes on from the trunk's, which adds a point at the branch step.
+    got = pq.read_table(tmp_path / "dense" / "metrics.parquet").to_pandas().set_index("step")
+    want = pq.read_table(tmp_path / "straight" / "metrics.parquet").to_pandas().set_index("step")
+    assert list(got.index) == sorted([*want.index, 5])
+    np.testing.assert_array_equal(got.loc[want.index, "val_loss"], want["val_loss"])
+    trained = load_file(tmp_path / "dense" / "model.safetensors")
+    reference = load_file(tmp_path / "straight" / "model.safetensors")
+    assert all(torch.equal(trained[name], reference[name]) for name in reference)
+
+
+def test_an_expert_branches_from_the_trunk_and_trains_only_the_remaining_steps(
+    token_dir: Path, tmp_path: Path, capsys
+):
+    fit(TINY, config(steps=12), token_dir, tmp_path / "trunk", role="dense", stop_at=5)
+    branch_point = tmp_path / "trunk" / "ckpt" / "step-00000005"
+    shard = sorted(token_dir.glob("*.parquet"))[:1]  # other data: a fresh data cursor
+    capsys.readouterr()
+    expert = fit(
+        TINY, config(steps=12), shard, tmp_path / "e0", role="expert", branch_from=branch_point
+    )
+    assert f"branching from {branch_point} at step 5" in capsys.readouterr().err
+    assert expert["branched_from_step"] == 5 and expert["resumed_from_step"] == 5
+    assert pq.read_table(tmp_path / "e0" / "metrics.parquet").column("step").to_pylist()[0] > 5
+    # It went on from the trunk's weights: one step from them moves them only a little.
+    one_step = fit(TINY, config(steps=6), shard, tmp_path / "one", role="expert")
+    assert one_step["final_loss"] > expert["final_loss"]
+    with pytest.raises(ValueError, match="does not fit a run of 20 steps"):
+        fit(TINY, config(steps=20), shard, tmp_path / "e1", role="expert", branch_from=branch_point)
+
+
 def test_a_fingerprint_follows_the_content_not_the_path_or_time(tmp_path: Path):
     original = write_tokens(tmp_path / "a" / "0.parquet", 50, seed=0)
     copy = tmp_path / "b" / "0.parquet"
