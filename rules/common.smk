@@ -178,6 +178,18 @@ def get_expert_shards(wildcards):
     return expand(R("shards/expert={e}/{chunk}.parquet"), e=wildcards.e, chunk=CHUNKS)
 
 
+def get_branch_point(wildcards=None):
+    """The shared trunk's checkpoint that the experts and the dense baseline go on from (BTM's
+    seed phase, training.branch_steps); none when they train from scratch, as in the paper.
+    """
+    steps = config["training"]["branch_steps"]
+    return [R(f"trunk/ckpt/step-{steps:08d}/state.pt")] if steps else []
+
+
+def get_branch_flag(wildcards, input):
+    return ["--branch-from", os.path.dirname(input.branch[0])] if input.branch else []
+
+
 def get_model_dir(wildcards, output):
     """experts/e{e}/ or dense/: metrics, checkpoints and summary beside the weights."""
     return os.path.dirname(output.weights)

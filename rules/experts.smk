@@ -33,6 +33,7 @@ rule train_expert:
         val=R("eval/val/expert={e}.parquet"),
         tokenizer=get_tokenizer_model,
         config=RUN_CONFIG,
+        branch=get_branch_point,
     output:
         weights=R("experts/e{e}/model.safetensors"),
         summary=R("experts/e{e}/summary.json"),
@@ -51,12 +52,14 @@ rule train_expert:
         launcher=get_python_launcher,
         process_threads=get_process_threads,
         out_dir=get_model_dir,
+        branch=get_branch_flag,
         training=lookup(dpath="training/expert", within=config),
         model=lookup(dpath="models/expert", within=config),
     shell:
         "{params.launcher:q} -m smalltalk train --config {input.config:q} --role expert "
         "--index {wildcards.e} --tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} "
-        "--val {input.val:q} --threads {params.process_threads:q} {input.shards:q} > {log:q} 2>&1"
+        "--val {input.val:q} {params.branch:q} --threads {params.process_threads:q} "
+        "{input.shards:q} > {log:q} 2>&1"
 
 
 rule train_dense:
@@ -65,6 +68,7 @@ rule train_dense:
         val=R("eval/val/all.parquet"),
         tokenizer=get_tokenizer_model,
         config=RUN_CONFIG,
+        branch=get_branch_point,
     output:
         weights=R("dense/model.safetensors"),
         summary=R("dense/summary.json"),
@@ -83,10 +87,47 @@ rule train_dense:
         launcher=get_python_launcher,
         process_threads=get_process_threads,
         out_dir=get_model_dir,
+        branch=get_branch_flag,
         training=lookup(dpath="training/expert", within=config),
         scale=lookup(dpath="training/dense_scale", within=config),
         model=lookup(dpath="models/expert", within=config),
     shell:
         "{params.launcher:q} -m smalltalk train --config {input.config:q} --role dense "
         "--tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} --val {input.val:q} "
-        "--threads {params.process_threads:q} {input.shards:q} > {log:q} 2>&1"
+        "{params.branch:q} --threads {params.process_threads:q} {input.shards:q} > {log:q} 2>&1"
+
+
+# BTM's seed phase (training.branch_steps, an option): the dense baseline's first steps, trained
+# once; the experts and the dense baseline then go on from its checkpoint.
+rule train_trunk:
+    input:
+        shards=get_shard_files(),
+        val=R("eval/val/all.parquet"),
+        tokenizer=get_tokenizer_model,
+        config=RUN_CONFIG,
+    output:
+        branch=get_branch_point(),
+        weights=R("trunk/model.safetensors"),
+        summary=R("trunk/summary.json"),
+        metrics=R("trunk/metrics.parquet"),
+    log:
+        R("logs/trunk.log"),
+    benchmark:
+        R("benchmarks/trunk.tsv")
+    conda:
+        get_conda_env("dense_train")
+    threads: get_cluster_threads("dense_train")
+    resources:
+        **get_cluster_resources("dense_train"),
+    params:
+        seed=lookup(dpath="seed", within=config),
+        launcher=get_python_launcher,
+        process_threads=get_process_threads,
+        out_dir=get_model_dir,
+        training=lookup(dpath="training/expert", within=config),
+        steps=lookup(dpath="training/branch_steps", within=config),
+        model=lookup(dpath="models/expert", within=config),
+    shell:
+        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role dense "
+        "--stop-at {params.steps} --tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} "
+        "--val {input.val:q} --threads {params.process_threads:q} {input.shards:q} > {log:q} 2>&1"

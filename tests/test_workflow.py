@@ -359,3 +359,25 @@ def test_tfidf_routing_end_to_end_with_a_shared_dense_baseline(tmp_path):
     markdown = (tmp_path / "comparison.md").read_text()
     assert markdown.count("\n") == 4
     assert all(row["verdict"] in markdown for row in rows if row["prefix_len"] == 16)
+
+
+@pytest.mark.slow
+def test_experts_branched_from_a_shared_trunk_keep_the_flops_equal(tmp_path):
+    """BTM's seed phase through the real DAG: one trunk job, then the experts and the dense
+    baseline go on from its checkpoint; the ledger still charges both sides the same FLOPs."""
+    results = tmp_path / "results" / "branched"
+    overlay = tmp_path / "branch.yaml"
+    overlay.write_text(
+        f"results: {results}\nrouting:\n  method: random\ntraining:\n  branch_steps: 10\n"
+    )
+    targets = [str(results / "ledger" / "flops.parquet")]
+    snakemake(tmp_path, *targets, "--cores", "2", "--configfile", str(TINY), str(overlay))
+    assert (results / "trunk" / "ckpt" / "step-00000010" / "state.pt").exists()
+    for model in ("experts/e0", "experts/e1", "dense"):
+        summary = json.loads((results / model / "summary.json").read_text())
+        assert summary["branched_from_step"] == 10 and summary["resumed_from_step"] == 10
+    dense_steps = pq.read_table(results / "dense" / "metrics.parquet").column("step").to_pylist()
+    assert dense_steps[0] <= 10 < dense_steps[-1]  # the trunk's curve, then its own
+    flops = pq.read_table(results / "ledger" / "flops.parquet").to_pydict()
+    costs = dict(zip(flops["component"], flops["flops"], strict=True))
+    assert costs["dense baseline (Eq. 10)"] == costs["experts (Eq. 15)"]
