@@ -344,10 +344,8 @@ def print_summary(recipe: CorpusRecipe, documents: list[Document], paths: list[P
     print("| Debian package | version |\n| --- | --- |")
     for package in recipe.source_packages:
         print(f"| {package} | {package_version(package)} |")
-    print(
-        f"\nzstandard {zstandard.__version__} (libzstd {zstandard.ZSTD_VERSION})"
-        f"{recipe.library_versions()}"
-    )
+    libzstd = ".".join(map(str, zstandard.ZSTD_VERSION))
+    print(f"\nzstandard {zstandard.__version__} (libzstd {libzstd}){recipe.library_versions()}")
 
 
 def main(
