@@ -184,6 +184,20 @@ def test_a_long_copyright_file_is_read_whole(tmp_path):
     assert build_general_corpus.read_doc_file(path) == "\n\n".join(notices)
 
 
+def test_a_package_documented_in_another_packages_directory_carries_its_copyright(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "gcc-12-base").mkdir()
+    (tmp_path / "gcc-12-base" / "copyright").write_text("GCC is free software. " * 20)
+    (tmp_path / "gcc-12-base" / "NEWS").write_text("GCC 12.2 fixes many bugs. " * 20)
+    monkeypatch.setattr(build_general_corpus, "DOC_ROOT", tmp_path)
+    monkeypatch.setattr(
+        build_general_corpus, "files_of_packages", lambda package: [tmp_path / "gcc-12-base/NEWS"]
+    )
+    documents = build_general_corpus.package_documents("gcc-12")
+    assert [document[:12] for document in documents] == ["GCC 12.2 fix", "GCC is free "]
+
+
 def test_binary_files_are_not_read(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(b"\x7fELF\x00\x01")
