@@ -178,6 +178,44 @@ def test_tiny_config_end_to_end(tmp_path):
         assert (path.stat().st_mtime_ns, path.read_bytes()) == state, path
 
 
+@pytest.mark.slow
+def test_em_ends_at_the_round_its_stopping_rule_fires_and_later_stages_read_those_routers(
+    tmp_path,
+):
+    """routing.rounds is the most EM may run: a rule that fires after round 2 (the routed NLL
+    cannot improve by 100 nats) ends EM there, and every later stage reads routers/final/."""
+    results = tmp_path / "results" / "early"
+    overlay = tmp_path / "early.yaml"
+    overlay.write_text(
+        f"results: {results}\n"
+        "routing:\n  rounds: 4\n  sequences_per_round: 256\n"
+        "  stop: {changed_below: null, patience: 1, nll_min_improvement: 100}\n"
+    )
+    args = ["--cores", "2", "--configfile", str(TINY), str(overlay)]
+    snakemake(tmp_path, *args)
+    em = json.loads((results / "routers" / "final" / "em.json").read_text())
+    assert em["final_round"] == 2 and em["max_rounds"] == 4
+    assert em["reason"].startswith("no improvement of the mean routed NLL by 100 nats")
+    assert [row["round"] for row in em["rounds"]] == [1, 2]
+    assert not (results / "routers" / "r3").exists()
+    diagnostics = pq.read_table(results / "routers" / "diagnostics.parquet")
+    assert diagnostics.column("round").to_pylist() == [0, 1, 2]
+    for e in (0, 1):
+        final = (results / "routers" / "final" / f"e{e}.safetensors").read_bytes()
+        assert final == (results / "routers" / "r2" / f"e{e}.safetensors").read_bytes()
+    ledger = pq.read_table(results / "ledger" / "communication.parquet").column("stage")
+    assert [s for s in ledger.to_pylist() if s.startswith("EM round")] == [
+        "EM round 0",
+        "EM round 1",
+        "EM round 2",
+    ]
+    assert json.loads((results / "segmentation" / "check.json").read_text())["ok"]
+    assert (results / "report" / "em_convergence.png").exists()
+    assert (results / "eval" / "summary" / "overall.parquet").exists()
+    again = snakemake(tmp_path, "-n", *args)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
 @pytest.mark.parametrize("method", ["tfidf_kmeans", "random", "source"])
 def test_dry_run_of_each_baseline_routing_method_skips_the_router_em(tmp_path, method):
     overlay = tmp_path / "method.yaml"
