@@ -321,6 +321,7 @@ def em_stop_reason(
     if stop and last >= stop["patience"]:
         patience = stop["patience"]
         recent = diagnostics[-patience:]
+        recent_rounds = "the last round" if patience == 1 else f"each of the last {patience} rounds"
         changed_below = stop.get("changed_below")
         if changed_below is not None and all(
             row["probe_changed"] < changed_below
@@ -328,7 +329,7 @@ def em_stop_reason(
         ):
             return (
                 f"stable: fewer than {changed_below:.1%} of the probe sequences changed expert "
-                f"in each of the last {patience} rounds"
+                f"in {recent_rounds}"
             )
         min_improvement = stop.get("nll_min_improvement")
         before = [row["mean_routed_nll"] for row in diagnostics[:-patience]]
@@ -338,7 +339,7 @@ def em_stop_reason(
             if not any(row["mean_routed_nll"] <= best - min_improvement for row in recent):
                 return (
                     f"no improvement of the mean routed NLL by {min_improvement:g} nats on "
-                    f"{best:.4f} in the last {patience} rounds"
+                    f"{best:.4f} in {recent_rounds}"
                 )
     if last >= max_rounds:
         return f"reached the maximum of {max_rounds} rounds (routing.rounds)"

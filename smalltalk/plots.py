@@ -17,6 +17,7 @@ import html
 import json
 import math
 import os
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -541,7 +542,8 @@ def em_convergence(
             ended = json.loads(Path(em).read_text())
             for ax in axes.flat:
                 ax.axvline(ended["final_round"], color="0.25", ls="--", lw=1.0)
-            title += f"\nended after round {ended['final_round']}: {ended['reason']}"
+            why = f"ended after round {ended['final_round']}: {ended['reason']}"
+            title += "\n" + textwrap.fill(why, 80)
         fig.suptitle(title)
         return _save(fig, out)
 

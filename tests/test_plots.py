@@ -366,6 +366,7 @@ def test_em_convergence_marks_the_round_that_ended_em_and_why(inputs, tmp_path, 
     em.write_text(json.dumps({"final_round": 3, "reason": "stable: fewer than 5.0% changed"}))
     plots.em_convergence(inputs["diagnostics"], tmp_path / "em.png", em=em)
     (fig,) = figures
-    assert "ended after round 3: stable: fewer than 5.0% changed" in fig._suptitle.get_text()
+    title = " ".join(fig._suptitle.get_text().split())
+    assert "ended after round 3: stable: fewer than 5.0% changed" in title
     for ax in fig.axes:
         assert [3, 3] in [list(line.get_xdata()) for line in ax.get_lines()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,23 @@ def test_tiny_config_end_to_end(tmp_path):
         assert (path.stat().st_mtime_ns, path.read_bytes()) == state, path
 
 
+def test_dry_run_plans_every_em_round_only_under_the_fixed_schedule(tmp_path):
+    """With routing.stop each round's diagnostics decide whether the next runs, so a fresh dry
+    run plans round 1 only; with `stop: null` all T rounds are known before any has run."""
+
+    def planned(stop: str) -> dict[str, str]:
+        overlay = tmp_path / "stop.yaml"
+        overlay.write_text(f"routing:\n  rounds: 3\n  stop: {stop}\n")
+        args = ["-n", "--cores", "2", "--configfile", str(TINY), str(overlay)]
+        result = snakemake(tmp_path, *args).stdout
+        return dict(re.findall(r"^(\w+)\s+(\d+)$", result, re.MULTILINE))
+
+    assert planned("{patience: 2}")["assign_round"] == "1"
+    fixed = planned("null")
+    assert fixed["assign_round"] == "3" and fixed["train_router"] == "6"
+    assert fixed["final_routers"] == "1"
+
+
 @pytest.mark.slow
 def test_em_ends_at_the_round_its_stopping_rule_fires_and_later_stages_read_those_routers(
     tmp_path,
@@ -195,7 +213,8 @@ def test_em_ends_at_the_round_its_stopping_rule_fires_and_later_stages_read_thos
     snakemake(tmp_path, *args)
     em = json.loads((results / "routers" / "final" / "em.json").read_text())
     assert em["final_round"] == 2 and em["max_rounds"] == 4
-    assert em["reason"].startswith("no improvement of the mean routed NLL by 100 nats")
+    assert em["reason"].startswith("no improvement of the mean routed NLL by 100 nats on")
+    assert em["reason"].endswith("in the last round")
     assert [row["round"] for row in em["rounds"]] == [1, 2]
     assert not (results / "routers" / "r3").exists()
     diagnostics = pq.read_table(results / "routers" / "diagnostics.parquet")
