@@ -150,12 +150,13 @@ def get_em_rounds(wildcards=None):
     from smalltalk.em import em_stop_reason, read_diagnostics
 
     routing = config["routing"]
-    if not routing["stop"]:
+    stop = routing["stop"]
+    if stop["changed_below"] is None and stop["nll_min_improvement"] is None:
         return ROUNDS  # the fixed schedule: every round, planned before any has run
     rows = []
     for r in ROUNDS[1:]:
         rows += read_diagnostics([checkpoints.assign_round.get(r=r).output.diagnostics])
-        if em_stop_reason(rows, max_rounds=routing["rounds"], stop=routing["stop"]):
+        if em_stop_reason(rows, max_rounds=routing["rounds"], stop=stop):
             break
     return range(len(rows) + 1)
 

@@ -191,7 +191,7 @@ def test_dry_run_plans_every_em_round_only_under_the_fixed_schedule(tmp_path):
         return dict(re.findall(r"^(\w+)\s+(\d+)$", result, re.MULTILINE))
 
     assert planned("{patience: 2}")["assign_round"] == "1"
-    fixed = planned("null")
+    fixed = planned("{changed_below: null, nll_min_improvement: null}")
     assert fixed["assign_round"] == "3" and fixed["train_router"] == "6"
     assert fixed["final_routers"] == "1"
 
