@@ -323,9 +323,9 @@ def em_stop_reason(
         recent = diagnostics[-patience:]
         recent_rounds = "the last round" if patience == 1 else f"each of the last {patience} rounds"
         changed_below = stop.get("changed_below")
+        # A round without a share (NaN: no probe, or round 1 with nothing before) is not stable.
         if changed_below is not None and all(
-            row["probe_changed"] < changed_below
-            for row in recent  # NaN (no probe) is not
+            row["probe_changed"] < changed_below for row in recent
         ):
             return (
                 f"stable: fewer than {changed_below:.1%} of the probe sequences changed expert "

@@ -69,6 +69,14 @@ REJECTIONS = [
     ("missing required key", "inputs", DELETE, r"'inputs' is a required property"),
     ("empty inputs", "inputs", [], r"inputs: \[\] should be non-empty"),
     ("files per chunk", "files_per_chunk", 0, r"files_per_chunk: 0 is less than the minimum"),
+    ("EM stop share", "routing.stop.changed_below", 5, r"routing.stop.changed_below: 5 is greater"),
+    ("EM patience", "routing.stop.patience", 0, r"routing.stop.patience: 0 is less than the min"),
+    (
+        "EM stop typo",
+        "routing.stop.changed",
+        0.1,
+        r"routing.stop: Additional properties .*'changed'",
+    ),
 ]
 
 
