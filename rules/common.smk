@@ -53,7 +53,7 @@ CHUNKS = {
 }
 
 
-ROUNDS = range(config["routing"]["rounds"] + 1)  # r = 0 (random), 1..T
+ROUNDS = range(config["routing"]["rounds"] + 1)  # r = 0 (random), 1..T at most
 EXPERTS = range(config["routing"]["n_experts"])
 # smalltalk trains router LMs by EM; the baselines are fitted once on the EM sample instead.
 METHOD = config["routing"]["method"]
@@ -165,9 +165,37 @@ def get_previous_probe_flag(wildcards, input):
     return ["--previous-probe-scores", *input.previous_probe_scores]
 
 
+def get_em_rounds(wildcards=None):
+    """The EM rounds that ran, 0..r: round r is the first whose diagnostics end EM
+    (routing.stop, else round T). assign_round is a checkpoint, so each round's diagnostics
+    are read once it has run, and round r+1 is scheduled only if EM goes on after it."""
+    from smalltalk.em import em_stop_reason, read_diagnostics
+
+    routing = config["routing"]
+    stop = routing["stop"]
+    if stop["changed_below"] is None and stop["nll_min_improvement"] is None:
+        return ROUNDS  # the fixed schedule: every round, planned before any has run
+    rows = []
+    for r in ROUNDS[1:]:
+        rows += read_diagnostics([checkpoints.assign_round.get(r=r).output.diagnostics])
+        if em_stop_reason(rows, max_rounds=routing["rounds"], stop=stop):
+            break
+    return range(len(rows) + 1)
+
+
+def get_em_files(pattern, first=0):
+    """An input function: `pattern` (with {r}) for every EM round that ran, from `first`."""
+    return lambda wildcards: expand(R(pattern), r=get_em_rounds()[first:])
+
+
+def get_last_em_routers(wildcards):
+    """The E router LMs of the round that ended EM."""
+    return expand(R("routers/r{r}/e{e}.safetensors"), r=get_em_rounds()[-1], e=EXPERTS)
+
+
 def get_final_routers():
-    """The E router LMs of the last EM round, or the one fitted baseline router."""
-    return final_router_paths(config["results"], METHOD, ROUNDS[-1], len(EXPERTS))
+    """The E router LMs of the round that ended EM, or the one fitted baseline router."""
+    return final_router_paths(config["results"], METHOD, len(EXPERTS))
 
 
 def get_shard_files():
@@ -215,16 +243,18 @@ def get_results_dir(wildcards, output):
     return os.path.dirname(os.path.dirname(output.scores))
 
 
-def get_router_summaries():
+def get_router_summaries(wildcards):
     if not LEARNED_ROUTERS:
         return []
-    return expand(R("routers/r{r}/e{e}/summary.json"), r=ROUNDS[1:], e=EXPERTS)
+    rounds = get_em_rounds()[1:]
+    return expand(R("routers/r{r}/e{e}/summary.json"), r=rounds, e=EXPERTS)
 
 
-def get_em_scores():
+def get_em_scores(wildcards):
     if not LEARNED_ROUTERS:
         return []
-    return expand(R("routers/r{r}/scores/e{e}.parquet"), r=ROUNDS[1:], e=EXPERTS)
+    rounds = get_em_rounds()[1:]
+    return expand(R("routers/r{r}/scores/e{e}.parquet"), r=rounds, e=EXPERTS)
 
 
 def get_ledger_tables(wildcards=None):

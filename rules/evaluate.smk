@@ -53,8 +53,8 @@ rule aggregate_eval:
 
 rule flops_ledger:
     input:
-        routers=get_router_summaries(),
-        em_scores=get_em_scores(),
+        routers=get_router_summaries,
+        em_scores=get_em_scores,
         shard_scores=expand(R("segmentation/scores/{chunk}.parquet"), chunk=CHUNKS),
         experts=expand(R("experts/e{e}/summary.json"), e=EXPERTS),
         dense=get_dense("summary.json"),

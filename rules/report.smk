@@ -111,7 +111,8 @@ rule plot_prefix_sensitivity:
 
 rule plot_em_convergence:
     input:
-        R("routers/diagnostics.parquet"),
+        diagnostics=R("routers/diagnostics.parquet"),
+        em=R("routers/final/em.json"),
     output:
         report(
             R("report/em_convergence.png"),
@@ -130,8 +131,8 @@ rule plot_em_convergence:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m smalltalk plot em_convergence --diagnostics {input:q} --out {output:q} "
-        "> {log:q} 2>&1"
+        "python -m smalltalk plot em_convergence --diagnostics {input.diagnostics:q} "
+        "--em {input.em:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_segment_source:

@@ -1,6 +1,8 @@
 # Stage 3: router EM (paper §2.2, Algorithm 1). Round 0 assigns block 0 at random; in round
 # r >= 1 router e trains on its share of block r-1, scores block r, and one gather job makes
-# the balanced assignment. Score vectors are all the routers exchange.
+# the balanced assignment. Score vectors are all the routers exchange. The gather job is a
+# checkpoint: its diagnostics decide whether round r+1 runs (routing.stop), and final_routers
+# copies the last round's routers to routers/final/, the one path every later stage reads.
 
 
 rule sample_em_blocks:
@@ -140,7 +142,7 @@ rule score_router:
         "--tokens {input.probe:q} --out {output.probe:q} --threads {threads} > {log:q} 2>&1"
 
 
-rule assign_round:
+checkpoint assign_round:
     input:
         unpack(get_assignment_inputs),
         config=RUN_CONFIG,
@@ -169,9 +171,36 @@ rule assign_round:
         "--contingency {output.contingency:q} > {log:q} 2>&1"
 
 
+rule final_routers:
+    input:
+        routers=get_last_em_routers,
+        diagnostics=get_em_files("routers/r{r}/diagnostics.parquet", first=1),
+        config=RUN_CONFIG,
+    output:
+        routers=expand(R("routers/final/e{e}.safetensors"), e=EXPERTS),
+        summary=R("routers/final/em.json"),
+    log:
+        R("logs/routers/final.log"),
+    benchmark:
+        R("benchmarks/routers/final.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        **get_cluster_resources(),
+        mem_mb=2000,
+        runtime=10,
+    params:
+        routing=lookup(dpath="routing", within=config),
+    shell:
+        "python -m smalltalk em-final --config {input.config:q} "
+        "--diagnostics {input.diagnostics:q} --routers {input.routers:q} "
+        "--out-routers {output.routers:q} --summary {output.summary:q} > {log:q} 2>&1"
+
+
 rule em_diagnostics:
     input:
-        expand(R("routers/r{r}/diagnostics.parquet"), r=ROUNDS),
+        get_em_files("routers/r{r}/diagnostics.parquet"),
     output:
         R("routers/diagnostics.parquet"),
     log:
@@ -191,7 +220,7 @@ rule em_diagnostics:
 
 rule em_contingency:
     input:
-        expand(R("routers/r{r}/contingency.parquet"), r=ROUNDS),
+        get_em_files("routers/r{r}/contingency.parquet"),
     output:
         R("routers/contingency.parquet"),
     log:

@@ -50,7 +50,7 @@ rule check_shards:
 
 rule communication_ledger:
     input:
-        assignments=expand(R("routers/r{r}/assignment.parquet"), r=ROUNDS),
+        assignments=get_em_files("routers/r{r}/assignment.parquet"),
         shard_scores=expand(R("segmentation/scores/{chunk}.parquet"), chunk=CHUNKS),
         config=RUN_CONFIG,
     output:

@@ -222,6 +222,22 @@ def cmd_assign(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_em_final(args: argparse.Namespace) -> int:
+    from smalltalk.em import finish_em
+
+    routing = _config(args.config)["routing"]
+    summary = finish_em(
+        diagnostics_paths=args.diagnostics,
+        router_paths=args.routers,
+        out_routers=args.out_routers,
+        summary_path=args.summary,
+        max_rounds=routing["rounds"],
+        stop=routing["stop"],
+    )
+    log.info("EM ended after round %d: %s", summary["final_round"], summary["reason"])
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from smalltalk.config import model_config, train_config
     from smalltalk.em import assigned_seq_ids
@@ -501,7 +517,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     elif figure == "prefix_sensitivity":
         plots.prefix_sensitivity(args.overall, args.out, train_prefix_len=args.prefix_len)
     elif figure == "em_convergence":
-        plots.em_convergence(args.diagnostics, args.out)
+        plots.em_convergence(args.diagnostics, args.out, em=args.em)
     elif figure == "segment_source":
         plots.segment_source_heatmap(args.segment_source, args.out, prefix_len=args.prefix_len)
     return 0
@@ -887,6 +903,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--diagnostics", required=True, help="the diagnostics row to write")
     sub.add_argument("--contingency", required=True, help="segment x source counts to write")
 
+    sub = add(
+        "em-final",
+        cmd_em_final,
+        "check that EM ends after the last round given (routing.stop), copy its routers to "
+        "their fixed place and record why it ended",
+    )
+    add_config(sub)
+    sub.add_argument(
+        "--diagnostics", nargs="+", required=True, help="diagnostics of rounds 1..r, in order"
+    )
+    sub.add_argument("--routers", nargs="+", required=True, help="the E routers of round r")
+    sub.add_argument("--out-routers", nargs="+", required=True, help="where to copy them")
+    sub.add_argument("--summary", required=True, help="the JSON to write: final round, reason")
+
     sub = add("train", cmd_train, "train one router, expert or the dense baseline")
     add_config(sub)
     sub.add_argument("--role", choices=["router", "expert", "dense"], required=True)
@@ -1022,6 +1052,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--per-segment", help="eval/summary/per_segment.parquet")
     sub.add_argument("--overall", help="eval/summary/overall.parquet (prefix_sensitivity)")
     sub.add_argument("--diagnostics", help="routers/diagnostics.parquet (em_convergence)")
+    sub.add_argument("--em", help="routers/final/em.json: where and why EM ended (em_convergence)")
     sub.add_argument("--segment-source", help="eval/summary/segment_source.parquet")
     sub.add_argument("--prefix-len", type=int, help="the routing prefix M to show")
 

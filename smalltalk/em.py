@@ -8,9 +8,10 @@ a balanced assignment (§2.2, Fig. 1). Score vectors are the only thing routers 
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,12 @@ import torch
 from safetensors import SafetensorError
 
 from smalltalk.data import token_matrix
-from smalltalk.files import parquet_writers, write_parquet_atomically
+from smalltalk.files import (
+    parquet_writers,
+    write_bytes_atomically,
+    write_parquet_atomically,
+    write_text_atomically,
+)
 from smalltalk.model import LM, ModelConfig, rotary_tables
 from smalltalk.routing import balanced_assign, random_balanced_assign, route
 from smalltalk.scoring import sequence_nll
@@ -299,3 +305,97 @@ def round_diagnostics(
     round_column = pa.array([round_index] * contingency.num_rows, pa.int32())
     contingency = contingency.add_column(0, "round", round_column)
     return pa.Table.from_pylist([row]), contingency
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+def em_stop_reason(
+    diagnostics: Sequence[Mapping[str, float]], *, max_rounds: int, stop: Mapping | None
+) -> str | None:
+    """Why EM ends after the last of `diagnostics` (the rows of rounds 1..r, in order), or None
+    while it goes on. Algorithm 1 runs a fixed T rounds; with `stop` (routing.stop) EM ends
+    once the segmentation is stable: fewer than `changed_below` of the probe sequences change
+    expert in each of the last `patience` rounds, or the mean routed prefix NLL has not improved
+    on its best before them by `nll_min_improvement` nats. Round T ends it in any case."""
+    rounds = [int(row["round"]) for row in diagnostics]
+    if rounds != list(range(1, len(rounds) + 1)):
+        raise ValueError(f"EM diagnostics must be rounds 1..r in order, got rounds {rounds}")
+    last = rounds[-1] if rounds else 0
+    if stop and last >= stop["patience"]:
+        patience = stop["patience"]
+        recent = diagnostics[-patience:]
+        recent_rounds = "the last round" if patience == 1 else f"each of the last {patience} rounds"
+        changed_below = stop.get("changed_below")
+        # A round without a share (NaN: no probe, or round 1 with nothing before) is not stable.
+        if changed_below is not None and all(
+            row["probe_changed"] < changed_below for row in recent
+        ):
+            return (
+                f"stable: fewer than {changed_below:.1%} of the probe sequences changed expert "
+                f"in {recent_rounds}"
+            )
+        min_improvement = stop.get("nll_min_improvement")
+        before = [row["mean_routed_nll"] for row in diagnostics[:-patience]]
+        before = [nll for nll in before if math.isfinite(nll)]
+        if min_improvement is not None and before:
+            best = min(before)
+            if not any(row["mean_routed_nll"] <= best - min_improvement for row in recent):
+                return (
+                    f"no improvement of the mean routed NLL by {min_improvement:g} nats on "
+                    f"{best:.4f} in {recent_rounds}"
+                )
+    if last >= max_rounds:
+        return f"reached the maximum of {max_rounds} rounds (routing.rounds)"
+    return None
+
+
+def read_diagnostics(paths: Sequence[str | os.PathLike]) -> list[dict]:
+    """The rows of one diagnostics file per round, in the given order."""
+    return [row for path in paths for row in pq.read_table(path).to_pylist()]
+
+
+def finish_em(
+    *,
+    diagnostics_paths: Sequence[str | os.PathLike],
+    router_paths: Sequence[str | os.PathLike],
+    out_routers: Sequence[str | os.PathLike],
+    summary_path: str | os.PathLike,
+    max_rounds: int,
+    stop: Mapping | None,
+) -> dict:
+    """Copy the routers of the round that ended EM to their fixed place and record why it
+    ended, with each round's criteria. The diagnostics are those of rounds 1..r, the routers
+    those of round r; refuses a round after which EM would have gone on, or stopped earlier."""
+    rows = read_diagnostics(diagnostics_paths)
+    for r in range(1, len(rows)):
+        if reason := em_stop_reason(rows[:r], max_rounds=max_rounds, stop=stop):
+            raise ValueError(f"EM stopped after round {r} ({reason}), not round {len(rows)}")
+    reason = em_stop_reason(rows, max_rounds=max_rounds, stop=stop)
+    if reason is None:
+        raise ValueError(f"EM goes on after round {len(rows)}: no stopping rule holds yet")
+    if len(router_paths) != len(out_routers):
+        raise ValueError(f"{len(router_paths)} routers to copy into {len(out_routers)} paths")
+    for source, target in zip(router_paths, out_routers, strict=True):
+        write_bytes_atomically(Path(source).read_bytes(), target)
+
+    def finite(value):  # JSON has no NaN: a criterion not measured that round is null
+        return value if value is not None and math.isfinite(value) else None
+
+    summary = {
+        "final_round": len(rows),
+        "max_rounds": max_rounds,
+        "reason": reason,
+        "stop": dict(stop) if stop else None,
+        "rounds": [
+            {
+                "round": row["round"],
+                "probe_changed": finite(row["probe_changed"]),
+                "mean_routed_nll": finite(row["mean_routed_nll"]),
+                "nmi_source": finite(row["nmi_source"]),
+            }
+            for row in rows
+        ],
+    }
+    write_text_atomically(json.dumps(summary, indent=2) + "\n", summary_path)
+    return summary

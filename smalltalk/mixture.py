@@ -293,9 +293,7 @@ class Mixture:
         """The final routers, where the workflow puts them."""
         from smalltalk.routers import final_router_paths
 
-        paths = final_router_paths(
-            str(self.results), self.method, self.config["routing"]["rounds"], self.n_experts
-        )
+        paths = final_router_paths(str(self.results), self.method, self.n_experts)
         return [Path(path) for path in paths]
 
     # -- text

@@ -17,6 +17,7 @@ import html
 import json
 import math
 import os
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -483,10 +484,13 @@ def prefix_sensitivity(
 # ---- EM convergence -------------------------------------------------------------------------
 
 
-def em_convergence(diagnostics: PathLike | Sequence[PathLike], out: PathLike) -> Path:
+def em_convergence(
+    diagnostics: PathLike | Sequence[PathLike], out: PathLike, em: PathLike | None = None
+) -> Path:
     """Four panels over EM rounds (Algorithm 1): NMI of segments against sources, the share of
     validation probe sequences whose argmin expert changed, the mean routed prefix NLL, and the
-    largest expert's load under the balanced assignment and under argmin routing."""
+    largest expert's load under the balanced assignment and under argmin routing. With `em`
+    (routers/final/em.json) a line marks the round that ended EM and the title says why."""
     rows = _read_many(diagnostics, ["round", "nmi_source"])
     rows = _select(rows, np.argsort(rows["round"], kind="stable"))
     rounds = rows["round"].astype(int)
@@ -548,7 +552,14 @@ def em_convergence(diagnostics: PathLike | Sequence[PathLike], out: PathLike) ->
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if len(rounds):
                 ax.set_xlim(rounds.min() - 0.5, rounds.max() + 0.5)
-        fig.suptitle(f"EM convergence of the routers (Algorithm 1, E = {n_experts or '?'})")
+        title = f"EM convergence of the routers (Algorithm 1, E = {n_experts or '?'})"
+        if em is not None:
+            ended = json.loads(Path(em).read_text())
+            for ax in axes.flat:
+                ax.axvline(ended["final_round"], color="0.25", ls="--", lw=1.0)
+            why = f"ended after round {ended['final_round']}: {ended['reason']}"
+            title += "\n" + textwrap.fill(why, 80)
+        fig.suptitle(title)
         return _save(fig, out)
 
 

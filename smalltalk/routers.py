@@ -246,12 +246,12 @@ def group_sources(counts: dict[str, int], n_groups: int) -> dict[str, int]:
 # ---- where a run keeps its routers, fitting them from the EM sample, loading them
 
 
-def final_router_paths(results: str, method: str, rounds: int, n_experts: int) -> list[str]:
-    """A run's final routers: the E router LMs of the last EM round, or the fitted baseline."""
+def final_router_paths(results: str, method: str, n_experts: int) -> list[str]:
+    """A run's final routers: the E router LMs of the round that ended EM, copied where they
+    do not depend on that round, or the fitted baseline."""
     if method == "smalltalk":
         return [
-            os.path.join(results, "routers", f"r{rounds}", f"e{e}.safetensors")
-            for e in range(n_experts)
+            os.path.join(results, "routers", "final", f"e{e}.safetensors") for e in range(n_experts)
         ]
     return [os.path.join(results, "routers", f"{method}.npz")]
 

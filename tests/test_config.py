@@ -75,6 +75,14 @@ REJECTIONS = [
     ("infinite lr", "training.expert.lr", math.inf, r"training.expert.lr: inf is not a finite"),
     ("nan min_lr", "training.router.min_lr", math.nan, r"training.router.min_lr: nan is not a fin"),
     ("too few EM sequences", "routing.sequences_per_round", 6, r"sequences_per_round: N=6 .*E=4"),
+    ("EM stop share", "routing.stop.changed_below", 5, r"routing.stop.changed_below: 5 is greater"),
+    ("EM patience", "routing.stop.patience", 0, r"routing.stop.patience: 0 is less than the min"),
+    (
+        "EM stop typo",
+        "routing.stop.changed",
+        0.1,
+        r"routing.stop: Additional properties .*'changed'",
+    ),
 ]
 
 

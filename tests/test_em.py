@@ -216,3 +216,120 @@ def test_shard_chunk_writes_every_row_once_and_check_passes(tmp_path):
     )
     sharding = [row for row in ledger.to_pylist() if row["stage"] == "sharding"][0]
     assert sharding["bytes"] == 2 * 202 * 3  # 2 bytes x sequences x routers
+
+
+# ---- when EM ends (routing.stop) -------------------------------------------------------------
+
+STOP = {"changed_below": 0.05, "patience": 2, "nll_min_improvement": None}
+
+
+def em_rows(changed, nll=None):
+    """Diagnostics of rounds 1..r: probe_changed is NaN in round 1 (nothing to compare with)."""
+    nll = nll if nll is not None else [4.0 - 0.1 * r for r in range(len(changed))]
+    return [
+        {"round": r, "probe_changed": c, "mean_routed_nll": n, "nmi_source": 0.5}
+        for r, (c, n) in enumerate(zip(changed, nll, strict=True), start=1)
+    ]
+
+
+def stop_round(rows, max_rounds, stop):
+    """The first round after which EM ends, and why."""
+    for r in range(1, len(rows) + 1):
+        if reason := em.em_stop_reason(rows[:r], max_rounds=max_rounds, stop=stop):
+            return r, reason
+    return None, None
+
+
+def test_em_stops_once_few_probe_sequences_change_expert_for_patience_rounds():
+    rows = em_rows([np.nan, 0.53, 0.04, 0.2, 0.03, 0.01, 0.0, 0.0])
+    r, reason = stop_round(rows, 8, STOP)
+    assert r == 6
+    assert reason.startswith("stable: fewer than 5.0% of the probe sequences changed expert")
+    assert reason.endswith("in each of the last 2 rounds")
+
+
+def test_em_stops_when_the_routed_nll_stops_improving():
+    stop = {"changed_below": None, "patience": 2, "nll_min_improvement": 0.01}
+    rows = em_rows([np.nan, 0.5, 0.5, 0.5, 0.5, 0.5], nll=[4.0, 3.5, 3.2, 3.195, 3.3, 3.0])
+    r, reason = stop_round(rows, 6, stop)
+    assert r == 5  # rounds 4 and 5 do not beat round 3's 3.2 by 0.01 nats
+    assert reason.startswith("no improvement of the mean routed NLL by 0.01 nats on 3.2000")
+
+
+def test_em_without_a_stopping_rule_runs_every_round():
+    rows = em_rows([np.nan, 0.0, 0.0, 0.0])
+    assert stop_round(rows, 4, None) == (4, "reached the maximum of 4 rounds (routing.rounds)")
+    off = {"changed_below": None, "patience": 1, "nll_min_improvement": None}
+    assert stop_round(rows, 4, off)[0] == 4
+
+
+def test_em_without_probe_scores_is_never_stable_by_changes():
+    rows = em_rows([np.nan] * 5)
+    assert stop_round(rows, 5, STOP) == (5, "reached the maximum of 5 rounds (routing.rounds)")
+
+
+def test_em_stop_refuses_diagnostics_with_a_round_missing():
+    rows = em_rows([np.nan, 0.0, 0.0])
+    del rows[1]
+    with pytest.raises(ValueError, match="rounds 1..r in order, got rounds \\[1, 3\\]"):
+        em.em_stop_reason(rows, max_rounds=4, stop=None)
+
+
+@given(
+    changed=st.lists(st.floats(0, 1), min_size=1, max_size=10),
+    nll=st.lists(st.floats(0.5, 9), min_size=11, max_size=11),
+    patience=st.integers(1, 4),
+    changed_below=st.one_of(st.none(), st.floats(0, 1)),
+    min_improvement=st.one_of(st.none(), st.floats(0, 1)),
+)
+def test_em_ends_by_round_t_and_not_before_patience_rounds(
+    changed, nll, patience, changed_below, min_improvement
+):
+    rows = em_rows([np.nan, *changed], nll=nll[: len(changed) + 1])
+    stop = {
+        "changed_below": changed_below,
+        "patience": patience,
+        "nll_min_improvement": min_improvement,
+    }
+    r, reason = stop_round(rows, len(rows), stop)
+    assert r is not None and r <= len(rows)
+    if r < len(rows):
+        assert r > patience  # round 1 has no probe changes, and the NLL needs a round before
+        assert reason.startswith(("stable", "no improvement"))
+
+
+def write_em_round(folder, row, n_experts=2):
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([row]), folder / "diagnostics.parquet")
+    for e in range(n_experts):
+        (folder / f"e{e}.safetensors").write_bytes(f"round {row['round']} router {e}".encode())
+
+
+def test_finish_em_copies_the_routers_of_the_round_that_ended_em_and_says_why(tmp_path):
+    rows = em_rows([np.nan, 0.3, 0.01, 0.02, 0.0])
+    for row in rows:
+        write_em_round(tmp_path / f"r{row['round']}", row)
+    final = [tmp_path / "final" / f"e{e}.safetensors" for e in range(2)]
+
+    def finish(last):
+        return em.finish_em(
+            diagnostics_paths=[
+                tmp_path / f"r{r}" / "diagnostics.parquet" for r in range(1, last + 1)
+            ],
+            router_paths=[tmp_path / f"r{last}" / f"e{e}.safetensors" for e in range(2)],
+            out_routers=final,
+            summary_path=tmp_path / "final" / "em.json",
+            max_rounds=8,
+            stop=STOP,
+        )
+
+    with pytest.raises(ValueError, match="EM goes on after round 3"):
+        finish(3)
+    with pytest.raises(ValueError, match="EM stopped after round 4 .*, not round 5"):
+        finish(5)
+    finish(4)
+    assert [path.read_bytes() for path in final] == [b"round 4 router 0", b"round 4 router 1"]
+    summary = json.loads((tmp_path / "final" / "em.json").read_text())
+    assert summary["final_round"] == 4 and summary["max_rounds"] == 8
+    assert summary["reason"].startswith("stable")
+    assert [row["probe_changed"] for row in summary["rounds"]] == [None, 0.3, 0.01, 0.02]

@@ -376,3 +376,16 @@ def test_report_captions_render(wildcards):
             text, writer="html", settings_overrides={"halt_level": 2, "report_level": 5}
         )["body"]
         assert "{{" not in body and len(body) > 200, path.name
+
+
+def test_em_convergence_marks_the_round_that_ended_em_and_why(inputs, tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig) or Path(out))
+    em = tmp_path / "em.json"
+    em.write_text(json.dumps({"final_round": 3, "reason": "stable: fewer than 5.0% changed"}))
+    plots.em_convergence(inputs["diagnostics"], tmp_path / "em.png", em=em)
+    (fig,) = figures
+    title = " ".join(fig._suptitle.get_text().split())
+    assert "ended after round 3: stable: fewer than 5.0% changed" in title
+    for ax in fig.axes:
+        assert [3, 3] in [list(line.get_xdata()) for line in ax.get_lines()]

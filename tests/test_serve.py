@@ -86,7 +86,7 @@ def results(tmp_path_factory) -> Path:
     )
     vocab_size = spm.SentencePieceProcessor(model_file=str(spm_model)).get_piece_size()
     for role, paths in (
-        ("router", [root / "routers" / "r1" / f"e{e}.safetensors" for e in range(N_EXPERTS)]),
+        ("router", [root / "routers" / "final" / f"e{e}.safetensors" for e in range(N_EXPERTS)]),
         ("expert", [root / "experts" / f"e{e}" / "model.safetensors" for e in range(N_EXPERTS)]),
         ("expert", [root / "dense" / "model.safetensors"]),
     ):
@@ -152,7 +152,7 @@ def test_load_takes_every_path_from_the_results_config(results, tmp_path, monkey
 
 def test_only_requested_experts_are_loaded(results, loads):
     loaded = smalltalk.load(results, max_experts=N_EXPERTS)
-    assert loads == ["r1"] * N_EXPERTS  # the routers, at once
+    assert loads == ["final"] * N_EXPERTS  # the routers, at once
     loads.clear()
     routings = loaded.route(TEXTS * 3)
     assert loads == []  # routing reads nothing more
@@ -183,7 +183,7 @@ def test_the_lru_evicts_the_least_recently_used_expert(results, loads):
 def test_routing_reads_the_first_m_tokens_and_short_prompts_what_they_have(results):
     loaded = smalltalk.load(results)
     routers = [
-        em.load_model(loaded.router_config, results / "routers" / "r1" / f"e{e}.safetensors")
+        em.load_model(loaded.router_config, results / "routers" / "final" / f"e{e}.safetensors")
         for e in range(N_EXPERTS)
     ]
     prompts = [TEXTS[0], "In the", "God", ""]
@@ -382,7 +382,7 @@ def test_cli_answers_in_json_from_arguments_files_and_stdin(results, tmp_path, c
 
 
 def test_cli_score_still_runs_the_em_stage(results, tmp_path):
-    config, router = results / "config.yaml", results / "routers" / "r1" / "e0.safetensors"
+    config, router = results / "config.yaml", results / "routers" / "final" / "e0.safetensors"
     out = tmp_path / "scores.parquet"
     tokens = results / "tokens" / "val" / "c00000.parquet"
     assert cli.main(["score", "--weights", str(router), "--config", str(config)]) == 1

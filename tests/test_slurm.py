@@ -231,7 +231,9 @@ def planned_jobs(dry_run: str) -> dict[str, str]:
     return {
         match.group(1): match.group(2)
         for match in re.finditer(
-            r"^ *rule (\w+):\n(.*?)(?=^ *\[|^Job stats)", dry_run, re.MULTILINE | re.DOTALL
+            r"^ *(?:rule|checkpoint) (\w+):\n(.*?)(?=^ *\[|^Job stats)",
+            dry_run,
+            re.MULTILINE | re.DOTALL,
         )
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -285,6 +286,62 @@ def test_a_run_rebuilds_deleted_experts_that_serving_needs(odd_run):
     plan = snakemake(workdir, "-n", "--cores", "2", *odd_config_args(workdir))
     jobs = [line.split() for line in plan.stdout.splitlines()]
     assert ["train_expert", "2"] in jobs
+
+
+def test_dry_run_plans_every_em_round_only_under_the_fixed_schedule(tmp_path):
+    """With routing.stop each round's diagnostics decide whether the next runs, so a fresh dry
+    run plans round 1 only; with `stop: null` all T rounds are known before any has run."""
+
+    def planned(stop: str) -> dict[str, str]:
+        overlay = tmp_path / "stop.yaml"
+        overlay.write_text(f"routing:\n  rounds: 3\n  stop: {stop}\n")
+        args = ["-n", "--cores", "2", "--configfile", str(TINY), str(overlay)]
+        result = snakemake(tmp_path, *args).stdout
+        return dict(re.findall(r"^(\w+)\s+(\d+)$", result, re.MULTILINE))
+
+    assert planned("{patience: 2}")["assign_round"] == "1"
+    fixed = planned("{changed_below: null, nll_min_improvement: null}")
+    assert fixed["assign_round"] == "3" and fixed["train_router"] == "6"
+    assert fixed["final_routers"] == "1"
+
+
+@pytest.mark.slow
+def test_em_ends_at_the_round_its_stopping_rule_fires_and_later_stages_read_those_routers(
+    tmp_path,
+):
+    """routing.rounds is the most EM may run: a rule that fires after round 2 (the routed NLL
+    cannot improve by 100 nats) ends EM there, and every later stage reads routers/final/."""
+    results = tmp_path / "results" / "early"
+    overlay = tmp_path / "early.yaml"
+    overlay.write_text(
+        f"results: {results}\n"
+        "routing:\n  rounds: 4\n  sequences_per_round: 256\n"
+        "  stop: {changed_below: null, patience: 1, nll_min_improvement: 100}\n"
+    )
+    args = ["--cores", "2", "--configfile", str(TINY), str(overlay)]
+    snakemake(tmp_path, *args)
+    em = json.loads((results / "routers" / "final" / "em.json").read_text())
+    assert em["final_round"] == 2 and em["max_rounds"] == 4
+    assert em["reason"].startswith("no improvement of the mean routed NLL by 100 nats on")
+    assert em["reason"].endswith("in the last round")
+    assert [row["round"] for row in em["rounds"]] == [1, 2]
+    assert not (results / "routers" / "r3").exists()
+    diagnostics = pq.read_table(results / "routers" / "diagnostics.parquet")
+    assert diagnostics.column("round").to_pylist() == [0, 1, 2]
+    for e in (0, 1):
+        final = (results / "routers" / "final" / f"e{e}.safetensors").read_bytes()
+        assert final == (results / "routers" / "r2" / f"e{e}.safetensors").read_bytes()
+    ledger = pq.read_table(results / "ledger" / "communication.parquet").column("stage")
+    assert [s for s in ledger.to_pylist() if s.startswith("EM round")] == [
+        "EM round 0",
+        "EM round 1",
+        "EM round 2",
+    ]
+    assert json.loads((results / "segmentation" / "check.json").read_text())["ok"]
+    assert (results / "report" / "em_convergence.png").exists()
+    assert (results / "eval" / "summary" / "overall.parquet").exists()
+    again = snakemake(tmp_path, "-n", *args)
+    assert "Nothing to be done" in again.stdout + again.stderr
 
 
 @pytest.mark.parametrize("method", ["tfidf_kmeans", "random", "source"])
