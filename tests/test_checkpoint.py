@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from smalltalk.checkpoint import (
     load_checkpoint,
     load_weights,
     read_metadata,
+    read_state,
     save_checkpoint,
     save_weights,
 )
@@ -191,3 +193,23 @@ def test_killed_run_resumes_bitwise_identically(tmp_path: Path):
     final_b = load_file(interrupted / "model.safetensors")
     for name in final_a:
         assert torch.equal(final_a[name], final_b[name]), name
+
+
+class _Planted:
+    """A pickle payload that would create a file if it were ever unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_planted_with_code_is_refused_without_running_it(tmp_path: Path):
+    marker = tmp_path / "ran"
+    planted = tmp_path / "ckpt" / "step-00000001"
+    planted.mkdir(parents=True)
+    torch.save({"step": 1, "payload": _Planted(marker)}, planted / STATE)
+    with pytest.raises(pickle.UnpicklingError):
+        read_state(planted)
+    assert not marker.exists()
