@@ -504,6 +504,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from smalltalk.robustness import write_results
+
+    runs = dict(spec.partition("=")[::2] for spec in args.run)
+    write_results(runs, args.json, args.markdown, args.command)
+    print(Path(args.markdown).read_text())
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from smalltalk import plots  # matplotlib only here: other commands do without it
 
@@ -1031,6 +1040,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--markdown", help="the rows at M-hat = M as a Markdown table")
     sub.add_argument("--figure", help="the comparison figure (.png)")
     sub.add_argument("--html", help="the table as an HTML fragment for the report")
+
+    sub = add("robustness", cmd_robustness, "tabulate the robustness benchmark's runs")
+    sub.add_argument("--run", action="append", required=True, help="CORPUS/RECIPE@SEED=RESULTS_DIR")
+    sub.add_argument("--json", required=True, help="results.json: one object per run")
+    sub.add_argument("--markdown", required=True, help="results.md: the runs and seed spreads")
+    sub.add_argument("--command", required=True, help="the command that reproduces them")
 
     sub = add("plot", cmd_plot, "draw one report figure (PNG)")
     sub.add_argument(

@@ -438,3 +438,27 @@ def test_experts_branched_from_a_shared_trunk_keep_the_flops_equal(tmp_path):
     flops = pq.read_table(results / "ledger" / "flops.parquet").to_pydict()
     costs = dict(zip(flops["component"], flops["flops"], strict=True))
     assert costs["dense baseline (Eq. 10)"] == costs["experts (Eq. 15)"]
+
+
+def test_the_robustness_benchmark_plans_every_corpus_and_seed_with_its_own_dense_baseline(
+    tmp_path,
+):
+    for name in ("data", "config.yaml", "benchmarks"):
+        (tmp_path / name).symlink_to(REPO / name)
+    benchmark = REPO / "benchmarks" / "robustness" / "Snakefile"
+    plan = subprocess.run(
+        [str(BIN / "snakemake"), "-n", "-s", str(benchmark), "--directory", str(tmp_path)]
+        + ["--cores", "2", "--scheduler", "greedy"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}"},
+    )
+    counts = dict(
+        line.split() for line in plan.stdout.splitlines() if re.fullmatch(r"\w+\s+\d+", line)
+    )
+    settings = yaml.safe_load((benchmark.parent / "config.yaml").read_text())
+    runs = len(settings["corpora"]) * len(settings["seeds"]) * len(settings["recipes"])
+    dense = {job: n for job, n in counts.items() if job.endswith("_train_dense")}
+    assert len(dense) == runs and set(dense.values()) == {"1"}
+    assert counts["robustness_results"] == "1"
