@@ -421,7 +421,7 @@ def break_results(results: Path, folder: Path, damage: str) -> tuple[Path, str]:
             path.write_bytes(path.read_bytes()[:100])
         return broken, "model.safetensors: not weights of this model"
     if damage == "empty router":
-        path = broken / "routers" / "r1" / "e1.safetensors"
+        path = broken / "routers" / "final" / "e1.safetensors"
         path.write_bytes(b"")
         return broken, f"{path}: not weights of this model"
     if damage == "no tokenizer":
