@@ -11,8 +11,8 @@ from smalltalk.config import (
     SCHEMA_PATH,
     SPLITS,
     read_config,
-    resolved_config_text,
     validate_config,
+    write_resolved_config,
 )
 from smalltalk.data import plan_chunks
 from smalltalk.routers import final_router_paths
@@ -27,14 +27,13 @@ validate_config(config)
 validate(config, str(SCHEMA_PATH))
 
 
-# Jobs read the resolved config (command-line overrides included) from one file, which
-# resolve_config writes as a job. Written while parsing, a dry run with other overrides would
-# change the config of a running or finished run under its jobs.
+# Jobs read the resolved config (command-line overrides included) from one file, written by
+# `onstart` (write_run_config): only when a run starts, holding the results' lock, never by a dry
+# run or while parsing, which would change the config of a running or finished run under its
+# jobs. Not a rule output: a job writing it would, on any change, hide every other job's own
+# reason to re-run (Snakemake skips the descendants of a job that must run); each rule re-runs
+# when the config sections it uses change, its `lookup` params.
 CONFIG_FILE = os.path.join(config["results"], "config.yaml")
-# Jobs take it as an input that must exist but whose rewriting alone re-runs nothing: each rule
-# re-runs when the config sections it uses change (the `lookup` params of its rule), so a new
-# evaluation setting does not retrain the models.
-RUN_CONFIG = ancient(CONFIG_FILE)
 
 # Jobs run `python -m smalltalk` from this checkout: under conda with the environment's
 # python, else with the interpreter that runs Snakemake.
@@ -82,11 +81,12 @@ def R(path):
     return os.path.join(config["results"], path)
 
 
-def get_resolved_config_text():
-    """What resolve_config writes; its change re-runs the jobs that read it. Without
-    `cluster`: what jobs ask a cluster for is no part of the experiment, and a longer
-    runtime must not make every result out of date."""
-    return resolved_config_text({k: v for k, v in config.items() if k != "cluster"})
+def write_run_config(settings=None, path=None):
+    """Write the resolved config the jobs read (untouched if unchanged). Without `cluster`:
+    what jobs ask a cluster for is no part of the experiment."""
+    settings = config if settings is None else settings
+    path = CONFIG_FILE if path is None else path
+    write_resolved_config({k: v for k, v in settings.items() if k != "cluster"}, path)
 
 
 def get_tokens_dir(wildcards, output):
@@ -286,7 +286,6 @@ def get_final_outputs():
     """Every result, and what serving the mixture reads (smalltalk.load), so that a deleted
     model or config is rebuilt rather than found missing when the mixture is loaded."""
     return [
-        CONFIG_FILE,
         get_tokenizer_model(),
         *get_final_routers(),
         *get_expert_models(),

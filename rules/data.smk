@@ -1,30 +1,9 @@
-# Stages 1-2: tokenizer, then one tokenize job per input chunk; first, the config jobs read.
-
-
-rule resolve_config:
-    output:
-        CONFIG_FILE,
-    log:
-        R("logs/resolve_config.log"),
-    benchmark:
-        R("benchmarks/resolve_config.tsv")
-    conda:
-        "../envs/smalltalk.yaml"
-    threads: 1
-    resources:
-        **get_cluster_resources(),
-        mem_mb=1000,
-        runtime=10,
-    params:
-        text=get_resolved_config_text(),
-    shell:
-        "printf '%s' {params.text:q} > {output:q} 2> {log:q}"
+# Stages 1-2: tokenizer, then one tokenize job per input chunk.
 
 
 rule train_tokenizer:
     input:
         sample=get_tokenizer_sample,
-        config=RUN_CONFIG,
     output:
         R("tokenizer/spm.model"),
     log:
@@ -37,10 +16,11 @@ rule train_tokenizer:
     resources:
         **get_cluster_resources("tokenizer"),
     params:
+        config=CONFIG_FILE,
         seed=lookup(dpath="seed", within=config),
         tokenizer=lookup(dpath="tokenizer", within=config),
     shell:
-        "python -m smalltalk train-tokenizer --config {input.config:q} --out {output:q} "
+        "python -m smalltalk train-tokenizer --config {params.config:q} --out {output:q} "
         "--threads {threads} {input.sample:q} > {log:q} 2>&1"
 
 
@@ -48,7 +28,6 @@ rule tokenize_chunk:
     input:
         files=get_chunk_files,
         tokenizer=get_tokenizer_model,
-        config=RUN_CONFIG,
     output:
         train=R("tokens/train/{chunk}.parquet"),
         val=R("tokens/val/{chunk}.parquet"),
@@ -64,13 +43,14 @@ rule tokenize_chunk:
     resources:
         **get_cluster_resources("tokenize"),
     params:
+        config=CONFIG_FILE,
         out_dir=get_tokens_dir,
         fields=lookup(dpath="fields", within=config),
         splits=lookup(dpath="splits", within=config),
         seq_len=lookup(dpath="seq_len", within=config),
         on_bad_record=lookup(dpath="on_bad_record", within=config),
     shell:
-        "python -m smalltalk tokenize --config {input.config:q} --chunk {wildcards.chunk} "
+        "python -m smalltalk tokenize --config {params.config:q} --chunk {wildcards.chunk} "
         "--tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} --stats {output.stats:q} "
         "--threads {threads} {input.files:q} > {log:q} 2>&1"
 

@@ -9,7 +9,6 @@ rule evaluate_chunk:
         experts=get_expert_models(),
         dense=get_dense("model.safetensors"),
         tokenizer=get_tokenizer_model,
-        config=RUN_CONFIG,
     output:
         R("eval/test/{chunk}.parquet"),
     log:
@@ -22,9 +21,10 @@ rule evaluate_chunk:
     resources:
         **get_cluster_resources("evaluate"),
     params:
+        config=CONFIG_FILE,
         eval=lookup(dpath="eval", within=config),
     shell:
-        "python -m smalltalk evaluate --config {input.config:q} --tokens {input.tokens:q} "
+        "python -m smalltalk evaluate --config {params.config:q} --tokens {input.tokens:q} "
         "--tokenizer {input.tokenizer:q} --routers {input.routers:q} --experts {input.experts:q} "
         "--dense {input.dense:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
@@ -59,7 +59,6 @@ rule flops_ledger:
         experts=expand(R("experts/e{e}/summary.json"), e=EXPERTS),
         dense=get_dense("summary.json"),
         tokenizer=get_tokenizer_model,
-        config=RUN_CONFIG,
     output:
         flops=R("ledger/flops.parquet"),
         paper=R("ledger/paper_table3.parquet"),
@@ -74,8 +73,10 @@ rule flops_ledger:
         **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
+    params:
+        config=CONFIG_FILE,
     shell:
-        "python -m smalltalk ledger-flops --config {input.config:q} "
+        "python -m smalltalk ledger-flops --config {params.config:q} "
         "--tokenizer {input.tokenizer:q} --router-summaries {input.routers:q} "
         "--em-scores {input.em_scores:q} --shard-scores {input.shard_scores:q} "
         "--expert-summaries {input.experts:q} "

@@ -7,7 +7,6 @@ rule route_validation:
         val=get_token_files("val"),
         routers=get_final_routers(),
         tokenizer=get_tokenizer_model,
-        config=RUN_CONFIG,
     output:
         routing=R("eval/val/routing.parquet"),
         pool=R("eval/val/all.parquet"),
@@ -21,8 +20,10 @@ rule route_validation:
     threads: get_cluster_threads("router_score")
     resources:
         **get_cluster_resources("router_score"),
+    params:
+        config=CONFIG_FILE,
     shell:
-        "python -m smalltalk route-validation --config {input.config:q} --val {input.val:q} "
+        "python -m smalltalk route-validation --config {params.config:q} --val {input.val:q} "
         "--tokenizer {input.tokenizer:q} --routers {input.routers:q} --routing {output.routing:q} "
         "--pool {output.pool:q} --experts {output.experts:q} --threads {threads} > {log:q} 2>&1"
 
@@ -32,7 +33,6 @@ rule train_expert:
         shards=get_expert_shards,
         val=R("eval/val/expert={e}.parquet"),
         tokenizer=get_tokenizer_model,
-        config=RUN_CONFIG,
         branch=get_branch_point,
     output:
         weights=R("experts/e{e}/model.safetensors"),
@@ -48,6 +48,7 @@ rule train_expert:
     resources:
         **get_cluster_resources("expert_train"),
     params:
+        config=CONFIG_FILE,
         seed=lookup(dpath="seed", within=config),
         launcher=get_python_launcher,
         process_threads=get_process_threads,
@@ -56,7 +57,7 @@ rule train_expert:
         training=lookup(dpath="training/expert", within=config),
         model=lookup(dpath="models/expert", within=config),
     shell:
-        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role expert "
+        "{params.launcher:q} -m smalltalk train --config {params.config:q} --role expert "
         "--index {wildcards.e} --tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} "
         "--val {input.val:q} {params.branch:q} --threads {params.process_threads:q} "
         "{input.shards:q} > {log:q} 2>&1"
@@ -67,7 +68,6 @@ rule train_dense:
         shards=get_shard_files(),
         val=R("eval/val/all.parquet"),
         tokenizer=get_tokenizer_model,
-        config=RUN_CONFIG,
         branch=get_branch_point,
     output:
         weights=R("dense/model.safetensors"),
@@ -83,6 +83,7 @@ rule train_dense:
     resources:
         **get_cluster_resources("dense_train"),
     params:
+        config=CONFIG_FILE,
         seed=lookup(dpath="seed", within=config),
         launcher=get_python_launcher,
         process_threads=get_process_threads,
@@ -92,7 +93,7 @@ rule train_dense:
         scale=lookup(dpath="training/dense_scale", within=config),
         model=lookup(dpath="models/expert", within=config),
     shell:
-        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role dense "
+        "{params.launcher:q} -m smalltalk train --config {params.config:q} --role dense "
         "--tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} --val {input.val:q} "
         "{params.branch:q} --threads {params.process_threads:q} {input.shards:q} > {log:q} 2>&1"
 
@@ -104,7 +105,6 @@ rule train_trunk:
         shards=get_shard_files(),
         val=R("eval/val/all.parquet"),
         tokenizer=get_tokenizer_model,
-        config=RUN_CONFIG,
     output:
         branch=get_branch_point(),
         weights=R("trunk/model.safetensors"),
@@ -120,6 +120,7 @@ rule train_trunk:
     resources:
         **get_cluster_resources("dense_train"),
     params:
+        config=CONFIG_FILE,
         seed=lookup(dpath="seed", within=config),
         launcher=get_python_launcher,
         process_threads=get_process_threads,
@@ -128,6 +129,6 @@ rule train_trunk:
         steps=lookup(dpath="training/branch_steps", within=config),
         model=lookup(dpath="models/expert", within=config),
     shell:
-        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role dense "
+        "{params.launcher:q} -m smalltalk train --config {params.config:q} --role dense "
         "--stop-at {params.steps} --tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} "
         "--val {input.val:q} --threads {params.process_threads:q} {input.shards:q} > {log:q} 2>&1"

@@ -9,7 +9,6 @@ rule sample_em_blocks:
     input:
         train=get_em_token_files("train"),
         val=get_em_token_files("val"),
-        config=RUN_CONFIG,
     output:
         blocks=expand(R("routers/blocks/b{r}.parquet"), r=ROUNDS),
         probe=R("routers/probe.parquet"),
@@ -25,10 +24,11 @@ rule sample_em_blocks:
         mem_mb=4000,
         runtime=60,
     params:
+        config=CONFIG_FILE,
         seed=lookup(dpath="seed", within=config),
         routing=lookup(dpath="routing", within=config),
     shell:
-        "python -m smalltalk em-sample --config {input.config:q} --train {input.train:q} "
+        "python -m smalltalk em-sample --config {params.config:q} --train {input.train:q} "
         "--val {input.val:q} --blocks {output.blocks:q} --probe {output.probe:q} > {log:q} 2>&1"
 
 
@@ -36,7 +36,6 @@ rule fit_router:
     input:
         sample=expand(R("routers/blocks/b{r}.parquet"), r=ROUNDS),
         tokenizer=get_tokenizer_model,
-        config=RUN_CONFIG,
     output:
         R("routers/{method}.npz"),
     log:
@@ -51,17 +50,17 @@ rule fit_router:
         mem_mb=8000,
         runtime=60,
     params:
+        config=CONFIG_FILE,
         seed=lookup(dpath="seed", within=config),
         routing=lookup(dpath="routing", within=config),
     shell:
-        "python -m smalltalk fit-router --config {input.config:q} --tokenizer {input.tokenizer:q} "
+        "python -m smalltalk fit-router --config {params.config:q} --tokenizer {input.tokenizer:q} "
         "--out {output:q} {input.sample:q} > {log:q} 2>&1"
 
 
 rule assign_random:
     input:
         block=R("routers/blocks/b0.parquet"),
-        config=RUN_CONFIG,
     output:
         assignment=R("routers/r0/assignment.parquet"),
         diagnostics=R("routers/r0/diagnostics.parquet"),
@@ -78,9 +77,10 @@ rule assign_random:
         mem_mb=2000,
         runtime=10,
     params:
+        config=CONFIG_FILE,
         seed=lookup(dpath="seed", within=config),
     shell:
-        "python -m smalltalk assign --config {input.config:q} --round 0 --block {input.block:q} "
+        "python -m smalltalk assign --config {params.config:q} --round 0 --block {input.block:q} "
         "--out {output.assignment:q} --diagnostics {output.diagnostics:q} "
         "--contingency {output.contingency:q} > {log:q} 2>&1"
 
@@ -88,7 +88,6 @@ rule assign_random:
 rule train_router:
     input:
         unpack(get_router_training_inputs),
-        config=RUN_CONFIG,
     output:
         weights=R("routers/r{r}/e{e}.safetensors"),
         summary=R("routers/r{r}/e{e}/summary.json"),
@@ -102,6 +101,7 @@ rule train_router:
     resources:
         **get_cluster_resources("router_train"),
     params:
+        config=CONFIG_FILE,
         seed=lookup(dpath="seed", within=config),
         launcher=get_python_launcher,
         process_threads=get_process_threads,
@@ -110,7 +110,7 @@ rule train_router:
         training=lookup(dpath="training/router", within=config),
         model=lookup(dpath="models/router", within=config),
     shell:
-        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role router "
+        "{params.launcher:q} -m smalltalk train --config {params.config:q} --role router "
         "--index {wildcards.e} --round {wildcards.r} --assignment {input.assignment:q} "
         "{params.init:q} --tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} "
         "--weights {output.weights:q} --threads {params.process_threads:q} {input.block:q} "
@@ -123,7 +123,6 @@ rule score_router:
         block=R("routers/blocks/b{r}.parquet"),
         probe=R("routers/probe.parquet"),
         tokenizer=get_tokenizer_model,
-        config=RUN_CONFIG,
     output:
         scores=R("routers/r{r}/scores/e{e}.parquet"),
         probe=R("routers/r{r}/probe/e{e}.parquet"),
@@ -136,8 +135,10 @@ rule score_router:
     threads: get_cluster_threads("router_score")
     resources:
         **get_cluster_resources("router_score"),
+    params:
+        config=CONFIG_FILE,
     shell:
-        "python -m smalltalk score --config {input.config:q} --weights {input.weights:q} "
+        "python -m smalltalk score --config {params.config:q} --weights {input.weights:q} "
         "--tokenizer {input.tokenizer:q} --tokens {input.block:q} --out {output.scores:q} "
         "--tokens {input.probe:q} --out {output.probe:q} --threads {threads} > {log:q} 2>&1"
 
@@ -145,7 +146,6 @@ rule score_router:
 checkpoint assign_round:
     input:
         unpack(get_assignment_inputs),
-        config=RUN_CONFIG,
     output:
         assignment=R("routers/r{r}/assignment.parquet"),
         diagnostics=R("routers/r{r}/diagnostics.parquet"),
@@ -162,9 +162,10 @@ checkpoint assign_round:
         mem_mb=2000,
         runtime=10,
     params:
+        config=CONFIG_FILE,
         previous_probe=get_previous_probe_flag,
     shell:
-        "python -m smalltalk assign --config {input.config:q} --round {wildcards.r} "
+        "python -m smalltalk assign --config {params.config:q} --round {wildcards.r} "
         "--block {input.block:q} --scores {input.scores:q} --probe {input.probe:q} "
         "--probe-scores {input.probe_scores:q} {params.previous_probe:q} "
         "--out {output.assignment:q} --diagnostics {output.diagnostics:q} "
@@ -175,7 +176,6 @@ rule final_routers:
     input:
         routers=get_last_em_routers,
         diagnostics=get_em_files("routers/r{r}/diagnostics.parquet", first=1),
-        config=RUN_CONFIG,
     output:
         routers=expand(R("routers/final/e{e}.safetensors"), e=EXPERTS),
         summary=R("routers/final/em.json"),
@@ -191,9 +191,10 @@ rule final_routers:
         mem_mb=2000,
         runtime=10,
     params:
+        config=CONFIG_FILE,
         routing=lookup(dpath="routing", within=config),
     shell:
-        "python -m smalltalk em-final --config {input.config:q} "
+        "python -m smalltalk em-final --config {params.config:q} "
         "--diagnostics {input.diagnostics:q} --routers {input.routers:q} "
         "--out-routers {output.routers:q} --summary {output.summary:q} > {log:q} 2>&1"
 
