@@ -30,7 +30,7 @@ validate(config, str(SCHEMA_PATH))
 # Jobs read the resolved config (command-line overrides included) from one file, written by
 # `onstart` (write_run_config): only when a run starts, holding the results' lock, never by a dry
 # run or while parsing, which would change the config of a running or finished run under its
-# jobs. Not a rule output: a job writing it would, on any change, hide every other job's own
+# jobs. Not the output of a job, which would, on any change, hide every other job's own
 # reason to re-run (Snakemake skips the descendants of a job that must run); each rule re-runs
 # when the config sections it uses change, its `lookup` params.
 CONFIG_FILE = os.path.join(config["results"], "config.yaml")
