@@ -476,6 +476,17 @@ def cmd_ledger_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named_runs(specs: list[str], command: str) -> dict[str, str]:
+    """--run NAME=RESULTS_DIR arguments as {name: folder}."""
+    runs = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise SystemExit(f"smalltalk {command}: --run wants NAME=RESULTS_DIR, got {spec!r}")
+        runs[name] = folder
+    return runs
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     import duckdb
 
@@ -483,12 +494,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from smalltalk.files import write_parquet_atomically
     from smalltalk.plots import tables_html
 
-    runs = {}
-    for spec in args.run:
-        name, sep, folder = spec.partition("=")
-        if not sep or not name or not folder:
-            raise SystemExit(f"smalltalk compare: --run wants NAME=RESULTS_DIR, got {spec!r}")
-        runs[name] = folder
+    runs = _named_runs(args.run, "compare")
     table = compare.compare_runs(runs, args.out)
     html_tables = {"Routing methods at equal training FLOPs (test split)": args.out}
     if args.seeds:
@@ -507,8 +513,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_robustness(args: argparse.Namespace) -> int:
     from smalltalk.robustness import write_results
 
-    runs = dict(spec.partition("=")[::2] for spec in args.run)
-    write_results(runs, args.json, args.markdown, args.command)
+    write_results(_named_runs(args.run, "robustness"), args.json, args.markdown, args.command)
     print(Path(args.markdown).read_text())
     return 0
 
