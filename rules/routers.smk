@@ -58,9 +58,10 @@ rule fit_router:
         "--out {output:q} {input.sample:q} > {log:q} 2>&1"
 
 
-rule assign_random:
+rule assign_first_round:
     input:
         block=R("routers/blocks/b0.parquet"),
+        tokenizer=get_tokenizer_model,
     output:
         assignment=R("routers/r0/assignment.parquet"),
         diagnostics=R("routers/r0/diagnostics.parquet"),
@@ -79,9 +80,11 @@ rule assign_random:
     params:
         config=CONFIG_FILE,
         seed=lookup(dpath="seed", within=config),
+        init=lookup(dpath="routing/init", within=config),
+        tfidf=lookup(dpath="routing/tfidf", within=config),
     shell:
         "python -m smalltalk assign --config {params.config:q} --round 0 --block {input.block:q} "
-        "--out {output.assignment:q} --diagnostics {output.diagnostics:q} "
+        "--tokenizer {input.tokenizer:q} --out {output.assignment:q} --diagnostics {output.diagnostics:q} "
         "--contingency {output.contingency:q} > {log:q} 2>&1"
 
 

@@ -193,7 +193,17 @@ def cmd_assign(args: argparse.Namespace) -> int:
     config = _config(args.config)
     n_experts = config["routing"]["n_experts"]
     if args.round == 0:
-        em.assign_random_round(args.block, n_experts, config["seed"], args.out)
+        routing = config["routing"]
+        em.assign_first_round(
+            args.block,
+            n_experts,
+            config["seed"],
+            args.out,
+            init=routing["init"],
+            tokenizer_model=args.tokenizer,
+            prefix_len=routing["prefix_len"],
+            tfidf=routing["tfidf"],
+        )
         nll = None
     else:
         if len(args.scores) != n_experts:
@@ -907,6 +917,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(sub)
     sub.add_argument("--round", type=int, required=True, help="EM round r")
     sub.add_argument("--block", required=True, help="the round's block of sequences")
+    sub.add_argument(
+        "--tokenizer", help="SentencePiece model (round 0 with routing.init tfidf_kmeans)"
+    )
     sub.add_argument("--scores", nargs="*", default=[], help="the E routers' scores (r >= 1)")
     sub.add_argument("--probe", help="the probe set")
     sub.add_argument("--probe-scores", nargs="*", default=[], help="probe scores of round r")

@@ -180,12 +180,37 @@ def read_scores(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndar
 # --------------------------------------------------------------------------- assignment
 
 
-def assign_random_round(
-    block_path: str | os.PathLike, n_experts: int, seed: int, out: str | os.PathLike
+def assign_first_round(
+    block_path: str | os.PathLike,
+    n_experts: int,
+    seed: int,
+    out: str | os.PathLike,
+    *,
+    init: str = "random",
+    tokenizer_model: str | os.PathLike | None = None,
+    prefix_len: int | None = None,
+    tfidf: Mapping | None = None,
 ) -> Path:
-    """Round 0 (Algorithm 1, line 3): a seeded random balanced assignment of block 0."""
-    seq_ids = np.sort(pq.read_table(block_path, columns=["seq_id"]).column("seq_id").to_numpy())
-    experts = random_balanced_assign(len(seq_ids), n_experts, seed)
+    """Round 0 (Algorithm 1, line 3): a balanced assignment of block 0, seeded random as in the
+    paper (`init: random`), or c-BTM's TF-IDF balanced k-means clusters of the routing prefixes'
+    text (`init: tfidf_kmeans`), which starts EM from segments that already follow content."""
+    columns = ["seq_id"] if init == "random" else ["seq_id", "tokens"]
+    table = pq.read_table(block_path, columns=columns).sort_by("seq_id")
+    seq_ids = table.column("seq_id").to_numpy()
+    if init == "random":
+        experts = random_balanced_assign(len(seq_ids), n_experts, seed)
+    elif init == "tfidf_kmeans":
+        import sentencepiece as spm
+
+        from smalltalk.routers import decode_prefixes, fit_tfidf_kmeans
+
+        if tokenizer_model is None or prefix_len is None:
+            raise ValueError("routing.init tfidf_kmeans needs the tokenizer and the prefix length")
+        tokenizer = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+        texts = decode_prefixes(tokenizer, token_matrix(table.column("tokens")), prefix_len)
+        _, experts, _ = fit_tfidf_kmeans(texts, n_experts, seed=seed, **(tfidf or {}))
+    else:
+        raise ValueError(f"routing.init: unknown {init!r}; choose random or tfidf_kmeans")
     return write_parquet_atomically(_assignment_table(seq_ids, experts), out)
 
 

@@ -256,6 +256,40 @@ def final_router_paths(results: str, method: str, n_experts: int) -> list[str]:
     return [os.path.join(results, "routers", f"{method}.npz")]
 
 
+def fit_tfidf_kmeans(
+    texts: Sequence[str],
+    n_experts: int,
+    *,
+    seed: int,
+    svd_dims: int = 100,
+    max_features: int | None = None,
+    iterations: int = 20,
+) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+    """c-BTM's clustering of `texts`: TF-IDF, truncated SVD, balanced k-means. Returns the
+    fitted arrays (what `TfidfKMeansRouter` loads), each text's cluster and a summary."""
+    from sklearn.decomposition import TruncatedSVD
+
+    vectorizer = _vectorizer(max_features=max_features)
+    tfidf = vectorizer.fit_transform(texts)
+    dims = min(svd_dims, tfidf.shape[1] - 1)
+    svd = TruncatedSVD(n_components=dims, algorithm="arpack", random_state=seed).fit(tfidf)
+    points = embed_texts(vectorizer, svd.components_, texts)
+    centroids, labels = balanced_kmeans(points, n_experts, iterations=iterations, seed=seed)
+    arrays = {
+        "vocabulary": np.array(vectorizer.get_feature_names_out(), dtype=str),
+        "idf": vectorizer.idf_,
+        "components": svd.components_,
+        "centroids": centroids,
+    }
+    summary = {
+        "features": tfidf.shape[1],
+        "svd_dims": dims,
+        "explained_variance": float(svd.explained_variance_ratio_.sum()),
+        "cluster_sizes": np.bincount(labels, minlength=n_experts).tolist(),
+    }
+    return arrays, labels, summary
+
+
 # ---- fitting from the EM sample and loading ----------------------------------------------------
 
 
@@ -286,28 +320,19 @@ def fit_baseline(
     summary = {"method": method, "sequences": len(batch), "n_experts": n_experts}
     if method == "tfidf_kmeans":
         import sentencepiece as spm
-        from sklearn.decomposition import TruncatedSVD
 
         tokenizer = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
         texts = decode_prefixes(tokenizer, batch.tokens, prefix_len)
-        vectorizer = _vectorizer(max_features=max_features)
-        tfidf = vectorizer.fit_transform(texts)
-        dims = min(svd_dims, tfidf.shape[1] - 1)
-        svd = TruncatedSVD(n_components=dims, algorithm="arpack", random_state=seed).fit(tfidf)
-        points = embed_texts(vectorizer, svd.components_, texts)
-        centroids, labels = balanced_kmeans(points, n_experts, iterations=iterations, seed=seed)
-        arrays |= {
-            "vocabulary": np.array(vectorizer.get_feature_names_out(), dtype=str),
-            "idf": vectorizer.idf_,
-            "components": svd.components_,
-            "centroids": centroids,
-        }
-        summary |= {
-            "features": tfidf.shape[1],
-            "svd_dims": dims,
-            "explained_variance": float(svd.explained_variance_ratio_.sum()),
-            "cluster_sizes": np.bincount(labels, minlength=n_experts).tolist(),
-        }
+        fitted, labels, fit_summary = fit_tfidf_kmeans(
+            texts,
+            n_experts,
+            seed=seed,
+            svd_dims=svd_dims,
+            max_features=max_features,
+            iterations=iterations,
+        )
+        arrays |= fitted
+        summary |= fit_summary
     elif method == "source":
         names, counts = np.unique(batch.sources.astype(str), return_counts=True)
         groups = group_sources(dict(zip(names.tolist(), counts.tolist(), strict=True)), n_experts)

@@ -231,3 +231,44 @@ def test_a_router_file_of_another_method_is_refused(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="no baseline called 'kmeans'"):
         fit("kmeans", [tmp_path / "s.parquet"], out, tokenizer, n_experts=2)
     assert str(np.load(out)["method"]) == "random"  # the failed fit left the file as it was
+
+
+@pytest.mark.parametrize("init", ["random", "tfidf_kmeans"])
+def test_em_round_zero_is_balanced_deterministic_and_tfidf_follows_content(
+    tmp_path, tokenizer, init
+):
+    from smalltalk.em import assign_first_round
+    from smalltalk.em import normalized_mutual_information as nmi
+
+    block = write_domain_tokens(tmp_path / "b0.parquet", tokenizer, 0, 400, seed=3)
+    n_experts = len(DOMAINS)
+
+    def first_round(out):
+        assign_first_round(
+            tmp_path / "b0.parquet",
+            n_experts,
+            seed=11,
+            out=tmp_path / out,
+            init=init,
+            tokenizer_model=tokenizer,
+            prefix_len=PREFIX,
+        )
+        return pq.read_table(tmp_path / out)
+
+    assignment = first_round("a.parquet")
+    assert assignment.equals(first_round("again.parquet"))
+    assert assignment.column("seq_id").to_pylist() == sorted(block.column("seq_id").to_pylist())
+    loads = np.bincount(assignment.column("expert").to_numpy(), minlength=n_experts)
+    assert loads.max() <= -(-len(block) // n_experts)  # the balanced capacity, ceil(n / E)
+    sources = block.sort_by("seq_id").column("source").to_numpy(zero_copy_only=False)
+    agreement = nmi(assignment.column("expert").to_numpy(), sources)
+    # Domains of disjoint words: c-BTM's clusters find them; a random split knows nothing.
+    assert agreement > 0.5 if init == "tfidf_kmeans" else agreement < 0.05
+
+
+def test_em_round_zero_refuses_an_unknown_init(tmp_path, tokenizer):
+    from smalltalk.em import assign_first_round
+
+    write_domain_tokens(tmp_path / "b0.parquet", tokenizer, 0, 40, seed=3)
+    with pytest.raises(ValueError, match="routing.init"):
+        assign_first_round(tmp_path / "b0.parquet", 2, 1, tmp_path / "a.parquet", init="kmeans")
