@@ -77,6 +77,8 @@ rule train_dense:
         R("logs/dense.log"),
     benchmark:
         R("benchmarks/dense.tsv")
+    # The longest job first: on a few cores the experts then run beside it, not after it.
+    priority: 1
     conda:
         get_conda_env("dense_train")
     threads: get_cluster_threads("dense_train")
