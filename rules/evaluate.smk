@@ -1,20 +1,22 @@
 # Stage 6: route every test sequence by its prefix, score the routed expert and the dense
-# model; per-sequence rows, so every aggregate is a DuckDB query.
+# model; per-sequence rows, so every aggregate is a DuckDB query. The validation split is
+# scored the same way on request only (`snakemake results/eval/val/summary/overall.parquet`):
+# it is where settings are chosen, so the test split stays untouched by the choice.
 
 
 rule evaluate_chunk:
     input:
-        tokens=R("tokens/test/{chunk}.parquet"),
+        tokens=R("tokens/{split}/{chunk}.parquet"),
         routers=get_final_routers(),
         experts=get_expert_models(),
         dense=get_dense("model.safetensors"),
         tokenizer=get_tokenizer_model,
     output:
-        R("eval/test/{chunk}.parquet"),
+        R("eval/{split}/{chunk}.parquet"),
     log:
-        R("logs/eval/{chunk}.log"),
+        R("logs/eval/{split}/{chunk}.log"),
     benchmark:
-        R("benchmarks/eval/{chunk}.tsv")
+        R("benchmarks/eval/{split}/{chunk}.tsv")
     conda:
         get_conda_env("evaluate")
     threads: get_cluster_threads("evaluate")
@@ -49,6 +51,17 @@ rule aggregate_eval:
         out_dir=get_summary_dir,
     shell:
         "python -m smalltalk aggregate --out-dir {params.out_dir:q} {input:q} > {log:q} 2>&1"
+
+
+use rule aggregate_eval as aggregate_val_eval with:
+    input:
+        expand(R("eval/val/{chunk}.parquet"), chunk=CHUNKS),
+    output:
+        expand(R("eval/val/summary/{table}.parquet"), table=EVAL_TABLES),
+    log:
+        R("logs/eval/aggregate_val.log"),
+    benchmark:
+        R("benchmarks/eval/aggregate_val.tsv")
 
 
 rule flops_ledger:

@@ -505,8 +505,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from smalltalk.plots import tables_html
 
     runs = _named_runs(args.run, "compare")
-    table = compare.compare_runs(runs, args.out)
-    html_tables = {"Routing methods at equal training FLOPs (test split)": args.out}
+    table = compare.compare_runs(runs, args.out, split=args.split)
+    html_tables = {f"Routing methods at equal training FLOPs ({args.split} split)": args.out}
     if args.seeds:
         write_parquet_atomically(compare.seed_summary(table), args.seeds)
         html_tables["Mixture/dense perplexity ratio over seeds (runs RECIPE@SEED)"] = args.seeds
@@ -1054,6 +1054,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="NAME=RESULTS_DIR of a finished run; seeds of one recipe are named RECIPE@SEED",
     )
     sub.add_argument("--out", required=True, help="the comparison table (.parquet)")
+    sub.add_argument(
+        "--split",
+        choices=["test", "val"],
+        default="test",
+        help="test (results) or val (choosing settings; needs RESULTS_DIR/eval/val/summary/)",
+    )
     sub.add_argument("--seeds", help="mean and spread of each RECIPE's ratios over seeds")
     sub.add_argument("--markdown", help="the rows at M-hat = M as a Markdown table")
     sub.add_argument("--figure", help="the comparison figure (.png)")

@@ -64,20 +64,33 @@ def group_of(run: str) -> str:
     return run.partition("@")[0]
 
 
-def compare_runs(runs: Mapping[str, PathLike], out: PathLike) -> pa.Table:
-    """One row per (run, inference prefix M̂): group, method, E, router, test perplexities, gain,
-    ratio to dense with its 95 % interval and verdict (mixture and top-k), final validation
-    perplexities and gain, and training FLOPs of mixture and dense."""
+SUMMARIES = {"test": "eval/summary", "val": "eval/val/summary"}
+"""Where a run's evaluation aggregates of each split are (the validation ones on request:
+`snakemake RESULTS/eval/val/summary/overall.parquet`)."""
+
+
+def compare_runs(runs: Mapping[str, PathLike], out: PathLike, split: str = "test") -> pa.Table:
+    """One row per (run, inference prefix M̂): group, method, E, router, the split's perplexities,
+    gain, ratio to dense with its 95 % interval and verdict (mixture and top-k), the training
+    curves' final validation perplexities and gain, and training FLOPs of mixture and dense.
+    `split` is "test" (what results are quoted on) or "val" (what settings are chosen on)."""
+    if split not in SUMMARIES:
+        raise ValueError(f"split must be one of {', '.join(SUMMARIES)}, got {split!r}")
     rows = []
     for name, run in runs.items():
         run = Path(run)
         config = yaml.safe_load((run / "config.yaml").read_text())
-        overall = pq.read_table(run / "eval/summary/overall.parquet")
+        summary = run / SUMMARIES[split] / "overall.parquet"
+        if not summary.exists():
+            raise FileNotFoundError(
+                f"{summary}: no {split} evaluation; build it with `snakemake {summary}`"
+            )
+        overall = pq.read_table(summary)
         missing = sorted(set(RATIO_COLUMNS) - set(overall.column_names))
         if missing:
             raise ValueError(
-                f"{run}/eval/summary/overall.parquet lacks {', '.join(missing)}: it predates "
-                "the confidence intervals; rebuild it with `snakemake --forcerun aggregate_eval`"
+                f"{summary} lacks {', '.join(missing)}: it predates the confidence intervals; "
+                "rebuild it with `snakemake --forcerun aggregate_eval`"
             )
         overall = overall.to_pylist()
         ledger = pq.read_table(run / "ledger/flops.parquet").to_pydict()
@@ -89,6 +102,7 @@ def compare_runs(runs: Mapping[str, PathLike], out: PathLike) -> pa.Table:
                 {
                     "run": name,
                     "group": group_of(name),
+                    "split": split,
                     "method": config["routing"]["method"],
                     "n_experts": config["routing"]["n_experts"],
                     "router": _router_name(config)
@@ -98,7 +112,7 @@ def compare_runs(runs: Mapping[str, PathLike], out: PathLike) -> pa.Table:
                     "prefix_len": row["prefix_len"],
                     "ppl_mixture": row["ppl_mixture"],
                     "ppl_dense": row["ppl_dense"],
-                    "test_gain": row["relative_gain"],
+                    "gain": row["relative_gain"],
                     "ppl_topk": row["ppl_topk"],
                     "ppl_oracle": row["ppl_oracle"],
                     **{column: row[column] for column in RATIO_COLUMNS},
@@ -172,8 +186,9 @@ def ratio_with_ci(row: Mapping, suffix: str = "") -> str:
 def markdown(table: pa.Table, out: PathLike) -> Path:
     """The rows at each run's training prefix M as a Markdown table (for the README), and, when
     runs are grouped by seed, their spread over seeds below it."""
+    split = table.column("split")[0].as_py() if len(table) else "test"
     lines = [
-        "| run | method | E | router | test ppl mixture | test ppl dense | test gain "
+        f"| run | method | E | router | {split} ppl mixture | {split} ppl dense | {split} gain "
         "| mixture/dense (95 % CI) | verdict | top-k | top-k/dense (95 % CI) | val gain "
         "| mixture/dense FLOPs |",
         "|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
@@ -182,7 +197,7 @@ def markdown(table: pa.Table, out: PathLike) -> Path:
     for row in at_m:
         lines.append(
             f"| {row['run']} | {row['method']} | {row['n_experts']} | {row['router']} "
-            f"| {row['ppl_mixture']:.2f} | {row['ppl_dense']:.2f} | {100 * row['test_gain']:+.1f}% "
+            f"| {row['ppl_mixture']:.2f} | {row['ppl_dense']:.2f} | {100 * row['gain']:+.1f}% "
             f"| {ratio_with_ci(row)} | {row['verdict']} "
             f"| {row['ppl_topk']:.2f} | {ratio_with_ci(row, '_topk')} "
             f"| {100 * row['val_gain']:+.1f}% | {row['flops_ratio']:.3f} |"
@@ -211,8 +226,8 @@ def markdown(table: pa.Table, out: PathLike) -> Path:
 
 
 def comparison_figure(table: PathLike, runs: Mapping[str, PathLike], out: PathLike) -> Path:
-    """Three panels: test gain over dense at M̂ = M per run; test gain vs M̂; validation gain
-    along training against the mixture's cumulative training FLOPs."""
+    """Three panels: the gain over dense on the table's split at M̂ = M per run; that gain vs M̂;
+    validation gain along training against the mixture's cumulative training FLOPs."""
     from matplotlib import colormaps
     from matplotlib.ticker import FuncFormatter
 
@@ -220,8 +235,9 @@ def comparison_figure(table: PathLike, runs: Mapping[str, PathLike], out: PathLi
 
     columns = plots._read(
         table,
-        ["run", "prefix_len", "train_prefix_len", "test_gain", "ratio_ci_low", "ratio_ci_high"],
+        ["run", "split", "prefix_len", "train_prefix_len", "gain", "ratio_ci_low", "ratio_ci_high"],
     )
+    split = str(columns["split"][0])
     names = list(dict.fromkeys(columns["run"].tolist()))
     colours = colormaps["tab10"].colors
     with plots._styled():
@@ -229,7 +245,7 @@ def comparison_figure(table: PathLike, runs: Mapping[str, PathLike], out: PathLi
         bars, sweep, curves = fig.subplots(1, 3)
         at_m = columns["prefix_len"] == columns["train_prefix_len"]
         first = [int(np.flatnonzero(at_m & (columns["run"] == name))[0]) for name in names]
-        gains = columns["test_gain"][first].astype(float)
+        gains = columns["gain"][first].astype(float)
         # gain = 1 - ratio, so the ratio's interval [low, high] is [1 - high, 1 - low] in gain.
         errors = np.stack(
             [
@@ -247,14 +263,14 @@ def comparison_figure(table: PathLike, runs: Mapping[str, PathLike], out: PathLi
         bars.axvline(0, color=plots.DENSE, linestyle="--", linewidth=1.0)
         bars.invert_yaxis()
         plots._percent(bars, "x", decimals=1)
-        bars.set_xlabel("test perplexity gain over dense at equal FLOPs (M\u0302 = M; 95 % CI)")
+        bars.set_xlabel(f"{split} perplexity gain over dense at equal FLOPs (M\u0302 = M; 95 % CI)")
         bars.set_title("Gain over the dense baseline")
         for i, name in enumerate(names):
             mine = columns["run"] == name
             order = np.argsort(columns["prefix_len"][mine])
             sweep.plot(
                 columns["prefix_len"][mine][order],
-                columns["test_gain"][mine][order],
+                columns["gain"][mine][order],
                 marker="o",
                 color=colours[i % 10],
                 label=name,
@@ -274,7 +290,7 @@ def comparison_figure(table: PathLike, runs: Mapping[str, PathLike], out: PathLi
         sweep.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         plots._percent(sweep, "y", decimals=1)
         sweep.set_xlabel("routing prefix length M\u0302 at inference (tokens)")
-        sweep.set_ylabel("test gain over dense")
+        sweep.set_ylabel(f"{split} gain over dense")
         sweep.set_title("Gain vs routing prefix (Fig. 4b)")
         curves.axhline(0, color=plots.DENSE, linestyle="--", linewidth=1.0)
         curves.set_xscale("log")

@@ -142,3 +142,22 @@ def test_cli_writes_the_seed_table_and_draws_error_bars(runs, tmp_path):
     assert "over seeds" in out["html"].read_text()
     assert out["png"].read_bytes()[:4] == b"\x89PNG"
     assert np.isfinite(pq.read_table(out["parquet"]).column("ratio_ci_low").to_numpy()).all()
+
+
+def test_validation_split_is_compared_from_its_own_summary_and_labelled(runs, tmp_path):
+    import shutil
+
+    run = runs["smalltalk@1"]
+    (run / "eval/val").mkdir(parents=True)
+    shutil.copytree(run / "eval/summary", run / "eval/val/summary")
+    val = pq.read_table(run / "eval/val/summary/overall.parquet").to_pylist()
+    for row in val:
+        row["ratio"] = 0.9
+    write(run / "eval/val/summary/overall.parquet", val)
+
+    table = compare.compare_runs({"s": run}, tmp_path / "val.parquet", split="val")
+    assert set(table.column("split").to_pylist()) == {"val"}
+    assert set(table.column("ratio").to_pylist()) == {0.9}
+    assert "| val ppl mixture |" in compare.markdown(table, tmp_path / "val.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no val evaluation"):
+        compare.compare_runs({"t": runs["tfidf"]}, tmp_path / "none.parquet", split="val")
