@@ -250,7 +250,8 @@ def resolve_compile(
     saved = CPU_COMPILE_SAVING * eager_seconds
     pays = saved > CPU_COMPILE_SECONDS
     why = (
-        f"auto: on the CPU a run of about {eager_seconds:,.0f} s eager at {threads} threads "
+        f"auto: on the CPU a run of about {eager_seconds:,.0f} s eager on {threads} "
+        f"thread{'s' if threads > 1 else ''} "
         f"would save about {saved:,.0f} s, {'more' if pays else 'less'} than compiling costs "
         f"(~{CPU_COMPILE_SECONDS:.0f} s)"
     )
