@@ -1,23 +1,31 @@
-"""Training throughput of `fit()` against a bare PyTorch loop, and against the matmul peak.
+"""Training speed: the workflow's default step against a bare loop and eager fp32, and its MFU.
 
-    python benchmarks/bench_train.py [--presets demo-expert router-4.4m] [--precision auto]
-                                     [--rounds 8] [--repeats 3] [--steps 4] [--threads N]
-                                     [--compile]
+    python benchmarks/bench_train.py [--presets demo-expert router-4.4m] [--paper]
+                                     [--precision auto] [--compile auto] [--job-steps N]
+                                     [--rounds 3] [--repeats 1] [--steps 3] [--threads N]
 
-For each preset, in one process, one precision, one model and one batch:
+For each preset, in one process, one model and one batch (`--paper`: the paper's 335M expert at
+32 x 1024 and 1.3B at 16 x 1024, Table 1, for a GPU):
 
-- bare:      forward, backward, clip, AdamW step, zero_grad: the least a training step does;
-- fit step:  `train_step()` plus the learning-rate schedule, exactly as `fit()` calls them;
-- peak:      one 2048³ matmul in the same precision (bf16 operands under bf16), the most this
-             processor does; achieved FLOP/s = Eq. 10's count per step / fit-step time;
-- fit():     the whole `fit()` loop (data stream from Parquet, metrics, log) for `--steps`,
-             timed by its own metrics rows, `--repeats` times, each paired with `--steps` bare
-             steps run right after it.
+- step:       `train_step()` plus the learning-rate schedule, exactly as `fit()` calls them, as the
+              workflow trains by default: precision auto (bf16 on CUDA and on CPUs with native
+              bf16, else fp32) and compile auto (`resolve_compile`, decided for a job of
+              `--job-steps` steps; by default this benchmark's own, so a CPU stays eager);
+- bare:       forward, backward, clip, AdamW step, zero_grad on the same model, precision and
+              compilation: the least a training step does;
+- eager fp32: the same loop left at PyTorch's defaults: the plain module, float32 (no TF32),
+              `torch.optim.AdamW` unfused; `speedup over eager fp32` = its time / step's;
+- peak:       one n³ matmul in the step's precision (n = 8192 on CUDA, 2048 on the CPU): the most
+              this processor does in this run; MFU = Eq. 10's FLOPs per step / step time, as a
+              share of that peak and, for a GPU in NOMINAL_BF16_FLOPS, of its data-sheet peak;
+- fit():      the whole `fit()` loop (data stream from Parquet, metrics, log) for `--steps`,
+              timed by its own metrics rows, `--repeats` times, each paired with `--steps` bare
+              steps run right after it (none by default with `--paper`: a second model).
 
-The first three are called in turn, one call each per round for `--rounds` rounds (order rotated),
+The first four are called in turn, one call each per round for `--rounds` rounds (order rotated),
 and per-call times are kept: on a machine other jobs share, each then sees the same share of the
-cores, and medians shrug off the bursts when it sees none. Goals: fit step and fit() within 5% of
-bare (ratio ≥ 0.95); for demo-expert on CPU, achieved FLOP/s ≥ 35% of the peak.
+cores, and medians shrug off the bursts when it sees none. Goals: step and fit() within 5% of bare
+(ratio ≥ 0.95); for demo-expert on CPU, achieved FLOP/s ≥ 35% of the peak.
 """
 
 from __future__ import annotations
@@ -41,13 +49,41 @@ from smalltalk.train import (
     autocast_context,
     fit,
     learning_rate,
+    resolve_compile,
     resolve_precision,
     train_step,
 )
 
 # Sequences per step and sequence length: enough work per step to time, few enough seconds on a
 # laptop CPU. Table 2 trains the 4.4M router at 32 x 1024; we keep its S = 1024 and V = 32000.
-SHAPES = {"demo-expert": (16, 256), "router-4.4m": (2, 1024), "tiny": (16, 64)}
+SHAPES = {
+    "demo-expert": (16, 256),
+    "router-4.4m": (2, 1024),
+    "tiny": (16, 64),
+    "expert-335m": (32, 1024),
+    "expert-1.3b": (16, 1024),
+}
+PAPER = ["expert-335m", "expert-1.3b"]
+
+# Dense bf16 tensor-core FLOP/s from NVIDIA's data sheets, by a part of the device name; parts
+# whose names hold an excluded word run at other clocks (H100 PCIe: 756, NVL parts) and, like every
+# GPU not listed, get no nominal column.
+NOMINAL_BF16_FLOPS = [
+    ("H100", ("PCIE", "NVL"), 989e12),  # SXM
+    ("H200", ("NVL",), 989e12),  # SXM
+    ("A100", (), 312e12),  # SXM and PCIe alike
+]
+
+
+def nominal_peak(device: torch.device) -> tuple[str, float] | None:
+    """(GPU name, nominal dense bf16 FLOP/s), or None on the CPU and on GPUs not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for part, excluded, flops in NOMINAL_BF16_FLOPS:
+        if part in name.upper() and not any(word in name.upper() for word in excluded):
+            return name, flops
+    return None
 
 
 def write_tokens(path: Path, n_rows: int, seq_len: int, vocab_size: int) -> None:
@@ -64,31 +100,59 @@ def write_tokens(path: Path, n_rows: int, seq_len: int, vocab_size: int) -> None
     pq.write_table(table, path, row_group_size=256)
 
 
+def with_matmul_precision(device: torch.device, matmul_precision: str, call):
+    """`call` under a float32 matmul precision: fit() allows TF32 on CUDA ('high') for the matmuls
+    autocast leaves in fp32; a loop left at PyTorch's defaults does not ('highest')."""
+    if device.type != "cuda":
+        return call
+
+    def run():
+        torch.set_float32_matmul_precision(matmul_precision)
+        call()
+
+    return run
+
+
 def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
     batch, seq_len = SHAPES.get(name, (8, PRESETS[name].seq_len))
     model_config = dataclasses.replace(PRESETS[name], seq_len=seq_len)
     precision = resolve_precision(args.precision, device)
     autocast = autocast_context(device, precision)
+    step_flops = train_step_flops(model_config, batch, seq_len)  # Eq. 10
+    job_steps = args.job_steps or args.rounds + 1
+    compiled, why = resolve_compile(
+        args.compile, device, job_steps * step_flops, torch.get_num_threads()
+    )
     config = TrainConfig(
         steps=args.steps + 1, batch_size=batch, warmup_steps=1, ckpt_every=0, log_every=1,
-        precision=precision, device=device.type, threads=args.threads, compile=args.compile,
+        precision=precision, device=device.type, threads=args.threads, compile=compiled,
     )  # fmt: skip
     tokens_per_step = batch * seq_len
 
     torch.manual_seed(0)
     model = LM(model_config).to(device)
     optimizer = model.configure_optimizer(config.lr, config.weight_decay, config.betas, device.type)
-    model = torch.compile(model) if args.compile else model
+    trained = torch.compile(model) if compiled else model  # shares `model`'s parameters
+    plain_optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
     inputs = torch.randint(0, model_config.vocab_size, (batch, seq_len), device=device)
     targets = torch.randint(0, model_config.vocab_size, (batch, seq_len), device=device)
 
     def bare_step():
         with autocast:
-            _, loss = model(inputs, targets)
+            _, loss = trained(inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    def eager_fp32_step():
+        _, loss = model(inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        plain_optimizer.step()
+        plain_optimizer.zero_grad(set_to_none=True)
 
     step_index = 0
 
@@ -96,83 +160,134 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
         nonlocal step_index
         lr = learning_rate(step_index % config.steps, config, "cosine", config.steps)
         train_step(
-            model, optimizer, [(inputs, targets)], lr=lr, grad_clip=config.grad_clip,
+            trained, optimizer, [(inputs, targets)], lr=lr, grad_clip=config.grad_clip,
             autocast=autocast,
         )  # fmt: skip
         step_index += 1
 
-    n = 2048
+    n = 8192 if device.type == "cuda" else 2048
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    seconds = interleaved(
-        {"bare": bare_step, "fit step": fit_step, "peak": lambda: a @ b}, args.rounds, device
-    )
+    calls = {
+        "bare": with_matmul_precision(device, "high", bare_step),
+        "step": with_matmul_precision(device, "high", fit_step),
+        "eager fp32": with_matmul_precision(device, "highest", eager_fp32_step),
+        "peak": lambda: a @ b,
+    }
+    try:
+        calls["eager fp32"]()  # alone first: at the paper's sizes fp32 may not fit in memory
+    except torch.OutOfMemoryError:
+        del calls["eager fp32"]
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+    seconds = interleaved(calls, args.rounds, device)
 
-    data = workdir / name
-    data.mkdir(exist_ok=True)
-    write_tokens(data / "0.parquet", batch * config.steps, seq_len, model_config.vocab_size)
     fit_seconds, fit_ratios = [], []
+    if args.repeats:
+        data = workdir / name
+        data.mkdir(exist_ok=True)
+        write_tokens(data / "0.parquet", batch * config.steps, seq_len, model_config.vocab_size)
     for repeat in range(args.repeats):
         out = workdir / f"{name}-fit-{repeat}"
         fit(model_config, config, data, out, role="expert")
         rows = pq.read_table(out / "metrics.parquet").column("tokens_per_s").to_pylist()
         mine = [tokens_per_step / r for r in rows[1:]]  # the first row pays for start-up
-        paired = [timed(bare_step, device) for _ in range(args.steps)]
+        paired = [timed(calls["bare"], device) for _ in range(args.steps)]
         fit_seconds += mine
         fit_ratios.append(statistics.median(paired) / statistics.median(mine))
 
+    def ratio(slow: str, fast: str) -> float | None:
+        """Median over rounds of slow / fast: in each round the two saw the same machine."""
+        if slow not in seconds:
+            return None
+        pairs = zip(seconds[slow], seconds[fast], strict=True)
+        return statistics.median(s / f for s, f in pairs)
+
     median = {key: statistics.median(values) for key, values in seconds.items()}
-    achieved = train_step_flops(model_config, batch, seq_len) / median["fit step"]  # Eq. 10
     return {
         "precision": precision,
+        "compiled": compiled,
+        "why compiled": why,
         "tokens_per_step": tokens_per_step,
         "bare": tokens_per_step / median["bare"],
-        "fit step": tokens_per_step / median["fit step"],
-        "step ratio": statistics.median(  # per round: the two calls saw the same machine
-            bare / step for bare, step in zip(seconds["bare"], seconds["fit step"], strict=True)
-        ),
-        "fit()": tokens_per_step / statistics.median(fit_seconds),
-        "fit() ratio": statistics.median(fit_ratios),
-        "achieved": achieved,
+        "step": tokens_per_step / median["step"],
+        "step ratio": ratio("bare", "step"),
+        "eager fp32": tokens_per_step / median["eager fp32"] if "eager fp32" in median else None,
+        "speedup": ratio("eager fp32", "step"),
+        "fit()": tokens_per_step / statistics.median(fit_seconds) if fit_seconds else None,
+        "fit() ratio": statistics.median(fit_ratios) if fit_ratios else None,
+        "achieved": step_flops / median["step"],
         "peak": 2 * n**3 / median["peak"],
+        "peak name": f"{n}^3 {'bf16' if dtype == torch.bfloat16 else 'fp32'} matmul",
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["demo-expert", "router-4.4m"])
+    parser.add_argument("--paper", action="store_true", help=f"--presets {' '.join(PAPER)}")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (bare, step)")
-    parser.add_argument("--repeats", type=int, default=3, help="fit() runs per preset")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per fit() run")
+    parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
+    parser.add_argument(
+        "--job-steps", type=int, default=0, help="steps of the job compile auto decides for"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--repeats", type=int, default=None, help="fit() runs per preset")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per fit() run")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = parser.parse_args()
+    if args.paper:
+        args.presets = PAPER
+    if args.repeats is None:
+        args.repeats = 0 if args.paper else 1
+    args.compile = {"true": True, "false": False}.get(args.compile, args.compile)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    nominal = nominal_peak(device)
+    unit, scale = ("TFLOP/s", 1e12) if device.type == "cuda" else ("GFLOP/s", 1e9)
 
-    header = (
-        f"{'preset':<12} {'prec':<5} {'tok/step':>8} {'bare tok/s':>11} {'step tok/s':>11} "
-        f"{'ratio':>6} {'fit() tok/s':>11} {'ratio':>6} {'GFLOP/s':>8} {'peak':>8} {'of peak':>8}"
-    )
-    lines = [header, "-" * len(header)]
+    columns = [
+        ("preset", "<12"), ("prec", "<5"), ("compiled", "<8"), ("tok/step", ">8"),
+        ("step tok/s", ">11"), ("vs bare", ">7"), ("fp32 tok/s", ">11"), ("speedup", ">7"),
+        ("fit() tok/s", ">11"), ("vs bare", ">7"), (unit, ">8"), ("of peak", ">8"),
+    ] + ([("of nominal", ">10")] if nominal else [])  # fmt: skip
+    header = " ".join(f"{title:{align}}" for title, align in columns)
+    lines, notes = [header, "-" * len(header)], []
+
+    def number(value, spec):
+        return "-" if value is None else format(value, spec)
+
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.presets:
             r = bench_preset(name, args, device, Path(workdir))
-            lines.append(
-                f"{name:<12} {r['precision']:<5} {r['tokens_per_step']:>8,} {r['bare']:>11,.0f} "
-                f"{r['fit step']:>11,.0f} {r['step ratio']:>6.3f} {r['fit()']:>11,.0f} "
-                f"{r['fit() ratio']:>6.3f} {r['achieved'] / 1e9:>8.1f} {r['peak'] / 1e9:>8.1f} "
-                f"{r['achieved'] / r['peak']:>8.1%}"
+            cells = [
+                name, r["precision"], "yes" if r["compiled"] else "no",
+                f"{r['tokens_per_step']:,}", f"{r['step']:,.0f}", number(r["step ratio"], ".3f"),
+                number(r["eager fp32"], ",.0f"), number(r["speedup"], ".2f"),
+                number(r["fit()"], ",.0f"), number(r["fit() ratio"], ".3f"),
+                f"{r['achieved'] / scale:.1f}", f"{r['achieved'] / r['peak']:.1%}",
+            ] + ([f"{r['achieved'] / nominal[1]:.1%}"] if nominal else [])  # fmt: skip
+            lines.append(" ".join(f"{c:{a}}" for c, (_, a) in zip(cells, columns, strict=True)))
+            speedup = number(r["speedup"], ".2f") if r["speedup"] else "- (out of memory)"
+            notes.append(
+                f"{name}: speedup over eager fp32: {speedup}; {r['achieved'] / r['peak']:.1%} of "
+                f"the {r['peak name']} peak ({r['peak'] / scale:,.1f} {unit})"
+                + (
+                    f", {r['achieved'] / nominal[1]:.1%} of the nominal {nominal[1] / 1e12:.0f} "
+                    f"TFLOP/s of the {nominal[0]}"
+                    if nominal
+                    else ""
+                )  # fmt: skip
+                + f"; compile {'on' if r['compiled'] else 'off'} ({r['why compiled']})"
             )
     print(
-        f"device {device}, {torch.get_num_threads()} threads, compile {args.compile}; medians of "
-        f"{args.rounds} interleaved rounds (bare, fit step, 2048^3 matmul peak) and of "
-        f"{args.repeats} fit() runs of {args.steps} steps, each paired with {args.steps} bare steps"
+        f"device {device}, {torch.get_num_threads()} threads; medians of {args.rounds} "
+        f"interleaved rounds (bare, step, eager fp32, matmul peak) and of {args.repeats} fit() "
+        f"runs of {args.steps} steps, each paired with {args.steps} bare steps"
     )
-    print("\n".join(lines))
+    print("\n".join(lines + [""] + notes))
 
 
 if __name__ == "__main__":

@@ -350,15 +350,24 @@ def get_conda_env(kind):
     return "../envs/smalltalk.yaml"
 
 
-def get_python_launcher(wildcards, resources):
-    """How a training job starts Python, as arguments: granted n > 1 GPUs, n processes under
-    torchrun (smalltalk.train then trains with DistributedDataParallel); else plain python.
-    Read from the granted resources: --set-resources train_expert:gpu=4 launches 4 as well.
+def get_launcher(data_parallel=False):
+    """How a job starts Python, as arguments (a params function). A job that asks for GPUs starts
+    through smalltalk.devices, which gives it GPUs of this machine that no other job holds (a lock
+    each; under SLURM the job's own); granted n > 1, a `data_parallel` job (training) runs n
+    processes under torchrun, and smalltalk.train trains them with DistributedDataParallel. Read
+    from the granted resources: --set-resources train_expert:gpu=4 launches 4 as well.
     """
-    gpus = resources.get("gpu", 0)
-    if gpus > 1:
-        return ["torchrun", "--standalone", "--nproc-per-node", gpus]
-    return ["python"]
+
+    def launcher(wildcards, resources):
+        gpus = resources.get("gpu", 0)
+        if not gpus:
+            return ["python"]
+        devices = ["python", "-m", "smalltalk.devices", "--gpus", gpus, "--"]
+        if data_parallel and gpus > 1:
+            return [*devices, "torchrun", "--standalone", "--nproc-per-node", gpus]
+        return [*devices, "python"]
+
+    return launcher
 
 
 def get_process_threads(wildcards, threads, resources):

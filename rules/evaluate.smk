@@ -23,12 +23,14 @@ rule evaluate_chunk:
     resources:
         **get_cluster_resources("evaluate"),
     params:
+        launcher=get_launcher(),
         config=CONFIG_FILE,
         eval=lookup(dpath="eval", within=config),
     shell:
-        "python -m smalltalk evaluate --config {params.config:q} --tokens {input.tokens:q} "
-        "--tokenizer {input.tokenizer:q} --routers {input.routers:q} --experts {input.experts:q} "
-        "--dense {input.dense:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
+        "{params.launcher:q} -m smalltalk evaluate --config {params.config:q} "
+        "--tokens {input.tokens:q} --tokenizer {input.tokenizer:q} --routers {input.routers:q} "
+        "--experts {input.experts:q} --dense {input.dense:q} --out {output:q} "
+        "--threads {threads} > {log:q} 2>&1"
 
 
 rule aggregate_eval:

@@ -21,11 +21,13 @@ rule route_validation:
     resources:
         **get_cluster_resources("router_score"),
     params:
+        launcher=get_launcher(),
         config=CONFIG_FILE,
     shell:
-        "python -m smalltalk route-validation --config {params.config:q} --val {input.val:q} "
-        "--tokenizer {input.tokenizer:q} --routers {input.routers:q} --routing {output.routing:q} "
-        "--pool {output.pool:q} --experts {output.experts:q} --threads {threads} > {log:q} 2>&1"
+        "{params.launcher:q} -m smalltalk route-validation --config {params.config:q} "
+        "--val {input.val:q} --tokenizer {input.tokenizer:q} --routers {input.routers:q} "
+        "--routing {output.routing:q} --pool {output.pool:q} --experts {output.experts:q} "
+        "--threads {threads} > {log:q} 2>&1"
 
 
 rule train_expert:
@@ -50,7 +52,7 @@ rule train_expert:
     params:
         config=CONFIG_FILE,
         seed=lookup(dpath="seed", within=config),
-        launcher=get_python_launcher,
+        launcher=get_launcher(data_parallel=True),
         process_threads=get_process_threads,
         out_dir=get_model_dir,
         branch=get_branch_flag,
@@ -87,7 +89,7 @@ rule train_dense:
     params:
         config=CONFIG_FILE,
         seed=lookup(dpath="seed", within=config),
-        launcher=get_python_launcher,
+        launcher=get_launcher(data_parallel=True),
         process_threads=get_process_threads,
         out_dir=get_model_dir,
         branch=get_branch_flag,
@@ -124,7 +126,7 @@ rule train_trunk:
     params:
         config=CONFIG_FILE,
         seed=lookup(dpath="seed", within=config),
-        launcher=get_python_launcher,
+        launcher=get_launcher(data_parallel=True),
         process_threads=get_process_threads,
         out_dir=get_model_dir,
         training=lookup(dpath="training/expert", within=config),

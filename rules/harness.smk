@@ -52,11 +52,12 @@ rule lm_eval:
     resources:
         **get_cluster_resources("evaluate"),
     params:
+        launcher=get_launcher(),
         results=get_results_dir,
     shell:
-        "python -m smalltalk lm-eval --results {params.results:q} --tasks continuation_choice "
-        "--models mixture dense --out {output.scores:q} --raw {output.raw:q} --threads {threads} "
-        "> {log:q} 2>&1"
+        "{params.launcher:q} -m smalltalk lm-eval --results {params.results:q} "
+        "--tasks continuation_choice --models mixture dense --out {output.scores:q} "
+        "--raw {output.raw:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule harness_table:

@@ -106,7 +106,7 @@ rule train_router:
     params:
         config=CONFIG_FILE,
         seed=lookup(dpath="seed", within=config),
-        launcher=get_python_launcher,
+        launcher=get_launcher(data_parallel=True),
         process_threads=get_process_threads,
         out_dir=get_router_work_dir,
         init=get_router_init_flag,
@@ -139,11 +139,13 @@ rule score_router:
     resources:
         **get_cluster_resources("router_score"),
     params:
+        launcher=get_launcher(),
         config=CONFIG_FILE,
     shell:
-        "python -m smalltalk score --config {params.config:q} --weights {input.weights:q} "
-        "--tokenizer {input.tokenizer:q} --tokens {input.block:q} --out {output.scores:q} "
-        "--tokens {input.probe:q} --out {output.probe:q} --threads {threads} > {log:q} 2>&1"
+        "{params.launcher:q} -m smalltalk score --config {params.config:q} "
+        "--weights {input.weights:q} --tokenizer {input.tokenizer:q} --tokens {input.block:q} "
+        "--out {output.scores:q} --tokens {input.probe:q} --out {output.probe:q} "
+        "--threads {threads} > {log:q} 2>&1"
 
 
 checkpoint assign_round:

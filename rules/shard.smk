@@ -19,11 +19,12 @@ rule shard_chunk:
     resources:
         **get_cluster_resources("shard"),
     params:
+        launcher=get_launcher(),
         config=CONFIG_FILE,
     shell:
-        "python -m smalltalk shard --config {params.config:q} --tokens {input.tokens:q} "
-        "--tokenizer {input.tokenizer:q} --routers {input.routers:q} --shards {output.shards:q} "
-        "--scores {output.scores:q} --threads {threads} > {log:q} 2>&1"
+        "{params.launcher:q} -m smalltalk shard --config {params.config:q} "
+        "--tokens {input.tokens:q} --tokenizer {input.tokenizer:q} --routers {input.routers:q} "
+        "--shards {output.shards:q} --scores {output.scores:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule check_shards:

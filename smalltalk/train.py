@@ -25,6 +25,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -115,8 +116,9 @@ class TrainConfig:
     precision: str = "auto"
     """'bf16' autocast, 'fp32', or 'auto': bf16 on CUDA and on CPUs with native bf16 dot
     products (AVX512-BF16, AMX), fp32 elsewhere. Weights and optimizer stay fp32 (App. A.1)."""
-    compile: bool = False
-    """Compile the model with torch.compile (faster steps after a slow first one)."""
+    compile: bool | str = "auto"
+    """torch.compile the model: True, False, or 'auto': on CUDA always, on the CPU only for a run
+    long enough to pay back the compile time (`resolve_compile`)."""
     threads: int | None = None
     """CPU threads for PyTorch's kernels (torch.set_num_threads); None keeps PyTorch's default."""
 
@@ -148,6 +150,7 @@ class TrainConfig:
             "schedule": ("auto", "cosine", "constant"),
             "device": ("auto", "cpu", "cuda"),
             "precision": ("auto", "bf16", "fp32"),
+            "compile": (True, False, "auto"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -213,6 +216,49 @@ def autocast_context(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+# torch.compile on the CPU, measured on a 2-core AMD EPYC (Zen 4, no native bf16), 1 thread, fp32,
+# with the demo's shapes: the first compiled step costs 36-50 s of CPU time; later steps are 8.8%
+# (expert, B 32 x S 128), 9.3% (dense, 128 x 128) and 13.5% (router, 32 x M 32) faster; an eager
+# step does about 16 GFLOP/s (Eq. 10) per thread (router: 8). Compiling pays once a run would take
+# over ~50 s / 0.09 = 550 s eager: not for a demo expert (~340 s eager, saves ~30 s), for the dense
+# baseline (~1,350 s, saves ~120 s), never for a router round (~5 s).
+CPU_COMPILE_SECONDS = 50.0
+CPU_COMPILE_SAVING = 0.09
+CPU_FLOPS_PER_THREAD = 16e9
+
+
+def resolve_compile(
+    compile: bool | str, device: torch.device, planned_flops: float, threads: int
+) -> tuple[bool, str]:
+    """Whether to torch.compile the model, and why, in a phrase for the training log.
+
+    'auto' compiles on CUDA, where it removes most of the kernel launches and memory traffic of
+    the small ops; on the CPU only when the time it saves, CPU_COMPILE_SAVING of the run's
+    estimated eager time (its planned Eq. 10 FLOPs at CPU_FLOPS_PER_THREAD per thread), exceeds
+    what compiling costs. `planned_flops` are the whole run's, not what is left after a resume,
+    so that a resumed run decides as the run it continues did.
+    """
+    if compile is not True and compile is not False and compile != "auto":
+        raise ValueError(f"compile must be true, false or 'auto', got {compile!r}")
+    if compile != "auto":
+        return compile, f"compile: {str(compile).lower()} in the config"
+    if device.type == "cuda":
+        return True, "auto: always on CUDA"
+    eager_seconds = planned_flops / (CPU_FLOPS_PER_THREAD * threads)
+    saved = CPU_COMPILE_SAVING * eager_seconds
+    pays = saved > CPU_COMPILE_SECONDS
+    why = (
+        f"auto: on the CPU a run of about {eager_seconds:,.0f} s eager on {threads} "
+        f"thread{'s' if threads > 1 else ''} "
+        f"would save about {saved:,.0f} s, {'more' if pays else 'less'} than compiling costs "
+        f"(~{CPU_COMPILE_SECONDS:.0f} s)"
+    )
+    compiler = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+    if pays and shutil.which(compiler) is None:  # what Inductor builds its CPU kernels with
+        return False, f"{why}, but there is no C++ compiler ({compiler}) to compile with"
+    return pays, why
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,7 +579,16 @@ def fit(
         resumption = f"branching from {branch_from} at step {step}"
     resolved["branched_from_step"] = step if branch_from is not None else None
 
-    train_model = torch.compile(model) if config.compile else model
+    end = total_steps if stop_at is None else stop_at
+    run_steps = end - (resolved["branched_from_step"] or 0)  # this job's, resumed or not
+    compiled, why_compiled = resolve_compile(
+        config.compile,
+        device,
+        training_flops(model_config, run_steps, config.batch_size, seq_len),
+        torch.get_num_threads() * procs.world_size,  # CPU threads working on the run
+    )
+    resolved["compiled"] = compiled
+    train_model = torch.compile(model) if compiled else model  # checkpoints save `model`
     if procs.world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         train_model = DistributedDataParallel(train_model, device_ids=device_ids)
@@ -552,6 +607,7 @@ def fit(
         f"{config.warmup_steps}" + (f" | resumed from {ckpt.name}" if ckpt is not None else "")
     )
     log(resumption)
+    log(f"torch.compile {'on' if compiled else 'off'} ({why_compiled})")
 
     val_tokens = _validation_tokens(val_files, val_sequences) if val_files else None
 
@@ -577,7 +633,6 @@ def fit(
     )
     start_step, loop_start = step, time.perf_counter()
     interval_start, interval_steps, interval_loss = loop_start, 0, torch.zeros((), device=device)
-    end = total_steps if stop_at is None else stop_at
     while step < end:
         lr = learning_rate(step, config, schedule, total_steps)
         micro_batches = [to_device(next(batches)) for _ in range(config.grad_accum)]

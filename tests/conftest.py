@@ -54,6 +54,28 @@ def write_parquet(path: Path, rows: dict) -> Path:
     return path
 
 
+_cuda_present: list[bool] = []  # whether this machine has a CUDA GPU, asked once
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_cuda(request, monkeypatch):
+    """Every test runs as on a machine without a GPU, unless it is marked `cuda` (and is then
+    skipped without one). The tests compare with float32 references computed on the CPU, or with
+    a second run bit for bit; on a CUDA machine the code under test would pick the GPU (device
+    'auto') and bf16 (precision 'auto'), whose rounding differs, and CUDA kernels need not give
+    the same bits twice. The jobs a test starts (Snakemake's, torchrun's) see no GPU either."""
+    import torch
+
+    if not _cuda_present:  # before any test hides the GPU, which CUDA reads once per process
+        _cuda_present.append(torch.cuda.is_available())
+    if request.node.get_closest_marker("cuda"):
+        if not _cuda_present[0]:
+            pytest.skip("needs a CUDA GPU")
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> list[Path]:
     """Three SlimPajama-style .jsonl.zst files of 200 records each."""

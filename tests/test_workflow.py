@@ -121,6 +121,22 @@ def test_the_tokenizer_asks_for_what_the_cluster_section_gives_it(tmp_path):
     assert "runtime=7" in job and "mem_mb=1234" in job
 
 
+def test_every_gpu_job_takes_gpus_no_other_job_holds(tmp_path):
+    """On one machine of several GPUs each job asking for some is started by smalltalk.devices
+    (tests/test_devices.py); granted two, training still runs one process per GPU."""
+    overrides = ("--set-resources", "train_expert:gpu=2")
+    plan = snakemake(tmp_path, "-n", "--cores", "4", "--configfile", str(TINY), *overrides)
+    commands = re.findall(r"^Shell command: (.*)$", plan.stdout, re.MULTILINE)
+    gpu_commands = r"-m smalltalk (train|score|shard|evaluate|lm-eval|route-validation) "
+    gpu_jobs = [command for command in commands if re.search(gpu_commands, command)]
+    assert len(gpu_jobs) > 5
+    pool = "python -m smalltalk.devices --gpus "
+    assert all(command.startswith(pool) for command in gpu_jobs), gpu_jobs
+    assert any(c.startswith(pool + "1 -- python -m smalltalk train --config") for c in gpu_jobs)
+    expert = pool + "2 -- torchrun --standalone --nproc-per-node 2 -m smalltalk train"
+    assert any(command.startswith(expert) for command in gpu_jobs)
+
+
 @pytest.mark.slow
 def test_tiny_config_end_to_end(tmp_path):
     snakemake(tmp_path, "--cores", "2", "--configfile", str(TINY))
