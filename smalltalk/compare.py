@@ -189,7 +189,7 @@ def markdown(table: pa.Table, out: PathLike) -> Path:
     split = table.column("split")[0].as_py() if len(table) else "test"
     lines = [
         f"| run | method | E | router | {split} ppl mixture | {split} ppl dense | {split} gain "
-        "| mixture/dense (95 % CI) | verdict | top-k | top-k/dense (95 % CI) | val gain "
+        "| mixture/dense (95 % CI) | verdict | top-k | top-k/dense (95 % CI) | val gain (curves) "
         "| mixture/dense FLOPs |",
         "|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
