@@ -636,7 +636,7 @@ def _router_column(routing) -> str:
     """Every router's prefix NLL, the routed expert's starred."""
     values = " ".join(
         f"{nll:6.3f}{'*' if e == routing.expert else ' '}"
-        for e, nll in enumerate(routing.router_nll)
+        for e, nll in zip(routing.routers, routing.router_nll, strict=True)
     )
     return f"{routing.prefix_tokens:>3} tokens  router NLL {values}"
 
@@ -646,7 +646,9 @@ def _mixture(args: argparse.Namespace):
 
     _torch_threads(args.threads)
     return load(
-        args.results, **({} if args.max_experts is None else {"max_experts": args.max_experts})
+        args.results,
+        experts=args.experts,
+        **({} if args.max_experts is None else {"max_experts": args.max_experts}),
     )
 
 
@@ -757,6 +759,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         include_paths=args.include_path,
         topk=args.topk,
+        experts=args.experts,
         **({} if args.max_experts is None else {"max_experts": args.max_experts}),
     )
     if args.out:
@@ -788,6 +791,19 @@ def _int_at_least(low: int):
         return value
 
     return parse
+
+
+def _expert_list(text: str) -> list[int]:
+    """An argparse type: expert indices separated by commas, e.g. 0,2 (checked on loading)."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a list of expert indices: {text!r} (write them as 0,2)"
+        ) from None
+
+
+EXPERTS_HELP = "serve only these experts, e.g. 0,2, retiring the others (default: all)"
 
 
 def _temperature(text: str) -> float:
@@ -831,7 +847,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--file", help=f"{texts}, one per line or JSON lines with a 'text' field (-: stdin)"
         )
-        sub.add_argument("--results", default="results", help="the trained results directory")
+        sub.add_argument(
+            "--results", default="results", help="the trained results directory, or an export"
+        )
+        sub.add_argument("--experts", type=_expert_list, help=EXPERTS_HELP)
         sub.add_argument(
             "--max-experts",
             type=_int_at_least(1),
@@ -1127,7 +1146,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("tokens", nargs="+", help="test token files")
 
     sub = add("lm-eval", cmd_lm_eval, "run lm-evaluation-harness tasks on the mixture, offline")
-    sub.add_argument("--results", default="results", help="the trained results directory")
+    sub.add_argument(
+        "--results", default="results", help="the trained results directory, or an export"
+    )
+    sub.add_argument("--experts", type=_expert_list, help=EXPERTS_HELP)
     sub.add_argument(
         "--tasks", nargs="+", default=["continuation_choice"], help="lm-eval task names"
     )
