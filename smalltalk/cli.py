@@ -778,6 +778,20 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from smalltalk.export import export_mixture
+
+    manifest = export_mixture(
+        args.results, args.out, experts=args.experts, dense=args.dense, force=args.force
+    )
+    experts = ",".join(map(str, manifest["experts"]))
+    dense = " and the dense baseline" if manifest["dense"] else ""
+    log.info(
+        "exported experts %s%s to %s (%d files)", experts, dense, args.out, len(manifest["files"])
+    )
+    return 0
+
+
 def _int_at_least(low: int):
     """An argparse type: an integer >= low."""
 
@@ -1144,6 +1158,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model")
     sub.add_argument("--out-dir", required=True, help="where the task's JSON lines and YAML go")
     sub.add_argument("tokens", nargs="+", help="test token files")
+
+    sub = add(
+        "export",
+        cmd_export,
+        "write a trained mixture as one self-contained folder: tokenizer, routers, experts in "
+        "the Hugging Face layout, config, evaluation tables and a model card",
+    )
+    sub.add_argument(
+        "--results", default="results", help="the trained results directory, or an export"
+    )
+    sub.add_argument("--out", required=True, help="the folder to write (built beside it)")
+    sub.add_argument("--experts", type=_expert_list, help="export only these experts, e.g. 0,2")
+    sub.add_argument("--dense", action="store_true", help="include the dense baseline's weights")
+    sub.add_argument(
+        "--force", action="store_true", help="replace --out if it exists and is not empty"
+    )
 
     sub = add("lm-eval", cmd_lm_eval, "run lm-evaluation-harness tasks on the mixture, offline")
     sub.add_argument(

@@ -179,3 +179,27 @@ def results(tmp_path_factory) -> Path:
          str(root / "tokens" / "test" / "c00000.parquet")]
     )  # fmt: skip
     return root
+
+
+def with_random_router(results: Path, copy: Path) -> Path:
+    """A copy of the `results` mixture routed by the `random` baseline (a fitted `.npz`)."""
+    import shutil
+
+    import yaml
+
+    from smalltalk.routers import fit_baseline
+
+    shutil.copytree(results, copy, ignore=shutil.ignore_patterns("shards", "harness"))
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["routing"]["method"] = "random"
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    fit_baseline(
+        method="random",
+        sample_paths=[copy / "tokens" / "train" / "c00000.parquet"],
+        n_experts=N_EXPERTS,
+        prefix_len=8,
+        seed=5,
+        tokenizer_model=copy / "tokenizer" / "spm.model",
+        out=copy / "routers" / "random.npz",
+    )
+    return copy

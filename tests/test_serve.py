@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import N_EXPERTS, REPO, TEXTS
+from conftest import N_EXPERTS, REPO, TEXTS, with_random_router
 
 import smalltalk
 from smalltalk import cli, em, mixture
@@ -321,22 +321,7 @@ def test_a_kept_subset_routes_by_the_argmin_of_the_kept_routers_alone(results, m
 
 
 def test_a_baseline_router_keeps_the_columns_of_the_kept_experts(results, tmp_path):
-    from smalltalk.routers import fit_baseline
-
-    copy = tmp_path / "random"
-    shutil.copytree(results, copy, ignore=shutil.ignore_patterns("shards", "harness"))
-    config = yaml.safe_load((copy / "config.yaml").read_text())
-    config["routing"]["method"] = "random"
-    (copy / "config.yaml").write_text(yaml.safe_dump(config))
-    fit_baseline(
-        method="random",
-        sample_paths=[copy / "tokens" / "train" / "c00000.parquet"],
-        n_experts=N_EXPERTS,
-        prefix_len=8,
-        seed=5,
-        tokenizer_model=copy / "tokenizer" / "spm.model",
-        out=copy / "routers" / "random.npz",
-    )
+    copy = with_random_router(results, tmp_path / "random")
     texts = probe_texts()
     full = smalltalk.load(copy).route(texts)
     for before, after in zip(full, smalltalk.load(copy, experts=[1, 2]).route(texts), strict=True):
