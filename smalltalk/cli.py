@@ -646,7 +646,7 @@ def _router_column(routing) -> str:
     """Every router's prefix NLL, the routed expert's starred."""
     values = " ".join(
         f"{nll:6.3f}{'*' if e == routing.expert else ' '}"
-        for e, nll in enumerate(routing.router_nll)
+        for e, nll in zip(routing.routers, routing.router_nll, strict=True)
     )
     return f"{routing.prefix_tokens:>3} tokens  router NLL {values}"
 
@@ -656,7 +656,9 @@ def _mixture(args: argparse.Namespace):
 
     _torch_threads(args.threads)
     return load(
-        args.results, **({} if args.max_experts is None else {"max_experts": args.max_experts})
+        args.results,
+        experts=args.experts,
+        **({} if args.max_experts is None else {"max_experts": args.max_experts}),
     )
 
 
@@ -767,6 +769,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         include_paths=args.include_path,
         topk=args.topk,
+        experts=args.experts,
         **({} if args.max_experts is None else {"max_experts": args.max_experts}),
     )
     if args.out:
@@ -785,6 +788,20 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from smalltalk.export import export_mixture
+
+    manifest = export_mixture(
+        args.results, args.out, experts=args.experts, dense=args.dense, force=args.force
+    )
+    experts = ",".join(map(str, manifest["experts"]))
+    dense = " and the dense baseline" if manifest["dense"] else ""
+    log.info(
+        "exported experts %s%s to %s (%d files)", experts, dense, args.out, len(manifest["files"])
+    )
+    return 0
+
+
 def _int_at_least(low: int):
     """An argparse type: an integer >= low."""
 
@@ -798,6 +815,19 @@ def _int_at_least(low: int):
         return value
 
     return parse
+
+
+def _expert_list(text: str) -> list[int]:
+    """An argparse type: expert indices separated by commas, e.g. 0,2 (checked on loading)."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a list of expert indices: {text!r} (write them as 0,2)"
+        ) from None
+
+
+EXPERTS_HELP = "serve only these experts, e.g. 0,2, retiring the others (default: all)"
 
 
 def _temperature(text: str) -> float:
@@ -841,7 +871,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--file", help=f"{texts}, one per line or JSON lines with a 'text' field (-: stdin)"
         )
-        sub.add_argument("--results", default="results", help="the trained results directory")
+        sub.add_argument(
+            "--results", default="results", help="the trained results directory, or an export"
+        )
+        sub.add_argument("--experts", type=_expert_list, help=EXPERTS_HELP)
         sub.add_argument(
             "--max-experts",
             type=_int_at_least(1),
@@ -1145,8 +1178,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out-dir", required=True, help="where the task's JSON lines and YAML go")
     sub.add_argument("tokens", nargs="+", help="test token files")
 
+    sub = add(
+        "export",
+        cmd_export,
+        "write a trained mixture as one self-contained folder: tokenizer, routers, experts in "
+        "the Hugging Face layout, config, evaluation tables and a model card",
+    )
+    sub.add_argument(
+        "--results", default="results", help="the trained results directory, or an export"
+    )
+    sub.add_argument("--out", required=True, help="the folder to write (built beside it)")
+    sub.add_argument("--experts", type=_expert_list, help="export only these experts, e.g. 0,2")
+    sub.add_argument("--dense", action="store_true", help="include the dense baseline's weights")
+    sub.add_argument(
+        "--force", action="store_true", help="replace --out if it exists and is not empty"
+    )
+
     sub = add("lm-eval", cmd_lm_eval, "run lm-evaluation-harness tasks on the mixture, offline")
-    sub.add_argument("--results", default="results", help="the trained results directory")
+    sub.add_argument(
+        "--results", default="results", help="the trained results directory, or an export"
+    )
+    sub.add_argument("--experts", type=_expert_list, help=EXPERTS_HELP)
     sub.add_argument(
         "--tasks", nargs="+", default=["continuation_choice"], help="lm-eval task names"
     )

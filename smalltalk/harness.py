@@ -52,9 +52,11 @@ SCORES_SCHEMA = pa.schema(
 class SmallTalkLM(TemplateLM):
     """A trained SmallTalk mixture (or its dense baseline) as an lm-eval model.
 
-    Arguments (lm-eval's `model_args`): `results` (the results directory), `model` (`mixture` or
-    `dense`), `max_experts` (experts kept in memory), `topk` (1: the routed expert; k: the c-BTM
-    mixture of the top k), `prefix_tokens` (routing prefix M-hat; default M), `max_gen_toks`.
+    Arguments (lm-eval's `model_args`): `results` (the results directory, or an export), `model`
+    (`mixture` or `dense`), `experts` (the experts to serve, retiring the others: a list, or in
+    a `model_args` string indices joined by `;`, e.g. `experts=0;2`), `max_experts` (experts
+    kept in memory), `topk` (1: the routed expert; k: the c-BTM mixture of the top k),
+    `prefix_tokens` (routing prefix M-hat; default M), `max_gen_toks`.
     Requests are routed first and scored expert by expert, so each expert loads once per call.
     """
 
@@ -62,6 +64,7 @@ class SmallTalkLM(TemplateLM):
         self,
         results: str,
         model: str = "mixture",
+        experts: Sequence[int] | str | None = None,
         max_experts: int = DEFAULT_MAX_EXPERTS,
         topk: int = 1,
         prefix_tokens: int | None = None,
@@ -73,7 +76,13 @@ class SmallTalkLM(TemplateLM):
         super().__init__()
         if model not in ("mixture", "dense"):
             raise ValueError(f"model must be 'mixture' or 'dense', got {model!r}")
-        self.mixture = load(results, max_experts=int(max_experts), device=device or "auto")
+        if isinstance(experts, str):  # from a model_args string, where commas separate arguments
+            experts = [int(e) for e in experts.replace(";", ",").split(",") if e.strip()]
+        elif isinstance(experts, int):  # model_args "experts=2" arrives as a number
+            experts = [experts]
+        self.mixture = load(
+            results, experts=experts, max_experts=int(max_experts), device=device or "auto"
+        )
         self.dense = model == "dense"
         self.topk = int(topk)
         self.prefix_tokens = int(prefix_tokens) if prefix_tokens else None
@@ -298,14 +307,16 @@ def run_lm_eval(
     include_paths: Sequence[str | os.PathLike] = (),
     max_experts: int = DEFAULT_MAX_EXPERTS,
     topk: int = 1,
+    experts: Sequence[int] | None = None,
     batch_size: int = SCORE_BATCH,
     seed: int = 1234,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Run lm-eval's `simple_evaluate` with each of `models` (`mixture`, `dense`) on `tasks`,
     offline. Tasks are looked up among the workflow's continuation-choice questions
     (`{results}/harness/continuation_choice/`) and in `include_paths`, and among lm-eval's own
-    tasks only when not all are found there (their data must then be cached). Returns the
-    `SCORES_SCHEMA` table and lm-eval's results per model.
+    tasks only when not all are found there (their data must then be cached). `experts` serves
+    only those experts (`smalltalk.load`). Returns the `SCORES_SCHEMA` table and lm-eval's
+    results per model.
 
     A task YAML may import Python from its directory (`!function utils.f`), so none is read from
     the results directory, which holds what jobs wrote: the continuation-choice task is written
@@ -327,6 +338,7 @@ def run_lm_eval(
             lm = SmallTalkLM(
                 results=str(results),
                 model=name,
+                experts=experts,
                 max_experts=max_experts,
                 topk=topk,
                 batch_size=batch_size,

@@ -1,11 +1,12 @@
 """Use a trained mixture: route a text by its prefix, then score or continue it with one expert.
 
 `load(results)` reads the run's resolved config (`{results}/config.yaml`, written by the workflow)
-and takes every path from it: the tokenizer, the final routers, the E experts and the dense
-baseline. As in the paper (§2.2, "Deriving a practical model"), the routers score the first M
-tokens of a text and the expert whose router gives them the lowest mean NLL answers (Eq. 4, 8; no
-capacity at inference). A text shorter than M routes on the tokens it has; a single token is read
-after EOS, which precedes every document in the training stream.
+and takes every path from it (`smalltalk.layout`, which resolves an export the same way): the
+tokenizer, the final routers, the E experts and the dense baseline. As in the paper (§2.2,
+"Deriving a practical model"), the routers score the first M tokens of a text and the expert
+whose router gives them the lowest mean NLL answers (Eq. 4, 8; no capacity at inference). A
+text shorter than M routes on the tokens it has; a single token is read after EOS, which precedes
+every document in the training stream.
 
 Routers are small and always loaded. Experts are loaded on first use into an LRU of `max_experts`
 models, so a 32-expert mixture serves from the memory of a few experts; a reviewer's objection to
@@ -13,6 +14,10 @@ the paper (reloading experts costs latency) is what `benchmarks/bench_serve.py` 
 
 Optionally the top k experts by router score are mixed per token, with weights softmax(-router NLL
 / `eval.temperature`) as in c-BTM (`smalltalk.evaluate.ensemble_log_weights`).
+
+`load(results, experts=[0, 2])` retires the other experts: only the kept experts' routers are
+asked, a text goes to the kept expert whose router gives its prefix the lowest NLL, top-k mixes
+only kept experts, and a retired expert is never loaded. Expert indices stay those of the run.
 """
 
 from __future__ import annotations
@@ -48,9 +53,12 @@ class Routing:
 
     expert: int
     router_nll: tuple[float, ...]
-    """One value per router, nats per predicted token; NaN for a text with no token to score."""
+    """One value per router asked, nats per predicted token; NaN for a text with no token to
+    score."""
     prefix_tokens: int
     """Tokens the routers read: min(M, the text's length), EOS included for a one-token text."""
+    routers: tuple[int, ...]
+    """The experts whose routers gave `router_nll`, in its order: all E, or the experts kept."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,35 +217,37 @@ class Mixture:
         self,
         results: str | os.PathLike,
         *,
+        experts: Sequence[int] | None = None,
         max_experts: int = DEFAULT_MAX_EXPERTS,
         device: str = "auto",
     ):
         import sentencepiece as spm
 
-        from smalltalk.config import load_config, model_config
+        from smalltalk.config import model_config
+        from smalltalk.layout import mixture_files, served_experts
         from smalltalk.routers import load_router
 
         if max_experts < 1:
             raise ValueError(f"max_experts must be at least 1, got {max_experts}")
-        self.results = Path(results).resolve()  # later changes of directory do not matter
-        config_path = self.results / "config.yaml"
-        if not config_path.is_file():
-            raise FileNotFoundError(
-                f"{config_path}: not a trained results directory (the workflow writes its "
-                "resolved config there)"
-            )
-        self.config: dict[str, Any] = load_config(config_path)
+        self.files = mixture_files(results)
+        self.results = self.files.root
+        self.config: dict[str, Any] = self.files.config
         routing = self.config["routing"]
         self.n_experts: int = routing["n_experts"]
+        # The experts served, ascending: all E, or those kept (`experts=`). The others are
+        # retired: their routers are not asked and they are never loaded.
+        self.experts: tuple[int, ...] = served_experts(
+            experts, self.files.available_experts, self.n_experts
+        )
         self.prefix_len: int = routing["prefix_len"]
-        self.method: str = routing.get("method", "smalltalk")
+        self.method: str = self.files.method
         self.temperature: float = self.config["eval"]["temperature"]
         self.max_experts = max_experts
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         )
 
-        tokenizer_path = self._tokenizer_path()
+        tokenizer_path = self.files.tokenizer
         if not tokenizer_path.is_file():
             raise FileNotFoundError(f"{tokenizer_path}: tokenizer not found")
         try:
@@ -248,20 +258,20 @@ class Mixture:
         vocab_size = self.tokenizer.get_piece_size()
         self.router_config = model_config(self.config, "router", vocab_size=vocab_size)
         self.expert_config = model_config(self.config, "expert", vocab_size=vocab_size)
-        self.expert_paths = [
-            self.results / "experts" / f"e{e}" / "model.safetensors" for e in range(self.n_experts)
-        ]
-        dense_from = self.config["training"].get("dense_from")  # a baseline shared between runs
-        self.dense_path = (
-            self._workflow_path(dense_from) if dense_from else self.results / "dense"
-        ) / "model.safetensors"
+        self.expert_paths = {e: self.files.expert(e) for e in self.experts}
+        self.dense_path = self.files.dense
         self.router = load_router(
             method=self.method,
-            paths=self._router_paths(),
+            paths=self.files.routers(self.experts),
             router_config=self.router_config,
             tokenizer_model=tokenizer_path,
             device=str(self.device),
             keep_loaded=True,
+        )
+        # The router LMs of the served experts give one column each; a fitted baseline gives all
+        # E, of which the served experts' are kept.
+        self._router_columns = (
+            slice(None) if self.method == "smalltalk" else np.array(self.experts, dtype=np.int64)
         )
         self._experts: OrderedDict[int, LM] = OrderedDict()  # least recently used first
         # Threads serving one mixture share the LRU: checking for room, evicting and loading
@@ -269,32 +279,6 @@ class Mixture:
         self._lock = threading.RLock()
         self._dense: LM | None = None
         self.expert_loads: list[int] = []  # every expert read from disk, in order
-
-    # -- files, all from the resolved config
-
-    def _workflow_path(self, given: str) -> Path:
-        """A path from the config: relative ones are relative to the directory the workflow ran
-        in, the one in which the `results` key names this results directory."""
-        path = Path(given)
-        if path.is_absolute():
-            return path
-        candidates = [path, self.results / path]
-        root = Path(self.config["results"])
-        here = self.results.resolve().parts
-        if not root.is_absolute() and here[len(here) - len(root.parts) :] == root.parts:
-            candidates.insert(0, Path(*here[: len(here) - len(root.parts)]) / path)
-        return next((c for c in candidates if c.exists()), candidates[0])
-
-    def _tokenizer_path(self) -> Path:
-        given = self.config["tokenizer"].get("model")
-        return self._workflow_path(given) if given else self.results / "tokenizer" / "spm.model"
-
-    def _router_paths(self) -> list[Path]:
-        """The final routers, where the workflow puts them."""
-        from smalltalk.routers import final_router_paths
-
-        paths = final_router_paths(str(self.results), self.method, self.n_experts)
-        return [Path(path) for path in paths]
 
     # -- text
 
@@ -318,6 +302,9 @@ class Mixture:
         recently used, so at most `max_experts` are ever in memory at once."""
         if not 0 <= e < self.n_experts:
             raise ValueError(f"no expert {e}: this mixture has experts 0..{self.n_experts - 1}")
+        if e not in self.expert_paths:
+            served = ", ".join(map(str, self.experts))
+            raise ValueError(f"expert {e} is not served: this mixture serves experts {served}")
         with self._lock:
             if e in self._experts:
                 self._experts.move_to_end(e)
@@ -332,6 +319,11 @@ class Mixture:
         """The dense baseline (same architecture, all the data): loaded once, outside the LRU."""
         with self._lock:
             if self._dense is None:
+                if self.files.exported and not self.dense_path.is_file():
+                    raise FileNotFoundError(
+                        f"{self.dense_path}: this export holds no dense baseline (export it "
+                        "with --dense)"
+                    )
                 self._dense = self._load(self.dense_path)
             return self._dense
 
@@ -372,7 +364,7 @@ class Mixture:
             list(ids[:limit]) if len(ids) != 1 else [self.eos_id, *ids] for ids in sequences
         ]
         lengths = np.array([len(prefix) for prefix in prefixes])
-        nll = np.full((len(prefixes), self.n_experts), np.nan, dtype=np.float32)
+        nll = np.full((len(prefixes), len(self.experts)), np.nan, dtype=np.float32)
         for length in np.unique(lengths[lengths >= 2]):
             rows = np.flatnonzero(lengths == length)
             tokens = np.array([prefixes[i] for i in rows], dtype=np.int64)  # (r, length)
@@ -381,28 +373,38 @@ class Mixture:
                 tokens=tokens,
                 sources=np.full(len(rows), "unknown", dtype=object),
             )
-            nll[rows] = self.router.costs(batch, [int(length)])[:, 0]
-        # An empty text gives the routers nothing: all tie, and ties go to the lowest index.
-        experts = route(np.nan_to_num(nll, nan=0.0))
+            nll[rows] = self.router.costs(batch, [int(length)])[:, 0, self._router_columns]
+        # Eq. 4 over the routers asked. An empty text gives them nothing: all tie, and ties go
+        # to the lowest index.
+        chosen = route(np.nan_to_num(nll, nan=0.0))  # (n,) positions in self.experts
         return [
-            Routing(expert=int(e), router_nll=tuple(map(float, row)), prefix_tokens=int(length))
-            for e, row, length in zip(experts, nll, lengths, strict=True)
+            Routing(
+                expert=self.experts[i],
+                router_nll=tuple(map(float, row)),
+                prefix_tokens=int(length),
+                routers=self.experts,
+            )
+            for i, row, length in zip(chosen, nll, lengths, strict=True)
         ]
 
     def log_weights(self, routing: Routing, topk: int) -> np.ndarray:
-        """(E,) log mixing weights: the routed expert alone, or the c-BTM top-k ensemble."""
+        """(E,) log mixing weights: the routed expert alone, or the c-BTM top-k ensemble of the
+        routers asked; -inf for every other expert (and for those not served)."""
         from smalltalk.evaluate import ensemble_log_weights
 
-        if not 1 <= topk <= min(self.n_experts, self.max_experts):
+        most = min(len(self.experts), self.max_experts)
+        if not 1 <= topk <= most:
             raise ValueError(
-                f"topk must lie in [1, {min(self.n_experts, self.max_experts)}] (at most E and "
-                f"max_experts), got {topk}"
+                f"topk must lie in [1, {most}] (at most the experts served and max_experts), "
+                f"got {topk}"
             )
+        weights = np.full(self.n_experts, -np.inf)
         if topk == 1 or not np.isfinite(routing.router_nll).all():
-            weights = np.full(self.n_experts, -np.inf)
             weights[routing.expert] = 0.0
-            return weights
-        return ensemble_log_weights(np.asarray(routing.router_nll), topk, self.temperature)
+        else:
+            nll = np.asarray(routing.router_nll)
+            weights[list(routing.routers)] = ensemble_log_weights(nll, topk, self.temperature)
+        return weights
 
     # -- scoring
 
@@ -579,9 +581,15 @@ class Mixture:
         """Each segment's size and source mix (over all its shards) and its most characteristic
         tokens (TF-IDF over a sample of its sequences, `segment_profiles`)."""
         if not hasattr(self, "_segments"):
-            self._segments = segment_profiles(
-                self.results / "shards", self.n_experts, self.tokenizer, top_tokens, sample
+            if self.files.exported:
+                raise FileNotFoundError(
+                    f"{self.results}: an export holds no training shards, so it cannot tell "
+                    "what each segment holds; ask the results directory it was exported from"
+                )
+            profiles = segment_profiles(
+                self.files.shards, self.n_experts, self.tokenizer, top_tokens, sample
             )
+            self._segments = [segment for segment in profiles if segment.expert in self.experts]
         return self._segments
 
     def explain(self, text: str, prefix_tokens: int | None = None) -> dict[str, Any]:
@@ -590,17 +598,25 @@ class Mixture:
         return {
             "routing": routing.as_dict(),
             "segments": [
-                {**segment.as_dict(), "router_nll": routing.router_nll[segment.expert]}
+                {
+                    **segment.as_dict(),
+                    "router_nll": routing.router_nll[routing.routers.index(segment.expert)],
+                }
                 for segment in self.segments()
             ],
         }
 
 
 def load(
-    results: str | os.PathLike, *, max_experts: int = DEFAULT_MAX_EXPERTS, device: str = "auto"
+    results: str | os.PathLike,
+    *,
+    experts: Sequence[int] | None = None,
+    max_experts: int = DEFAULT_MAX_EXPERTS,
+    device: str = "auto",
 ) -> Mixture:
-    """The trained mixture in `results` (the workflow's results directory, e.g. `results`)."""
-    return Mixture(results, max_experts=max_experts, device=device)
+    """The trained mixture in `results` (the workflow's results directory, e.g. `results`, or an
+    export of it), serving all its experts or only those in `experts` (the others retired)."""
+    return Mixture(results, experts=experts, max_experts=max_experts, device=device)
 
 
 def _text_id(tokens: np.ndarray) -> int:

@@ -1,4 +1,5 @@
-"""Shared fixtures: corpus files in every supported format, written by the tests themselves."""
+"""Shared fixtures: corpus files in every supported format, written by the tests themselves, and
+a tiny trained mixture laid out as the workflow lays out a results directory."""
 
 from __future__ import annotations
 
@@ -107,3 +108,120 @@ def fill(disk: Path, leave: int = 0) -> None:
     stats = os.statvfs(disk)
     with open(disk / "filler", "wb") as handle:
         handle.write(b"\0" * (stats.f_bavail * stats.f_frsize - leave))
+
+
+# ---- a tiny trained mixture --------------------------------------------------------------------
+
+N_EXPERTS = 3
+TEXTS = [
+    "In the beginning God created the heaven and the earth. And the earth was without form",
+    "def main(argv):\n    parser = argparse.ArgumentParser()\n    return parser.parse_args(argv)",
+    "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition",
+]
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory) -> Path:
+    """A results directory as the workflow leaves it, with random tiny models (S = 32, M = 8):
+    tokenizer, one tokenized chunk, routers, experts and dense, shards by source and the
+    continuation-choice task, built with the package's own functions. Serving and export tests
+    read it and never change it."""
+    import numpy as np
+    import sentencepiece as spm
+    import torch
+    import yaml
+
+    from smalltalk import cli
+    from smalltalk.checkpoint import save_weights
+    from smalltalk.config import (
+        DataConfig,
+        TokenizerConfig,
+        model_config,
+        validate_config,
+        write_resolved_config,
+    )
+    from smalltalk.data import plan_chunks, tokenize_chunk
+    from smalltalk.model import LM
+    from smalltalk.tokenizer import train_tokenizer
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("serve") / "results"
+    raw = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    raw |= {
+        "results": str(root),
+        "inputs": [str(REPO / "data" / "demo" / "demo-000.jsonl.zst")],
+        "splits": {"train": 0.8, "val": 0.1, "test": 0.1},
+        "seq_len": 32,
+        "tokenizer": {"vocab_size": 512, "sample_bytes": 200_000, "sample_files": 1},
+        "harness": {"examples": 24, "choices": 4, "continuation_tokens": 8},
+    }
+    raw["routing"] |= {"n_experts": N_EXPERTS, "prefix_len": 8, "rounds": 1}
+    config = validate_config(raw)
+    write_resolved_config(config, root / "config.yaml")
+    data = DataConfig.from_config(config)
+    spm_model = root / "tokenizer" / "spm.model"
+    train_tokenizer(
+        files=list(data.inputs),
+        data=data,
+        tokenizer=TokenizerConfig.from_config(config),
+        out_model=spm_model,
+    )
+    (chunk,) = plan_chunks(data.inputs, data.files_per_chunk)
+    tokenize_chunk(
+        chunk=chunk,
+        data=data,
+        tokenizer_model=spm_model,
+        out_dir=root / "tokens",
+        stats_path=root / "tokens" / "stats" / "c00000.json",
+    )
+    vocab_size = spm.SentencePieceProcessor(model_file=str(spm_model)).get_piece_size()
+    for role, paths in (
+        ("router", [root / "routers" / "final" / f"e{e}.safetensors" for e in range(N_EXPERTS)]),
+        ("expert", [root / "experts" / f"e{e}" / "model.safetensors" for e in range(N_EXPERTS)]),
+        ("expert", [root / "dense" / "model.safetensors"]),
+    ):
+        for seed, path in enumerate(paths):
+            torch.manual_seed(100 * len(str(path)) + seed)
+            model = LM(model_config(config, role, vocab_size=vocab_size))
+            with torch.no_grad():  # sharper than the 0.02 init, so the models disagree clearly
+                model.wte.weight.mul_(4)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_weights(model, path, metadata={"role": role})
+    # Shards by source (a segmentation with distinct source mixes), as the workflow writes them.
+    train = pq.read_table(root / "tokens" / "train" / "c00000.parquet")
+    sources = sorted(set(train.column("source").to_pylist()))
+    experts = np.array([sources.index(s) % N_EXPERTS for s in train.column("source").to_pylist()])
+    for e in range(N_EXPERTS):
+        shard = root / "shards" / f"expert={e}" / "c00000.parquet"
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(train.filter(pa.array(experts == e)), shard)
+    cli.main(
+        ["harness-task", "--config", str(root / "config.yaml"), "--tokenizer", str(spm_model),
+         "--out-dir", str(root / "harness" / "continuation_choice"),
+         str(root / "tokens" / "test" / "c00000.parquet")]
+    )  # fmt: skip
+    return root
+
+
+def with_random_router(results: Path, copy: Path) -> Path:
+    """A copy of the `results` mixture routed by the `random` baseline (a fitted `.npz`)."""
+    import shutil
+
+    import yaml
+
+    from smalltalk.routers import fit_baseline
+
+    shutil.copytree(results, copy, ignore=shutil.ignore_patterns("shards", "harness"))
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["routing"]["method"] = "random"
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    fit_baseline(
+        method="random",
+        sample_paths=[copy / "tokens" / "train" / "c00000.parquet"],
+        n_experts=N_EXPERTS,
+        prefix_len=8,
+        seed=5,
+        tokenizer_model=copy / "tokenizer" / "spm.model",
+        out=copy / "routers" / "random.npz",
+    )
+    return copy

@@ -2,7 +2,8 @@
 
 One tiny mixture is built once per session with the package's own functions (tokenizer, one
 tokenized chunk, random tiny routers and experts, shards by source), laid out as the workflow
-lays out a results directory; every test reads it through `smalltalk.load`.
+lays out a results directory (the `results` fixture of conftest.py); every test reads it
+through `smalltalk.load`.
 """
 
 from __future__ import annotations
@@ -17,100 +18,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import REPO
+from conftest import N_EXPERTS, REPO, TEXTS, with_random_router
 
 import smalltalk
 from smalltalk import cli, em, mixture
-from smalltalk.checkpoint import save_weights
-from smalltalk.config import (
-    ConfigError,
-    DataConfig,
-    TokenizerConfig,
-    model_config,
-    validate_config,
-    write_resolved_config,
-)
-from smalltalk.data import plan_chunks, token_matrix, tokenize_chunk
+from smalltalk.config import ConfigError, validate_config
+from smalltalk.data import token_matrix
 from smalltalk.evaluate import ensemble_log_weights, token_logprobs
 from smalltalk.model import LM
 from smalltalk.scoring import sequence_nll
-from smalltalk.tokenizer import train_tokenizer
-
-N_EXPERTS = 3
-TEXTS = [
-    "In the beginning God created the heaven and the earth. And the earth was without form",
-    "def main(argv):\n    parser = argparse.ArgumentParser()\n    return parser.parse_args(argv)",
-    "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition",
-]
-
-
-@pytest.fixture(scope="session")
-def results(tmp_path_factory) -> Path:
-    """A results directory as the workflow leaves it, with random tiny models (S = 32, M = 8)."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("serve") / "results"
-    raw = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
-    raw |= {
-        "results": str(root),
-        "inputs": [str(REPO / "data" / "demo" / "demo-000.jsonl.zst")],
-        "splits": {"train": 0.8, "val": 0.1, "test": 0.1},
-        "seq_len": 32,
-        "tokenizer": {"vocab_size": 512, "sample_bytes": 200_000, "sample_files": 1},
-        "harness": {"examples": 24, "choices": 4, "continuation_tokens": 8},
-    }
-    raw["routing"] |= {"n_experts": N_EXPERTS, "prefix_len": 8, "rounds": 1}
-    config = validate_config(raw)
-    write_resolved_config(config, root / "config.yaml")
-    data = DataConfig.from_config(config)
-    spm_model = root / "tokenizer" / "spm.model"
-    train_tokenizer(
-        files=list(data.inputs),
-        data=data,
-        tokenizer=TokenizerConfig.from_config(config),
-        out_model=spm_model,
-    )
-    (chunk,) = plan_chunks(data.inputs, data.files_per_chunk)
-    tokenize_chunk(
-        chunk=chunk,
-        data=data,
-        tokenizer_model=spm_model,
-        out_dir=root / "tokens",
-        stats_path=root / "tokens" / "stats" / "c00000.json",
-    )
-    vocab_size = spm.SentencePieceProcessor(model_file=str(spm_model)).get_piece_size()
-    for role, paths in (
-        ("router", [root / "routers" / "final" / f"e{e}.safetensors" for e in range(N_EXPERTS)]),
-        ("expert", [root / "experts" / f"e{e}" / "model.safetensors" for e in range(N_EXPERTS)]),
-        ("expert", [root / "dense" / "model.safetensors"]),
-    ):
-        for seed, path in enumerate(paths):
-            torch.manual_seed(100 * len(str(path)) + seed)
-            model = LM(model_config(config, role, vocab_size=vocab_size))
-            with torch.no_grad():  # sharper than the 0.02 init, so the models disagree clearly
-                model.wte.weight.mul_(4)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_weights(model, path, metadata={"role": role})
-    # Shards by source (a segmentation with distinct source mixes), as the workflow writes them.
-    train = pq.read_table(root / "tokens" / "train" / "c00000.parquet")
-    sources = sorted(set(train.column("source").to_pylist()))
-    experts = np.array([sources.index(s) % N_EXPERTS for s in train.column("source").to_pylist()])
-    for e in range(N_EXPERTS):
-        shard = root / "shards" / f"expert={e}" / "c00000.parquet"
-        shard.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(train.filter(pa.array(experts == e)), shard)
-    cli.main(
-        ["harness-task", "--config", str(root / "config.yaml"), "--tokenizer", str(spm_model),
-         "--out-dir", str(root / "harness" / "continuation_choice"),
-         str(root / "tokens" / "test" / "c00000.parquet")]
-    )  # fmt: skip
-    return root
 
 
 @pytest.fixture(autouse=True)
@@ -343,6 +264,107 @@ def test_explain_shows_every_router_and_what_each_segment_holds(results):
         ids = [loaded.tokenizer.piece_to_id(piece) for piece in segment["tokens"]]
         assert all(counts[i] > 0 for i in ids)  # each typical token occurs in the segment
     assert sum(s["share"] for s in segments) == pytest.approx(1.0)
+
+
+# ---- retiring experts ------------------------------------------------------------------------
+
+
+def probe_texts() -> list[str]:
+    """Prompts of every length from the three domains: enough to reach every expert."""
+    words = " ".join(TEXTS).split()
+    return [" ".join(words[i : i + n]) for n in (1, 3, 8) for i in range(0, len(words), 5)]
+
+
+def test_a_kept_subset_routes_by_the_argmin_of_the_kept_routers_alone(results, monkeypatch):
+    texts = probe_texts()
+    full = smalltalk.load(results).route(texts)
+    retired = full[0].expert  # the first text must go elsewhere now
+    kept = [e for e in range(N_EXPERTS) if e != retired]
+    read = []  # every weights file loaded, relative to the results
+    original = em.load_model
+
+    def reading(config, weights, device="auto"):
+        read.append(Path(weights).relative_to(results).as_posix())
+        return original(config, weights, device)
+
+    monkeypatch.setattr(em, "load_model", reading)
+    subset = smalltalk.load(results, experts=kept[::-1], max_experts=N_EXPERTS)
+    assert subset.experts == tuple(kept)  # ascending, whatever the order given
+    assert read == [f"routers/final/e{e}.safetensors" for e in kept]  # the kept routers only
+
+    for before, after in zip(full, subset.route(texts), strict=True):
+        assert after.routers == tuple(kept)
+        scores = np.array([before.router_nll[e] for e in kept])
+        assert after.router_nll == tuple(scores)  # the same routers, the same numbers
+        best = kept[int(np.argmin(np.nan_to_num(scores, nan=0.0)))]
+        assert after.expert == best and after.expert != retired
+        assert before.expert == after.expert or before.expert == retired
+
+    # Scoring, top-k mixtures and generation use kept experts only, and never load the other.
+    for score in subset.score(texts, topk=2):
+        assert set(score.experts) <= set(kept)
+        if np.isfinite(score.routing.router_nll).all():  # the c-BTM weights of the kept routers
+            expected = np.full(N_EXPERTS, -np.inf)
+            expected[kept] = ensemble_log_weights(
+                np.array(score.routing.router_nll), 2, subset.temperature
+            )
+            np.testing.assert_array_equal(subset.log_weights(score.routing, 2), expected)
+    subset.generate(texts[0], max_new_tokens=4, temperature=0, topk_experts=2)
+    assert not any(path.startswith(f"experts/e{retired}/") for path in read)
+    assert sorted(subset.expert_loads) == kept and retired not in subset.loaded_experts
+    with pytest.raises(ValueError, match=f"expert {retired} is not served"):
+        subset.expert(retired)
+    with pytest.raises(ValueError, match=r"topk must lie in \[1, 2\]"):
+        subset.score(texts[0], topk=3)
+    explained = subset.explain(TEXTS[0])
+    assert [s["expert"] for s in explained["segments"]] == kept
+
+
+def test_a_baseline_router_keeps_the_columns_of_the_kept_experts(results, tmp_path):
+    copy = with_random_router(results, tmp_path / "random")
+    texts = probe_texts()
+    full = smalltalk.load(copy).route(texts)
+    for before, after in zip(full, smalltalk.load(copy, experts=[1, 2]).route(texts), strict=True):
+        costs = [before.router_nll[1], before.router_nll[2]]
+        assert after.router_nll == tuple(costs) and after.expert == 1 + int(np.argmin(costs))
+
+
+@pytest.mark.parametrize(
+    ("experts", "message"),
+    [
+        ([], "the list is empty"),
+        ([0, 3, 7], r"no expert 3, 7 \(this mixture has experts 0..2\)"),
+        ([1, 1], "expert 1 given more than once"),
+        ([0, 0, -1], "no expert -1 .*; expert 0 given more than once"),  # every problem at once
+        (["1"], "not expert indices: '1'"),
+    ],
+)
+def test_the_experts_to_serve_are_checked(results, experts, message):
+    with pytest.raises(ValueError, match=f"^experts: {message}"):
+        smalltalk.load(results, experts=experts)
+
+
+def test_the_cli_serves_the_experts_it_is_given(results, capsys):
+    texts = probe_texts()[:6]
+    common = ["--results", str(results), "--experts"]
+    routed = run_cli(capsys, "route", *common, "0,2", "--json", *texts)
+    expected = smalltalk.load(results, experts=[0, 2]).route(texts)
+    assert [r["expert"] for r in routed] == [r.expert for r in expected]
+    assert all(r["routers"] == [0, 2] and r["expert"] in (0, 2) for r in routed)
+    assert cli.main(["route", *common, "2,2", "x"]) == 1
+    error = capsys.readouterr().err
+    assert error == "smalltalk route: error: experts: expert 2 given more than once\n"
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["score", *common, "0;2", "x"])
+    assert exited.value.code == 2 and "write them as 0,2" in capsys.readouterr().err
+
+
+def test_the_lm_eval_model_serves_the_experts_of_its_model_args(results):
+    from smalltalk.harness import SmallTalkLM
+
+    assert SmallTalkLM(results=str(results), experts="0;2").mixture.experts == (0, 2)
+    assert SmallTalkLM(results=str(results), experts=1).mixture.experts == (1,)
+    assert SmallTalkLM(results=str(results), experts=[2, 1]).mixture.experts == (1, 2)
 
 
 # ---- the command line ------------------------------------------------------------------------
