@@ -201,22 +201,22 @@ def test_cpu_precision_follows_the_processor():
 
 def test_compile_auto_compiles_on_cuda_and_on_the_cpu_only_for_runs_it_pays_for(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    # The shipped demo on one thread per job: an expert (1,100 steps of 32 x 128) would save less
-    # than compiling costs, the dense baseline (E = 4 times the batch) more.
+    # The shipped demo's expert on one thread would save less than compiling costs; a run 20
+    # times as long would save more, unless spread over 64 threads.
     demo = load_config(REPO / "config.yaml")
     steps, batch = demo["training"]["expert"]["steps"], demo["training"]["expert"]["batch_size"]
     expert = training_flops(model_config(demo, "expert", vocab_size=1024), steps, batch, 128)
     assert train_config(demo, "expert", steps=steps).compile == "auto"
     on, why = resolve_compile("auto", cpu, expert, threads=1)
     assert not on and "less than compiling costs" in why
-    on, why = resolve_compile("auto", cpu, 4 * expert, threads=1)
+    on, why = resolve_compile("auto", cpu, 20 * expert, threads=1)
     assert on and "more than compiling costs" in why
-    assert not resolve_compile("auto", cpu, 4 * expert, threads=8)[0]  # 8 threads: too short
+    assert not resolve_compile("auto", cpu, 20 * expert, threads=64)[0]  # 64 threads: too short
     assert resolve_compile("auto", cuda, 1, threads=1) == (True, "auto: always on CUDA")
     assert resolve_compile(False, cuda, 1e20, threads=1)[0] is False
     assert resolve_compile(True, cpu, 1, threads=1)[0] is True
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
-    on, why = resolve_compile("auto", cpu, 4 * expert, threads=1)
+    on, why = resolve_compile("auto", cpu, 20 * expert, threads=1)
     assert not on and "no C++ compiler (no-such-c++-compiler)" in why
     with pytest.raises(ValueError, match="compile must be"):
         resolve_compile("yes", cpu, 1, threads=1)
