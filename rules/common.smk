@@ -14,7 +14,7 @@ from smalltalk.config import (
     validate_config,
     write_resolved_config,
 )
-from smalltalk.data import plan_chunks
+from smalltalk.data import plan_chunks, plan_grown_chunks
 from smalltalk.routers import final_router_paths
 
 # Snakemake keeps the last of a key given twice in a config file: refuse that instead.
@@ -50,10 +50,37 @@ CHUNKS = {
     chunk.name: chunk
     for chunk in plan_chunks(config["inputs"], config["files_per_chunk"])
 }
+# Corpora added later (`grow`): entry k's chunks g{k}c..., its expert and router E + k. The run's
+# own stages (EM, shards, the E experts, the dense baseline) read CHUNKS only, so growing leaves
+# them untouched; tokenizing and evaluation cover every chunk.
+GROWN_CHUNKS = [
+    {
+        chunk.name: chunk
+        for chunk in plan_grown_chunks(
+            position, entry["inputs"], config["files_per_chunk"]
+        )
+    }
+    for position, entry in enumerate(config["grow"])
+]
+ALL_CHUNKS = {
+    name: chunk for chunks in [CHUNKS, *GROWN_CHUNKS] for name, chunk in chunks.items()
+}
+# Evaluation jobs take `eval.chunks_per_job` chunks of one corpus: parts p... of the run's corpus,
+# g{k}p... of grow entry k's, so a grown corpus adds parts and changes none.
+EVAL_PARTS = {
+    f"{prefix}p{index:05d}": names[start : start + config["eval"]["chunks_per_job"]]
+    for prefix, names in [("", list(CHUNKS))]
+    + [(f"g{k}", list(chunks)) for k, chunks in enumerate(GROWN_CHUNKS)]
+    for index, start in enumerate(
+        range(0, len(names), config["eval"]["chunks_per_job"])
+    )
+}
 
 
 ROUNDS = range(config["routing"]["rounds"] + 1)  # r = 0 (random), 1..T at most
 EXPERTS = range(config["routing"]["n_experts"])
+GROWN_EXPERTS = range(len(EXPERTS), len(EXPERTS) + len(config["grow"]))
+ALL_EXPERTS = range(len(EXPERTS) + len(GROWN_EXPERTS))
 # smalltalk trains router LMs by EM; the baselines are fitted once on the EM sample instead.
 METHOD = config["routing"]["method"]
 LEARNED_ROUTERS = METHOD == "smalltalk"
@@ -69,7 +96,8 @@ EVAL_TABLES = ["overall", "per_segment", "per_source", "segment_source", "load"]
 
 
 wildcard_constraints:
-    chunk=r"c\d+",
+    chunk=r"(g\d+)?c\d+",
+    part=r"(g\d+)?p\d+",
     r=r"\d+",
     e=r"\d+",
     split="|".join(SPLITS),
@@ -95,7 +123,7 @@ def get_tokens_dir(wildcards, output):
 
 
 def get_chunk_files(wildcards):
-    return list(CHUNKS[wildcards.chunk].files)
+    return list(ALL_CHUNKS[wildcards.chunk].files)
 
 
 def get_tokenizer_model(wildcards=None):
@@ -109,8 +137,22 @@ def get_tokenizer_sample(wildcards):
     return sample_files(files, config["tokenizer"]["sample_files"])
 
 
-def get_token_files(split):
-    return expand(R("tokens/{split}/{chunk}.parquet"), split=split, chunk=CHUNKS)
+def get_token_files(split, chunks=CHUNKS):
+    return expand(R("tokens/{split}/{chunk}.parquet"), split=split, chunk=chunks)
+
+
+def get_grown_token_files(split):
+    """An input function: the split's token files of grown expert e's corpus."""
+    return lambda wildcards: get_token_files(split, GROWN_CHUNKS[get_grown(wildcards)])
+
+
+def get_grown(wildcards):
+    """The grow entry of grown expert (or router) `e`: its position k = e - E."""
+    return int(wildcards.e) - len(EXPERTS)
+
+
+def is_grown(wildcards):
+    return int(wildcards.e) >= len(EXPERTS)
 
 
 def get_em_token_files(split):
@@ -198,12 +240,28 @@ def get_final_routers():
     return final_router_paths(config["results"], METHOD, len(EXPERTS))
 
 
+def get_all_routers():
+    """The final routers and the grown ones: what serving the mixture routes with."""
+    return final_router_paths(config["results"], METHOD, len(ALL_EXPERTS))
+
+
 def get_shard_files():
     return expand(R("shards/expert={e}/{chunk}.parquet"), e=EXPERTS, chunk=CHUNKS)
 
 
 def get_expert_shards(wildcards):
+    """Expert e's training data: its shard, or a grown expert's whole corpus (train split)."""
+    if is_grown(wildcards):
+        return get_grown_token_files("train")(wildcards)
     return expand(R("shards/expert={e}/{chunk}.parquet"), e=wildcards.e, chunk=CHUNKS)
+
+
+def get_expert_validation(wildcards):
+    """Expert e's validation curves: its routed part of the validation split, or a grown
+    expert's own corpus's validation split."""
+    if is_grown(wildcards):
+        return get_grown_token_files("val")(wildcards)
+    return R(f"eval/val/expert={wildcards.e}.parquet")
 
 
 def get_branch_point(wildcards=None):
@@ -231,7 +289,54 @@ def get_dense(name):
 
 
 def get_expert_models():
-    return expand(R("experts/e{e}/model.safetensors"), e=EXPERTS)
+    return expand(R("experts/e{e}/model.safetensors"), e=ALL_EXPERTS)
+
+
+def get_part_tokens(wildcards):
+    """The token files of an evaluation part, in order."""
+    return get_token_files(wildcards.split, EVAL_PARTS[wildcards.part])
+
+
+def get_eval_files(pattern, split):
+    """`pattern` (with {part}) for every evaluation part of the split."""
+    return expand(R(pattern), split=split, part=EVAL_PARTS)
+
+
+def get_route_files(wildcards):
+    """A part's routing costs, one file per router LM (experts' order) or the fitted router's."""
+    routers = expand("e{e}", e=ALL_EXPERTS) if LEARNED_ROUTERS else [METHOD]
+    return expand(
+        R("eval/{split}/routes/{router}/{part}.parquet"),
+        split=wildcards.split,
+        router=routers,
+        part=wildcards.part,
+    )
+
+
+def get_eval_router(wildcards):
+    if LEARNED_ROUTERS:
+        return R(f"routers/final/{wildcards.router}.safetensors")
+    return R(f"routers/{METHOD}.npz")
+
+
+def get_expert_score_files(wildcards):
+    return expand(
+        R("eval/{split}/scores/e{e}/{part}.parquet"),
+        split=wildcards.split,
+        e=ALL_EXPERTS,
+        part=wildcards.part,
+    )
+
+
+def get_scored_weights(wildcards):
+    if wildcards.model == "dense":
+        return get_dense("model.safetensors")
+    return R(f"experts/{wildcards.model}/model.safetensors")
+
+
+def get_before_growing_flag(wildcards):
+    """The mixture before it grew: its first E experts."""
+    return ["--experts", ",".join(map(str, EXPERTS))]
 
 
 def get_summary_dir(wildcards, output):
@@ -255,6 +360,29 @@ def get_em_scores(wildcards):
         return []
     rounds = get_em_rounds()[1:]
     return expand(R("routers/r{r}/scores/e{e}.parquet"), r=rounds, e=EXPERTS)
+
+
+RESULTS_TABLES = {
+    "overall": "Test perplexity by routing prefix length",
+    "per_segment": "Per segment",
+    "per_source": "Per source",
+    "grow": "Grown: after against before growing, per corpus and source (routing prefix M)",
+}
+
+
+def get_results_tables(wildcards=None):
+    """Tables of the results page; the growing table where the mixture grew."""
+    names = [name for name in RESULTS_TABLES if name != "grow" or GROWN_EXPERTS]
+    return {name: R(f"eval/summary/{name}.parquet") for name in names}
+
+
+def get_results_table_flags(wildcards, input):
+    return [
+        argument
+        for name, title in RESULTS_TABLES.items()
+        if name in input.keys()
+        for argument in ("--table", f"{title}={input[name]}")
+    ]
 
 
 def get_ledger_tables(wildcards=None):
@@ -287,10 +415,10 @@ def get_final_outputs():
     model or config is rebuilt rather than found missing when the mixture is loaded."""
     return [
         get_tokenizer_model(),
-        *get_final_routers(),
+        *get_all_routers(),
         *get_expert_models(),
         get_dense("model.safetensors"),
-        *get_token_files(SPLITS),
+        *get_token_files(SPLITS, ALL_CHUNKS),
         R("tokens/summary.tsv"),
         *(
             [
@@ -303,6 +431,7 @@ def get_final_outputs():
         ),
         R("segmentation/check.json"),
         *expand(R("eval/summary/{table}.parquet"), table=EVAL_TABLES),
+        *([R("eval/summary/grow.parquet")] if GROWN_EXPERTS else []),
         R("ledger/flops.parquet"),
         R("ledger/paper_table3.parquet"),
         *expand(R("report/{figure}.png"), figure=FIGURES),

@@ -57,7 +57,7 @@ rule tokenize_chunk:
 
 rule summarize_tokens:
     input:
-        expand(R("tokens/stats/{chunk}.json"), chunk=CHUNKS),
+        expand(R("tokens/stats/{chunk}.json"), chunk=ALL_CHUNKS),
     output:
         R("tokens/summary.tsv"),
     log:

@@ -4,19 +4,47 @@
 # it is where settings are chosen, so the test split stays untouched by the choice.
 
 
-rule evaluate_chunk:
+rule route_eval_part:
     input:
-        tokens=R("tokens/{split}/{chunk}.parquet"),
-        routers=get_final_routers(),
-        experts=get_expert_models(),
-        dense=get_dense("model.safetensors"),
+        tokens=get_part_tokens,
+        router=get_eval_router,
         tokenizer=get_tokenizer_model,
     output:
-        R("eval/{split}/{chunk}.parquet"),
+        R("eval/{split}/routes/{router}/{part}.parquet"),
     log:
-        R("logs/eval/{split}/{chunk}.log"),
+        R("logs/eval/{split}/routes/{router}/{part}.log"),
     benchmark:
-        R("benchmarks/eval/{split}/{chunk}.tsv")
+        R("benchmarks/eval/{split}/routes/{router}/{part}.tsv")
+    conda:
+        get_conda_env("router_score")
+    threads: get_cluster_threads("router_score")
+    resources:
+        **get_cluster_resources("router_score"),
+    params:
+        launcher=get_launcher(),
+        config=CONFIG_FILE,
+        prefix_lens=lookup(dpath="eval/prefix_lens", within=config),
+        prefix_len=lookup(dpath="routing/prefix_len", within=config),
+    shell:
+        "{params.launcher:q} -m smalltalk route-part --config {params.config:q} "
+        "--tokens {input.tokens:q} --tokenizer {input.tokenizer:q} --routers {input.router:q} "
+        "--out {output:q} --threads {threads} > {log:q} 2>&1"
+
+
+# One model at a time: retraining or adding an expert re-scores its own part only.
+rule score_eval_part:
+    input:
+        tokens=get_part_tokens,
+        weights=get_scored_weights,
+        tokenizer=get_tokenizer_model,
+    output:
+        R("eval/{split}/scores/{model}/{part}.parquet"),
+    log:
+        R("logs/eval/{split}/scores/{model}/{part}.log"),
+    benchmark:
+        R("benchmarks/eval/{split}/scores/{model}/{part}.tsv")
+    wildcard_constraints:
+        model=r"e\d+|dense",
     conda:
         get_conda_env("evaluate")
     threads: get_cluster_threads("evaluate")
@@ -25,17 +53,63 @@ rule evaluate_chunk:
     params:
         launcher=get_launcher(),
         config=CONFIG_FILE,
-        eval=lookup(dpath="eval", within=config),
+        batch_size=lookup(dpath="eval/batch_size", within=config),
+        prefix_len=lookup(dpath="routing/prefix_len", within=config),
     shell:
-        "{params.launcher:q} -m smalltalk evaluate --config {params.config:q} "
-        "--tokens {input.tokens:q} --tokenizer {input.tokenizer:q} --routers {input.routers:q} "
-        "--experts {input.experts:q} --dense {input.dense:q} --out {output:q} "
-        "--threads {threads} > {log:q} 2>&1"
+        "{params.launcher:q} -m smalltalk score-part --config {params.config:q} "
+        "--tokens {input.tokens:q} --tokenizer {input.tokenizer:q} --weights {input.weights:q} "
+        "--out {output:q} --threads {threads} > {log:q} 2>&1"
+
+
+# No model loaded: routing, oracle and top-k mixture from the routes and scores.
+rule evaluate_part:
+    input:
+        tokens=get_part_tokens,
+        routes=get_route_files,
+        experts=get_expert_score_files,
+        dense=R("eval/{split}/scores/dense/{part}.parquet"),
+    output:
+        R("eval/{split}/{part}.parquet"),
+    log:
+        R("logs/eval/{split}/{part}.log"),
+    benchmark:
+        R("benchmarks/eval/{split}/{part}.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        **get_cluster_resources(),
+        mem_mb=4000,
+        runtime=30,
+    params:
+        config=CONFIG_FILE,
+        topk=lookup(dpath="eval/topk", within=config),
+        temperature=lookup(dpath="eval/temperature", within=config),
+        experts=[],
+    shell:
+        "python -m smalltalk merge-part --config {params.config:q} --tokens {input.tokens:q} "
+        "--routes {input.routes:q} --expert-scores {input.experts:q} "
+        "--dense-scores {input.dense:q} {params.experts:q} --out {output:q} > {log:q} 2>&1"
+
+
+# A grown mixture's rows as they were before it grew: its first E experts, every part.
+use rule evaluate_part as evaluate_part_before_growing with:
+    output:
+        R("eval/{split}/before_growing/{part}.parquet"),
+    log:
+        R("logs/eval/{split}/before_growing/{part}.log"),
+    benchmark:
+        R("benchmarks/eval/{split}/before_growing/{part}.tsv")
+    params:
+        config=CONFIG_FILE,
+        topk=lookup(dpath="eval/topk", within=config),
+        temperature=lookup(dpath="eval/temperature", within=config),
+        experts=get_before_growing_flag,
 
 
 rule aggregate_eval:
     input:
-        expand(R("eval/test/{chunk}.parquet"), chunk=CHUNKS),
+        get_eval_files("eval/{split}/{part}.parquet", "test"),
     output:
         expand(R("eval/summary/{table}.parquet"), table=EVAL_TABLES),
     log:
@@ -57,13 +131,38 @@ rule aggregate_eval:
 
 use rule aggregate_eval as aggregate_val_eval with:
     input:
-        expand(R("eval/val/{chunk}.parquet"), chunk=CHUNKS),
+        get_eval_files("eval/{split}/{part}.parquet", "val"),
     output:
         expand(R("eval/val/summary/{table}.parquet"), table=EVAL_TABLES),
     log:
         R("logs/eval/aggregate_val.log"),
     benchmark:
         R("benchmarks/eval/aggregate_val.tsv")
+
+
+rule grow_summary:
+    input:
+        after=get_eval_files("eval/{split}/{part}.parquet", "test"),
+        before=get_eval_files("eval/{split}/before_growing/{part}.parquet", "test"),
+    output:
+        R("eval/summary/grow.parquet"),
+    log:
+        R("logs/eval/grow.log"),
+    benchmark:
+        R("benchmarks/eval/grow.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        **get_cluster_resources(),
+        mem_mb=2000,
+        runtime=10,
+    params:
+        config=CONFIG_FILE,
+        grow=lookup(dpath="grow", within=config),
+    shell:
+        "python -m smalltalk grow-summary --config {params.config:q} --after {input.after:q} "
+        "--before {input.before:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule flops_ledger:

@@ -33,7 +33,7 @@ rule route_validation:
 rule train_expert:
     input:
         shards=get_expert_shards,
-        val=R("eval/val/expert={e}.parquet"),
+        val=get_expert_validation,
         tokenizer=get_tokenizer_model,
         branch=get_branch_point,
     output:

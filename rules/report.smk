@@ -164,9 +164,7 @@ rule plot_segment_source:
 
 rule results_table:
     input:
-        overall=R("eval/summary/overall.parquet"),
-        per_source=R("eval/summary/per_source.parquet"),
-        per_segment=R("eval/summary/per_segment.parquet"),
+        unpack(get_results_tables),
     output:
         report(
             R("report/results.html"),
@@ -184,11 +182,10 @@ rule results_table:
         **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
+    params:
+        tables=get_results_table_flags,
     shell:
-        "python -m smalltalk tables --out {output:q} "
-        "--table 'Test perplexity by routing prefix length='{input.overall:q} "
-        "--table 'Per segment='{input.per_segment:q} "
-        "--table 'Per source='{input.per_source:q} > {log:q} 2>&1"
+        "python -m smalltalk tables --out {output:q} {params.tables:q} > {log:q} 2>&1"
 
 
 rule ledger_table:

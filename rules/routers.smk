@@ -242,3 +242,39 @@ rule em_contingency:
         runtime=10,
     shell:
         "python -m smalltalk concat --out {output:q} {input:q} > {log:q} 2>&1"
+
+
+# `grow`: the router of a corpus added later, trained on that corpus alone (its segment), as
+# long as each EM router trained over all its rounds; EM's routers stay as they are.
+rule train_grown_router:
+    input:
+        train=get_grown_token_files("train"),
+        em=R("routers/final/em.json"),
+        tokenizer=get_tokenizer_model,
+    output:
+        weights=R("routers/final/e{e}.safetensors"),
+    log:
+        R("logs/routers/grown_e{e}.log"),
+    benchmark:
+        R("benchmarks/routers/grown_e{e}.tsv")
+    wildcard_constraints:
+        e="|".join(map(str, GROWN_EXPERTS)) or "(?!)",  # no grow entry: matches nothing
+    conda:
+        get_conda_env("router_train")
+    threads: get_cluster_threads("router_train")
+    resources:
+        **get_cluster_resources("router_train"),
+    params:
+        config=CONFIG_FILE,
+        seed=lookup(dpath="seed", within=config),
+        launcher=get_launcher(data_parallel=True),
+        process_threads=get_process_threads,
+        out_dir=get_router_work_dir,
+        training=lookup(dpath="training/router", within=config),
+        model=lookup(dpath="models/router", within=config),
+        routing=lookup(dpath="routing", within=config),
+    shell:
+        "{params.launcher:q} -m smalltalk train --config {params.config:q} --role router "
+        "--index {wildcards.e} --em-summary {input.em:q} --tokenizer {input.tokenizer:q} "
+        "--out-dir {params.out_dir:q} --weights {output.weights:q} "
+        "--threads {params.process_threads:q} {input.train:q} > {log:q} 2>&1"

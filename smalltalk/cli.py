@@ -91,14 +91,30 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from smalltalk.config import DataConfig
-    from smalltalk.data import Chunk, plan_chunks, tokenize_chunk
+    from smalltalk.data import (
+        Chunk,
+        parse_chunk_name,
+        plan_chunks,
+        plan_grown_chunks,
+        tokenize_chunk,
+    )
 
-    data = DataConfig.from_config(_config(args.config))
+    config = _config(args.config)
+    data = DataConfig.from_config(config)
+    grown, index = parse_chunk_name(args.chunk)
+    if grown is not None:  # a grown corpus: its documents are named after its own patterns
+        if grown >= len(config["grow"]):
+            raise SystemExit(f"smalltalk tokenize: no grow entry {grown} for chunk {args.chunk}")
+        data = dataclasses.replace(data, inputs=tuple(config["grow"][grown]["inputs"]))
     if args.files:
-        index = int(args.chunk.lstrip("c"))
         chunk = Chunk(index=index, name=args.chunk, files=tuple(str(f) for f in args.files))
     else:
-        plan = {c.name: c for c in plan_chunks(data.inputs, data.files_per_chunk)}
+        planned = (
+            plan_chunks(data.inputs, data.files_per_chunk)
+            if grown is None
+            else plan_grown_chunks(grown, data.inputs, data.files_per_chunk)
+        )
+        plan = {c.name: c for c in planned}
         if args.chunk not in plan:
             raise SystemExit(f"smalltalk tokenize: no chunk '{args.chunk}' in the input plan")
         chunk = plan[args.chunk]
@@ -259,9 +275,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         config, "router" if role == "router" else "expert", vocab_size=_vocab_size(args.tokenizer)
     )
     seq_ids, prefix_len, first_round = None, None, True
-    if role == "router":
+    if role == "router" and args.em_summary is not None:
+        # A grown router: its segment is its whole corpus, and it trains from scratch for as
+        # many steps as each EM router took over all its rounds, so it joins the argmin as an
+        # equal (README: Grow, retire, export). No EM router has an index >= E.
+        routing = config["routing"]
+        if args.index < routing["n_experts"]:
+            raise ValueError(f"router {args.index} is one of EM's, not a grown one")
+        rounds = json.loads(Path(args.em_summary).read_text())["final_round"]
+        prefix_len = routing["prefix_len"] - 1 if routing["train_on"] == "prefix" else None
+        steps = args.steps or rounds * routing["steps_per_round"]
+        seed_offset = 1000 + args.index
+    elif role == "router":
         if args.assignment is None or args.round is None:
-            raise ValueError("a router needs --round and --assignment")
+            raise ValueError("a router needs --round and --assignment (or --em-summary)")
         routing = config["routing"]
         seq_ids = assigned_seq_ids(args.assignment, args.index)
         if len(seq_ids) == 0:
@@ -447,6 +474,73 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=evaluation["batch_size"],
         out=args.out,
     )
+    return 0
+
+
+def cmd_route_part(args: argparse.Namespace) -> int:
+    from smalltalk.config import eval_prefix_lens
+    from smalltalk.evaluate import route_part
+
+    config = _config(args.config)
+    _torch_threads(args.threads)
+    route_part(
+        tokens_paths=args.tokens,
+        router=_router(config, args),
+        prefix_lens=eval_prefix_lens(config),
+        out=args.out,
+    )
+    return 0
+
+
+def cmd_score_part(args: argparse.Namespace) -> int:
+    from smalltalk.config import model_config
+    from smalltalk.evaluate import score_part
+
+    config = _config(args.config)
+    _torch_threads(args.threads)
+    score_part(
+        tokens_paths=args.tokens,
+        model_config=model_config(config, "expert", vocab_size=_vocab_size(args.tokenizer)),
+        weights=args.weights,
+        train_prefix_len=config["routing"]["prefix_len"],
+        batch_size=config["eval"]["batch_size"],
+        out=args.out,
+    )
+    return 0
+
+
+def cmd_merge_part(args: argparse.Namespace) -> int:
+    from smalltalk.evaluate import merge_part
+
+    evaluation = _config(args.config)["eval"]
+    merge_part(
+        tokens_paths=args.tokens,
+        routes=args.routes,
+        expert_scores=args.expert_scores,
+        dense_scores=args.dense_scores,
+        topk=evaluation["topk"],
+        temperature=evaluation["temperature"],
+        experts=args.experts,
+        out=args.out,
+    )
+    return 0
+
+
+def cmd_grow_summary(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from smalltalk.grow import grow_summary
+
+    config = _config(args.config)
+    table = grow_summary(
+        after=args.after,
+        before=args.before,
+        n_experts=config["routing"]["n_experts"],
+        names=[entry["name"] for entry in config["grow"]],
+        prefix_len=config["routing"]["prefix_len"],
+        out=args.out,
+    )
+    duckdb.from_arrow(table).show(max_width=200)
     return 0
 
 
@@ -983,6 +1077,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--index", type=int, default=0, help="router or expert index e")
     sub.add_argument("--round", type=int, help="EM round r (routers)")
     sub.add_argument("--assignment", help="the previous round's assignment (routers)")
+    sub.add_argument(
+        "--em-summary",
+        help="a grown router (index >= E): EM's em.json, which tells how long EM routers trained",
+    )
     sub.add_argument("--init", help="weights to start from (a router's previous round)")
     sub.add_argument("--steps", type=int, help="optimizer steps (default: from the config)")
     sub.add_argument(
@@ -1063,6 +1161,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dense", required=True, help="dense baseline weights")
     sub.add_argument("--out", required=True, help="per-sequence rows (Parquet)")
     add_threads(sub)
+
+    sub = add("route-part", cmd_route_part, "one router's prefix costs of token files, every M̂")
+    add_config(sub)
+    sub.add_argument("--tokens", nargs="+", required=True, help="token files, read in order")
+    sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
+    sub.add_argument("--routers", nargs="+", required=True, help=ROUTERS_HELP)
+    sub.add_argument("--out", required=True, help="the costs (Parquet)")
+    add_threads(sub)
+
+    sub = add("score-part", cmd_score_part, "one model's NLLs of every sequence of token files")
+    add_config(sub)
+    sub.add_argument("--tokens", nargs="+", required=True, help="token files, read in order")
+    sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
+    sub.add_argument("--weights", required=True, help="an expert's or the dense model's weights")
+    sub.add_argument("--out", required=True, help="the scores (Parquet)")
+    add_threads(sub)
+
+    sub = add("merge-part", cmd_merge_part, "per-sequence rows from routes and scores")
+    add_config(sub)
+    sub.add_argument("--tokens", nargs="+", required=True, help="the token files (ids, sources)")
+    sub.add_argument("--routes", nargs="+", required=True, help="route-part files, expert order")
+    sub.add_argument("--expert-scores", nargs="+", required=True, help="score-part files, e order")
+    sub.add_argument("--dense-scores", required=True, help="the dense model's score-part file")
+    sub.add_argument(
+        "--experts",
+        type=_expert_list,
+        default=None,
+        help="keep these experts only, e.g. 0,1,2 (the mixture before it grew); default: all",
+    )
+    sub.add_argument("--out", required=True, help="per-sequence rows (Parquet)")
+
+    sub = add("grow-summary", cmd_grow_summary, "the mixture after growing against before")
+    add_config(sub)
+    sub.add_argument("--after", nargs="+", required=True, help="merge-part rows, all experts")
+    sub.add_argument("--before", nargs="+", required=True, help="the rows of the first E only")
+    sub.add_argument("--out", required=True, help="the table (Parquet)")
 
     sub = add("aggregate", cmd_aggregate, "perplexity tables from the per-sequence rows")
     sub.add_argument("--out-dir", required=True, help="where the summary tables go")

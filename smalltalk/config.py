@@ -103,6 +103,16 @@ def semantic_errors(config: dict[str, Any]) -> list[str]:
             errors.append("training.branch_steps: branching needs training.dense_scale: batch")
         if training.get("dense_from"):
             errors.append("training.branch_steps: a shared dense_from baseline cannot branch")
+    grow = config.get("grow") or []
+    names = [entry.get("name") for entry in grow if isinstance(entry, dict)]
+    for name in sorted({name for name in names if names.count(name) > 1}):
+        errors.append(f"grow: the name {name!r} is given more than once")
+    method = config.get("routing", {}).get("method", "smalltalk")
+    if grow and method != "smalltalk":
+        errors.append(
+            f"grow: only a mixture routed by router LMs can grow (routing.method: smalltalk); "
+            f"a fitted {method} router has no place for a new expert"
+        )
     seq_len = config.get("seq_len")
     for position, value in enumerate(config.get("eval", {}).get("prefix_lens", [])):
         if isinstance(seq_len, int) and isinstance(value, int) and value >= seq_len:

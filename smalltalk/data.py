@@ -395,6 +395,37 @@ def plan_chunks(
     ]
 
 
+GROWN_CHUNKS = 1 << 24  # chunk indices of the corpus of grow entry k start at (k + 1) << 24
+
+
+def plan_grown_chunks(position: int, inputs: Iterable[str], files_per_chunk: int) -> list[Chunk]:
+    """The chunks of grow entry `position`'s corpus, named g{position}c..., with indices apart
+    from the run's own chunks and from other entries', so every seq_id stays unique."""
+    if not 0 <= position < 2**31 // GROWN_CHUNKS - 1:
+        raise ValueError(f"grow entry {position}: too many grow entries for the seq_id layout")
+    return [
+        Chunk(
+            index=(position + 1) * GROWN_CHUNKS + chunk.index,
+            name=f"g{position}{chunk.name}",
+            files=chunk.files,
+        )
+        for chunk in plan_chunks(inputs, files_per_chunk)
+    ]
+
+
+def parse_chunk_name(name: str) -> tuple[int | None, int]:
+    """(grow entry or None, chunk index) of a chunk name: c00003 or g0c00003."""
+    import re
+
+    match = re.fullmatch(r"(?:g(\d+))?c(\d+)", name)
+    if match is None:
+        raise ValueError(f"not a chunk name: {name!r} (c00003, or g0c00003 for grow entry 0)")
+    grown, index = match.groups()
+    if grown is None:
+        return None, int(index)
+    return int(grown), (int(grown) + 1) * GROWN_CHUNKS + int(index)
+
+
 def document_key(path: str, inputs: Iterable[str]) -> str:
     """A file's name relative to the static prefix of its input pattern.
 

@@ -21,8 +21,10 @@ so the in-training validation curves follow the mixture the way the test evaluat
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from smalltalk import em
+from smalltalk.data import token_matrix
 from smalltalk.files import write_parquet_atomically
 from smalltalk.model import LM, ModelConfig
 from smalltalk.routers import Router, RoutingBatch
@@ -101,7 +104,317 @@ def ensemble_log_weights(router_nll: np.ndarray, topk: int, temperature: float) 
     return log_weights
 
 
-# ---- one test chunk --------------------------------------------------------------------------
+# ---- the workflow's evaluation, in three kinds of job ------------------------------------------
+#
+# The workflow evaluates a part of the test split (a few token files of one corpus) in pieces, so
+# that retraining or adding one expert re-scores only that expert's piece: `route_part` writes one
+# router's (or one fitted baseline's) costs, and `score_part` one model's per-sequence NLLs and
+# per-token log-probabilities after the training prefix; `merge_part` turns those files into the
+# `EVAL_SCHEMA` rows (routing, oracle, top-k) with no model loaded. `evaluate_chunk` does all
+# three for one token file in one process, without the intermediate files.
+
+ROUTES_METADATA = b"smalltalk.routes"  # JSON in the file's schema: the M̂ and number of routers
+SCORES_METADATA = b"smalltalk.train_prefix_len"  # M: log-probs are of tokens j >= M
+
+ROUTES_SCHEMA = pa.schema(
+    [
+        ("seq_id", pa.int64()),
+        ("router_nll", pa.list_(pa.float32())),  # costs (P, E') flattened, M̂-major
+    ]
+)
+SCORES_SCHEMA = pa.schema(
+    [
+        ("seq_id", pa.int64()),
+        ("nll_after", pa.float64()),  # summed NLL of the tokens j >= M
+        ("nll_full", pa.float64()),  # summed NLL of all S predicted tokens
+        ("logprobs_after", pa.list_(pa.float32())),  # log p of each token j >= M (the top-k mix)
+    ]
+)
+
+
+@dataclass(frozen=True)
+class SequenceScores:
+    """One model's scores of n sequences: what the mixture's rows need of it."""
+
+    nll_after: np.ndarray  # (n,) float64, tokens j >= M
+    nll_full: np.ndarray  # (n,) float64, tokens j = 1..S
+    logprobs_after: np.ndarray  # (n, T) float32, T = S + 1 - M
+
+    def __len__(self) -> int:
+        return len(self.nll_after)
+
+
+@torch.inference_mode()
+def score_sequences(
+    model: LM, tokens: np.ndarray, train_prefix_len: int, batch_size: int
+) -> SequenceScores:
+    """`model`'s `SequenceScores` of the rows of tokens (n, S+1)."""
+    first = predicted_positions(tokens.shape[1], start=train_prefix_len).start - 1
+    logprobs = token_logprobs(model, tokens, batch_size)  # (n, S): column j-1 is token j
+    after = logprobs[:, first:]  # (n, T)
+    return SequenceScores(
+        nll_after=(-after.double().sum(dim=1)).cpu().numpy(),
+        nll_full=(-logprobs.sum(dim=1, dtype=torch.float64)).cpu().numpy(),
+        logprobs_after=after.cpu().numpy(),
+    )
+
+
+def merge_scores(
+    table: pa.Table,
+    router_nll: np.ndarray,
+    experts: Sequence[SequenceScores],
+    dense: SequenceScores,
+    *,
+    prefix_lens: Sequence[int],
+    seq_len: int,
+    topk: int,
+    temperature: float,
+    expert_ids: Sequence[int] | None = None,
+) -> pa.Table:
+    """The `EVAL_SCHEMA` rows of n sequences of S + 1 tokens (`table`: seq_id, source) from
+    the routers' costs (n, P, E), each expert's scores and the dense model's. `expert_ids` names
+    the E experts in the rows (default 0..E-1): a subset of a mixture keeps its indices."""
+    n, n_prefixes, n_experts = router_nll.shape
+    expert_ids = np.arange(n_experts) if expert_ids is None else np.asarray(expert_ids)
+    routed = route(router_nll.reshape(n * n_prefixes, n_experts)).reshape(n, n_prefixes)
+    log_weights = ensemble_log_weights(router_nll, topk, temperature)  # (n, P, E)
+    n_scored = experts[0].logprobs_after.shape[1] if n else 0  # T
+    # log sum_e w_e p_e(x_t), one expert at a time; weight -inf adds nothing (logaddexp(a, -inf)
+    # == a exactly), so experts outside every row's top k are skipped.
+    mixture = np.full((n, n_prefixes, n_scored), -np.inf)  # (n, P, T)
+    for e in np.flatnonzero(np.isfinite(log_weights).any(axis=(0, 1))):
+        after = experts[e].logprobs_after.astype(np.float64)  # (n, T)
+        np.logaddexp(mixture, log_weights[:, :, e, None] + after[:, None, :], out=mixture)
+    nll_topk = -mixture.sum(axis=2)  # (n, P)
+    nll_after = np.stack([scores.nll_after for scores in experts], axis=1)  # (n, E)
+    nll_full = np.stack([scores.nll_full for scores in experts], axis=1)
+
+    rows = np.arange(n)[:, None]  # (n, 1), broadcast against (n, P)
+    oracle = nll_after.argmin(axis=1) if n else np.zeros(0, np.int64)  # lowest index on ties
+    per_row = np.repeat(np.arange(n), n_prefixes)  # (n*P,) sequence of each output row
+    router_values = pa.array(router_nll.reshape(-1), pa.float32())  # (n*P*E,)
+    offsets = pa.array(np.arange(0, n * n_prefixes + 1, dtype=np.int32) * n_experts)
+    return pa.table(
+        {
+            "seq_id": table.column("seq_id").take(per_row),
+            "source": table.column("source").take(per_row),
+            "prefix_len": np.tile(np.asarray(prefix_lens, np.int32), n),
+            "expert": expert_ids[routed].reshape(-1).astype(np.int16),
+            "router_nll": pa.ListArray.from_arrays(offsets, router_values),
+            "n_tokens": np.full(n * n_prefixes, n_scored, np.int32),
+            "nll_expert": nll_after[rows, routed].reshape(-1),
+            "nll_dense": dense.nll_after[per_row],
+            "n_tokens_full": np.full(n * n_prefixes, seq_len, np.int32),
+            "nll_expert_full": nll_full[rows, routed].reshape(-1),
+            "nll_dense_full": dense.nll_full[per_row],
+            "oracle_expert": expert_ids[oracle][per_row].astype(np.int16),
+            "nll_oracle": nll_after[np.arange(n), oracle][per_row],
+            "nll_topk": nll_topk.reshape(-1),
+        },
+        schema=EVAL_SCHEMA,
+    )
+
+
+def read_tokens(paths: Sequence[str | os.PathLike], columns: list[str]) -> pa.Table:
+    """The `columns` of the token files, one after the other."""
+    if not paths:
+        raise ValueError("no token file given")
+    return pa.concat_tables([pq.read_table(path, columns=columns) for path in paths])
+
+
+def route_part(
+    *,
+    tokens_paths: Sequence[str | os.PathLike],
+    router: Router,
+    prefix_lens: Sequence[int],
+    out: str | os.PathLike,
+) -> np.ndarray:
+    """One router's (or fitted baseline's) costs of every sequence of the token files (in order)
+    for each M̂ (deduplicated, ascending): `ROUTES_SCHEMA` rows to `out`; returns (n, P, E')."""
+    table = read_tokens(tokens_paths, ["seq_id", "tokens", "source"])
+    batch = RoutingBatch.from_table(table)
+    prefix_lens = sorted({int(m) for m in prefix_lens})
+    if len(batch):
+        _check_prefix_lens(prefix_lens, batch.tokens.shape[1], router.max_prefix_len)
+    costs = router.costs(batch, prefix_lens)  # (n, P, E')
+    n, n_prefixes, n_routers = costs.shape
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * n_prefixes * n_routers)
+    routes = pa.table(
+        {
+            "seq_id": table.column("seq_id"),
+            "router_nll": pa.ListArray.from_arrays(offsets, pa.array(costs.reshape(-1))),
+        },
+        schema=ROUTES_SCHEMA.with_metadata(
+            {ROUTES_METADATA: json.dumps({"prefix_lens": prefix_lens, "routers": n_routers})}
+        ),
+    )
+    write_parquet_atomically(routes, out)
+    return costs
+
+
+def read_routes(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """The `route_part` files of one chunk side by side: (seq_ids, prefix_lens, costs (n, P, E)),
+    E the routers of all files in their order. Files of other sequences or M̂ are refused."""
+    seq_ids, prefix_lens, parts = None, None, []
+    for path in paths:
+        table = pq.read_table(path)
+        meta = (table.schema.metadata or {}).get(ROUTES_METADATA)
+        if meta is None or table.schema.remove_metadata() != ROUTES_SCHEMA:
+            raise ValueError(f"{path}: not a route_part file")
+        meta = json.loads(meta)
+        lens, width = meta["prefix_lens"], meta["routers"]
+        ids = table.column("seq_id").to_numpy()
+        if seq_ids is None:
+            seq_ids, prefix_lens = ids, lens
+        elif lens != prefix_lens or not np.array_equal(ids, seq_ids):
+            raise ValueError(
+                f"{path}: routes other sequences or prefix lengths than {paths[0]} (stale file?)"
+            )
+        flat = table.column("router_nll").combine_chunks().flatten().to_numpy()
+        parts.append(flat.reshape(len(ids), len(lens), width))
+    if seq_ids is None:
+        raise ValueError("read_routes needs at least one file")
+    return seq_ids, prefix_lens, np.concatenate(parts, axis=2)
+
+
+def score_part(
+    *,
+    tokens_paths: Sequence[str | os.PathLike],
+    model_config: ModelConfig,
+    weights: str | os.PathLike,
+    train_prefix_len: int,
+    batch_size: int,
+    out: str | os.PathLike,
+    slice_rows: int = SLICE_ROWS,
+    device: str = "auto",
+) -> pa.Table:
+    """One model's `SCORES_SCHEMA` rows of every sequence of the token files, in order, to `out`.
+    Scored in slices of `slice_rows` sequences; `device` "auto" is CUDA when present."""
+    table = read_tokens(tokens_paths, ["seq_id", "tokens"])
+    tokens = token_matrix(table.column("tokens"))  # (n, S+1)
+    if len(tokens):
+        _check_model_length(model_config, tokens.shape[1], train_prefix_len)
+    model = em.load_model(model_config, weights, _device(device))
+    parts = [
+        score_sequences(model, tokens[i : i + slice_rows], train_prefix_len, batch_size)
+        for i in range(0, len(tokens), slice_rows)
+    ]
+    n_scored = tokens.shape[1] - max(train_prefix_len, 1) if len(tokens) else 0
+    scores = SequenceScores(
+        nll_after=np.concatenate([p.nll_after for p in parts]) if parts else np.zeros(0),
+        nll_full=np.concatenate([p.nll_full for p in parts]) if parts else np.zeros(0),
+        logprobs_after=np.concatenate([p.logprobs_after for p in parts])
+        if parts
+        else np.zeros((0, n_scored), np.float32),
+    )
+    offsets = pa.array(np.arange(len(tokens) + 1, dtype=np.int32) * n_scored)
+    result = pa.table(
+        {
+            "seq_id": table.column("seq_id"),
+            "nll_after": scores.nll_after,
+            "nll_full": scores.nll_full,
+            "logprobs_after": pa.ListArray.from_arrays(
+                offsets, pa.array(scores.logprobs_after.reshape(-1), pa.float32())
+            ),
+        },
+        schema=SCORES_SCHEMA.with_metadata({SCORES_METADATA: str(train_prefix_len)}),
+    )
+    write_parquet_atomically(result, out)
+    return result
+
+
+def read_scores(path: str | os.PathLike) -> tuple[np.ndarray, int, SequenceScores]:
+    """A `score_part` file: (seq_ids, its training prefix M, the scores)."""
+    table = pq.read_table(path)
+    meta = (table.schema.metadata or {}).get(SCORES_METADATA)
+    if meta is None or table.schema.remove_metadata() != SCORES_SCHEMA:
+        raise ValueError(f"{path}: not a score_part file")
+    logprobs = table.column("logprobs_after").combine_chunks()
+    n = table.num_rows
+    width = len(logprobs[0]) if n else 0
+    return (
+        table.column("seq_id").to_numpy(),
+        int(meta),
+        SequenceScores(
+            nll_after=table.column("nll_after").to_numpy(),
+            nll_full=table.column("nll_full").to_numpy(),
+            logprobs_after=logprobs.flatten().to_numpy().reshape(n, width),
+        ),
+    )
+
+
+def merge_part(
+    *,
+    tokens_paths: Sequence[str | os.PathLike],
+    routes: Sequence[str | os.PathLike],
+    expert_scores: Sequence[str | os.PathLike],
+    dense_scores: str | os.PathLike,
+    topk: int,
+    temperature: float,
+    out: str | os.PathLike,
+    experts: Sequence[int] | None = None,
+    slice_rows: int = SLICE_ROWS,
+) -> pa.Table:
+    """The `EVAL_SCHEMA` rows of the token files from their `route_part` files (routers in
+    expert order) and `score_part` files (expert e's at position e, then the dense model's).
+
+    `experts` keeps a subset of the mixture (its routers and experts, by index; default all):
+    the rows of the mixture before it grew, or after some experts retired. A top-k larger than
+    the experts kept mixes them all.
+    """
+    table = read_tokens(tokens_paths, ["seq_id", "source"])
+    seq_ids, prefix_lens, router_nll = read_routes(routes)
+    n_all = router_nll.shape[2]
+    if len(expert_scores) != n_all:
+        raise ValueError(f"{n_all} routers but {len(expert_scores)} expert score files")
+    kept = list(range(n_all)) if experts is None else sorted(set(experts))
+    if not kept or not all(0 <= e < n_all for e in kept):
+        raise ValueError(
+            f"experts {list(experts or [])} must be a non-empty subset of 0..{n_all - 1}"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    scores, train_prefix_lens = [], set()
+    for path in [*(expert_scores[e] for e in kept), dense_scores]:
+        ids, train_prefix_len, part = read_scores(path)
+        train_prefix_lens.add(train_prefix_len)
+        if not np.array_equal(ids, seq_ids):
+            raise ValueError(f"{path}: scores other sequences than {routes[0]} (stale file?)")
+        scores.append(part)
+    if not np.array_equal(table.column("seq_id").to_numpy(), seq_ids):
+        raise ValueError(
+            f"{routes[0]}: routes other sequences than {', '.join(map(str, tokens_paths))} "
+            "(stale file?)"
+        )
+    if len(train_prefix_lens) > 1:
+        raise ValueError(f"score files after different training prefixes {train_prefix_lens}")
+    # T = S + 1 - max(M, 1) tokens after the prefix, so S follows from the log-probs' width.
+    seq_len = scores[0].logprobs_after.shape[1] + max(train_prefix_lens.pop(), 1) - 1
+    router_nll = router_nll[:, :, kept]
+    slices = [
+        merge_scores(
+            table.slice(start, slice_rows),
+            router_nll[start : start + slice_rows],
+            [_rows(part, start, slice_rows) for part in scores[:-1]],
+            _rows(scores[-1], start, slice_rows),
+            prefix_lens=prefix_lens,
+            seq_len=seq_len,
+            topk=min(topk, len(kept)),
+            temperature=temperature,
+            expert_ids=kept,
+        )
+        for start in range(0, table.num_rows, slice_rows)
+    ]
+    result = pa.concat_tables(slices) if slices else EVAL_SCHEMA.empty_table()
+    write_parquet_atomically(result, out)
+    return result
+
+
+def _rows(scores: SequenceScores, start: int, count: int) -> SequenceScores:
+    end = start + count
+    return SequenceScores(
+        scores.nll_after[start:end], scores.nll_full[start:end], scores.logprobs_after[start:end]
+    )
 
 
 def evaluate_chunk(
@@ -120,7 +433,8 @@ def evaluate_chunk(
     slice_rows: int = SLICE_ROWS,
     device: str = "auto",
 ) -> pa.Table:
-    """Route and score every sequence of one test token file; write `EVAL_SCHEMA` rows to `out`.
+    """Route and score every sequence of one test token file; write `EVAL_SCHEMA` rows to `out`:
+    the rows `merge_part` writes from the workflow's parts, in one process and without them.
 
     Rows come in file order, each sequence's M̂ ascending (`prefix_lens` is deduplicated and
     sorted). `router` is any routing method (`smalltalk.routers`); its costs fill `router_nll`.
@@ -148,23 +462,30 @@ def evaluate_chunk(
     )
     device = _device(device)
     router_nll = router.costs(batch, prefix_lens)  # (N, P, E)
+    table = table.select(["seq_id", "source"])
     slices = []
     for start in range(0, len(tokens), slice_rows):
-        rows = slice(start, start + slice_rows)
+        rows = tokens[start : start + slice_rows]
+        experts = []
+        for path in expert_weights:  # one model loaded at a time
+            experts.append(
+                score_sequences(
+                    em.load_model(expert_config, path, device), rows, train_prefix_len, batch_size
+                )
+            )
+        dense = score_sequences(
+            em.load_model(expert_config, dense_weights, device), rows, train_prefix_len, batch_size
+        )
         slices.append(
-            _evaluate_slice(
+            merge_scores(
                 table.slice(start, slice_rows),
-                tokens[rows],
-                router_nll[rows],
-                expert_config=expert_config,
-                expert_weights=expert_weights,
-                dense_weights=dense_weights,
+                router_nll[start : start + slice_rows],
+                experts,
+                dense,
                 prefix_lens=prefix_lens,
-                train_prefix_len=train_prefix_len,
+                seq_len=tokens.shape[1] - 1,
                 topk=topk,
                 temperature=temperature,
-                batch_size=batch_size,
-                device=device,
             )
         )
     result = pa.concat_tables(slices) if slices else EVAL_SCHEMA.empty_table()
@@ -172,85 +493,29 @@ def evaluate_chunk(
     return result
 
 
-@torch.inference_mode()
-def _evaluate_slice(
-    table: pa.Table,
-    tokens: np.ndarray,
-    router_nll: np.ndarray,
-    *,
-    expert_config: ModelConfig,
-    expert_weights: Sequence[str | os.PathLike],
-    dense_weights: str | os.PathLike,
-    prefix_lens: list[int],
-    train_prefix_len: int,
-    topk: int,
-    temperature: float,
-    batch_size: int,
-    device: str,
-) -> pa.Table:
-    """The `EVAL_SCHEMA` rows of n sequences: tokens (n, S+1), router_nll (n, P, E) for the
-    P prefix lengths M̂; T below counts the tokens scored after the training prefix M."""
-    n, n_prefixes, n_experts = router_nll.shape
-    scored = predicted_positions(tokens.shape[1], start=train_prefix_len)  # tokens j >= M
-    first = scored.start - 1  # column of token `scored.start` in the (n, S) log-prob matrix
+def _check_prefix_lens(prefix_lens: list[int], length: int, router_max_prefix_len: int | None):
+    """Router LMs read M̂ - 1 tokens (Eq. 9), experts S; at least one token follows the prefix."""
+    seq_len = length - 1
+    longest = min(seq_len, router_max_prefix_len or seq_len)
+    if not prefix_lens or any(not 2 <= m <= longest for m in prefix_lens):
+        raise ValueError(
+            f"prefix_lens {prefix_lens} must lie in [2, {longest}] for sequences of {length} "
+            f"tokens and routers reading at most {router_max_prefix_len} tokens"
+        )
 
-    routed = route(router_nll.reshape(n * n_prefixes, n_experts)).reshape(n, n_prefixes)
-    log_weights = ensemble_log_weights(router_nll, topk, temperature)  # (n, P, E)
-    in_ensemble = np.isfinite(log_weights).any(axis=(0, 1))  # (E,) experts some row mixes
-    log_weights = torch.from_numpy(log_weights).to(device)
 
-    nll_after = torch.empty((n, n_experts), dtype=torch.float64, device=device)  # j >= M
-    nll_full = torch.empty((n, n_experts), dtype=torch.float64, device=device)
-    # log sum_e w_e p_e(x_t), accumulated one expert at a time so only one is ever loaded.
-    mixture = torch.full(
-        (n, n_prefixes, len(scored)), -torch.inf, dtype=torch.float64, device=device
-    )  # (n, P, T)
-    for e, path in enumerate(expert_weights):
-        expert = em.load_model(expert_config, path, device)
-        logprobs = token_logprobs(expert, tokens, batch_size)  # (n, S)
-        after = logprobs[:, first:].double()  # (n, T)
-        nll_after[:, e] = -after.sum(dim=1)
-        nll_full[:, e] = -logprobs.sum(dim=1, dtype=torch.float64)
-        if in_ensemble[e]:  # weight -inf adds nothing: logaddexp(a, -inf) == a exactly
-            weighted = log_weights[:, :, e, None] + after[:, None, :]  # (n, P, T)
-            mixture = torch.logaddexp(mixture, weighted)
-        del expert, logprobs
-    dense = em.load_model(expert_config, dense_weights, device)
-    logprobs = token_logprobs(dense, tokens, batch_size)  # (n, S)
-    nll_dense = -logprobs[:, first:].sum(dim=1, dtype=torch.float64)  # (n,)
-    nll_dense_full = -logprobs.sum(dim=1, dtype=torch.float64)  # (n,)
-    del dense, logprobs
-    nll_topk = -mixture.sum(dim=2)  # (n, P)
-
-    # Device-to-host copies, once all models have run on the slice.
-    nll_after, nll_full = nll_after.cpu().numpy(), nll_full.cpu().numpy()
-    nll_dense, nll_dense_full = nll_dense.cpu().numpy(), nll_dense_full.cpu().numpy()
-    nll_topk = nll_topk.cpu().numpy()
-
-    rows = np.arange(n)[:, None]  # (n, 1), broadcast against (n, P)
-    oracle = nll_after.argmin(axis=1)  # (n,) lowest index on ties
-    per_row = np.repeat(np.arange(n), n_prefixes)  # (n*P,) sequence of each output row
-    router_values = pa.array(router_nll.reshape(-1), pa.float32())  # (n*P*E,)
-    offsets = pa.array(np.arange(0, n * n_prefixes + 1, dtype=np.int32) * n_experts)
-    return pa.table(
-        {
-            "seq_id": table.column("seq_id").take(per_row),
-            "source": table.column("source").take(per_row),
-            "prefix_len": np.tile(np.asarray(prefix_lens, np.int32), n),
-            "expert": routed.reshape(-1).astype(np.int16),
-            "router_nll": pa.ListArray.from_arrays(offsets, router_values),
-            "n_tokens": np.full(n * n_prefixes, len(scored), np.int32),
-            "nll_expert": nll_after[rows, routed].reshape(-1),
-            "nll_dense": nll_dense[per_row],
-            "n_tokens_full": np.full(n * n_prefixes, tokens.shape[1] - 1, np.int32),
-            "nll_expert_full": nll_full[rows, routed].reshape(-1),
-            "nll_dense_full": nll_dense_full[per_row],
-            "oracle_expert": oracle[per_row].astype(np.int16),
-            "nll_oracle": nll_after[np.arange(n), oracle][per_row],
-            "nll_topk": nll_topk.reshape(-1),
-        },
-        schema=EVAL_SCHEMA,
-    )
+def _check_model_length(config: ModelConfig, length: int, train_prefix_len: int):
+    seq_len = length - 1
+    errors = []
+    if not 1 <= train_prefix_len <= seq_len:
+        errors.append(f"train_prefix_len must lie in [1, {seq_len}], got {train_prefix_len}")
+    if seq_len > config.seq_len:
+        errors.append(
+            f"sequences of {length} tokens need experts with seq_len >= {seq_len}, "
+            f"got {config.seq_len}"
+        )
+    if errors:
+        raise ValueError("; ".join(errors))
 
 
 def _check_arguments(
@@ -280,21 +545,14 @@ def _check_arguments(
     if not prefix_lens:
         errors.append("prefix_lens is empty")
     if length is not None:
-        # Router LMs read M̂ - 1 tokens (Eq. 9), experts S; at least one token follows the prefix.
-        seq_len = length - 1
-        longest = min(seq_len, router_max_prefix_len or seq_len)
-        if any(not 2 <= m <= longest for m in prefix_lens):
-            errors.append(
-                f"prefix_lens {prefix_lens} must lie in [2, {longest}] for sequences of {length} "
-                f"tokens and routers reading at most {router_max_prefix_len} tokens"
-            )
-        if not 1 <= train_prefix_len <= seq_len:
-            errors.append(f"train_prefix_len must lie in [1, {seq_len}], got {train_prefix_len}")
-        if seq_len > expert_config.seq_len:
-            errors.append(
-                f"sequences of {length} tokens need experts with seq_len >= {seq_len}, "
-                f"got {expert_config.seq_len}"
-            )
+        for check, arguments in (
+            (_check_prefix_lens, (prefix_lens, length, router_max_prefix_len)),
+            (_check_model_length, (expert_config, length, train_prefix_len)),
+        ):
+            try:
+                check(*arguments)
+            except ValueError as error:
+                errors.append(str(error))
     if errors:
         raise ValueError("evaluate_chunk: " + "; ".join(errors))
 

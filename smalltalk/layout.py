@@ -2,11 +2,11 @@
 
     {root}/config.yaml                      the run's resolved config (the workflow writes it)
     {root}/tokenizer/spm.model              or, in a results directory, `tokenizer.model`
-    {root}/routers/final/e{e}.safetensors   router e (`routing.method: smalltalk`)
+    {root}/routers/final/e{e}.safetensors   router e (`routing.method: smalltalk`; grown ones too)
     {root}/routers/{method}.npz             the fitted router of a baseline method
     {root}/experts/e{e}/model.safetensors   expert e
     {root}/dense/model.safetensors          or, in a results directory, `training.dense_from`
-    {root}/shards/expert={e}/*.parquet      expert e's training data (a results directory only)
+    {root}/shards/expert={e}/*.parquet      EM expert e's training data (a results directory only)
     {root}/export.json                      an export only: which experts it holds, its files
 
 `smalltalk export` copies each file of a results directory to the place this resolver gives it
@@ -46,8 +46,13 @@ class MixtureFiles:
 
     @property
     def n_experts(self) -> int:
-        """E of the run: routers and experts were trained for experts 0..E-1."""
-        return self.config["routing"]["n_experts"]
+        """Experts 0..E-1 of the run's EM, then one per `grow` entry: E + k in all."""
+        return self.config["routing"]["n_experts"] + len(self.grown)
+
+    @property
+    def grown(self) -> tuple[str, ...]:
+        """The names of the corpora added later (`grow`): experts E, E + 1, ..."""
+        return tuple(entry["name"] for entry in self.config.get("grow") or [])
 
     @property
     def method(self) -> str:

@@ -233,8 +233,8 @@ class Mixture:
         self.results = self.files.root
         self.config: dict[str, Any] = self.files.config
         routing = self.config["routing"]
-        self.n_experts: int = routing["n_experts"]
-        # The experts served, ascending: all E, or those kept (`experts=`). The others are
+        self.n_experts: int = self.files.n_experts  # E + k where the mixture grew
+        # The experts served, ascending: all E + k, or those kept (`experts=`). The others are
         # retired: their routers are not asked and they are never loaded.
         self.experts: tuple[int, ...] = served_experts(
             experts, self.files.available_experts, self.n_experts
@@ -586,8 +586,13 @@ class Mixture:
                     f"{self.results}: an export holds no training shards, so it cannot tell "
                     "what each segment holds; ask the results directory it was exported from"
                 )
+            # EM's segments only: a grown expert's segment is its whole corpus, not a shard.
             profiles = segment_profiles(
-                self.files.shards, self.n_experts, self.tokenizer, top_tokens, sample
+                self.files.shards,
+                self.config["routing"]["n_experts"],
+                self.tokenizer,
+                top_tokens,
+                sample,
             )
             self._segments = [segment for segment in profiles if segment.expert in self.experts]
         return self._segments

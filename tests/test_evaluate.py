@@ -17,7 +17,10 @@ from smalltalk.evaluate import (
     EVAL_SCHEMA,
     aggregate,
     evaluate_chunk,
+    merge_part,
+    route_part,
     route_sequences,
+    score_part,
     split_by_expert,
 )
 from smalltalk.model import LM, ModelConfig
@@ -259,6 +262,105 @@ def test_empty_chunk_writes_an_empty_file(setup, tmp_path):
     pq.write_table(token_schema(CONFIG.vocab_size).empty_table(), empty)
     table = run(setup, tmp_path / "eval.parquet", tokens_path=empty)
     assert table.num_rows == 0 and pq.read_schema(tmp_path / "eval.parquet") == EVAL_SCHEMA
+
+
+# ---- the workflow's parts: one router's routes, one model's scores, the merge ------------------
+
+
+def evaluate_in_parts(setup, folder, chunk=0, tokens_path=None, **merge):
+    """What the workflow's jobs do: route_part per router, score_part per model, merge_part."""
+    tokens = tokens_path or setup["chunks"][chunk]
+    routes = []
+    for e, weights in enumerate(setup["routers"]):
+        routes.append(folder / f"route-e{e}.parquet")
+        route_part(
+            tokens_paths=[tokens],
+            router=LMRouters(CONFIG, [weights], device="cpu"),
+            prefix_lens=PREFIX_LENS,
+            out=routes[-1],
+        )
+    scores = []
+    for name, weights in [*enumerate(setup["experts"]), ("dense", setup["dense"])]:
+        scores.append(folder / f"score-{name}.parquet")
+        score_part(
+            tokens_paths=[tokens],
+            model_config=CONFIG,
+            weights=weights,
+            train_prefix_len=M,
+            batch_size=4,
+            out=scores[-1],
+            device="cpu",
+        )
+    merge = {"topk": 2, "temperature": 0.5, **merge}
+    return merge_part(
+        tokens_paths=[tokens],
+        routes=routes,
+        expert_scores=scores[:-1],
+        dense_scores=scores[-1],
+        out=folder / "eval.parquet",
+        **merge,
+    )
+
+
+def test_the_parts_merge_to_the_rows_of_one_evaluation(setup, evaluated, tmp_path):
+    merged = evaluate_in_parts(setup, tmp_path)
+    assert merged.schema == EVAL_SCHEMA
+    whole = columns(evaluated)
+    for name, values in columns(merged).items():
+        if name == "router_nll":
+            assert np.array_equal(np.stack(values), np.stack(whole[name]))
+        elif name == "source":
+            assert values.tolist() == whole[name].tolist()
+        else:  # the top-k mix may round its last bit differently (numpy vs torch logaddexp)
+            np.testing.assert_allclose(values, whole[name], rtol=1e-12, err_msg=name)
+
+
+def test_a_subset_of_the_experts_routes_among_its_own_routers_and_keeps_their_indices(
+    setup, evaluated, tmp_path
+):
+    kept = [0, 2]
+    subset = columns(evaluate_in_parts(setup, tmp_path, experts=kept))
+    router_nll = np.stack(columns(evaluated)["router_nll"])[:, kept]
+    expected = np.asarray(kept)[route(router_nll)]
+    assert np.array_equal(subset["expert"], expected)
+    assert set(subset["oracle_expert"]) <= set(kept)
+    assert {len(values) for values in subset["router_nll"]} == {len(kept)}
+    # Topk 2 of 2 experts mixes both, so it never does worse than both of them.
+    whole = columns(evaluated)
+    assert np.array_equal(subset["nll_dense"], whole["nll_dense"])
+    on_routed = whole["expert"] == subset["expert"]
+    np.testing.assert_allclose(subset["nll_expert"][on_routed], whole["nll_expert"][on_routed])
+
+
+def test_a_stale_score_file_is_refused_with_its_name(setup, tmp_path):
+    evaluate_in_parts(setup, tmp_path)
+    score_part(
+        tokens_paths=[setup["chunks"][1]],  # another chunk's sequences
+        model_config=CONFIG,
+        weights=setup["experts"][1],
+        train_prefix_len=M,
+        batch_size=4,
+        out=tmp_path / "score-1.parquet",
+        device="cpu",
+    )
+    with pytest.raises(ValueError, match=r"score-1\.parquet: scores other sequences"):
+        merge_part(
+            tokens_paths=[setup["chunks"][0]],
+            routes=[tmp_path / f"route-e{e}.parquet" for e in range(E)],
+            expert_scores=[tmp_path / f"score-{e}.parquet" for e in range(E)],
+            dense_scores=tmp_path / "score-dense.parquet",
+            topk=2,
+            temperature=0.5,
+            out=tmp_path / "again.parquet",
+        )
+    assert not (tmp_path / "again.parquet").exists()
+
+
+def test_an_empty_chunk_goes_through_every_part(setup, tmp_path):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(token_schema(CONFIG.vocab_size).empty_table(), empty)
+    table = evaluate_in_parts(setup, tmp_path, tokens_path=empty)
+    assert table.num_rows == 0 and table.schema == EVAL_SCHEMA
 
 
 def test_bad_arguments_are_all_reported(setup, tmp_path):

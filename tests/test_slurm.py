@@ -206,7 +206,12 @@ def test_rpv2_recipe_dry_run_plans_the_dag_with_gpu_requests(tmp_path):
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE))
     rounds = 93  # 128k router steps, scores exchanged every 1,373 (App. A.4)
     # 2 snapshots x 2 shards x {head, middle} in chunks of 2 files: 4 chunks.
-    assert counts["tokenize_chunk"] == counts["shard_chunk"] == counts["evaluate_chunk"] == "4"
+    assert counts["tokenize_chunk"] == counts["shard_chunk"] == "4"
+    # Evaluation in parts of up to 16 chunks: one here, routed by each router, scored by each
+    # expert and the dense model, merged once.
+    assert counts["evaluate_part"] == "1"
+    assert counts["route_eval_part"] == str(experts)
+    assert counts["score_eval_part"] == str(experts + 1)
     assert counts["train_router"] == counts["score_router"] == str(rounds * experts)
     assert counts["assign_round"] == str(rounds)
     assert counts["train_expert"] == str(experts)
@@ -218,10 +223,12 @@ def test_rpv2_recipe_dry_run_plans_the_dag_with_gpu_requests(tmp_path):
     # 8 GPUs: 8 processes under torchrun, sharing the job's 64 CPUs.
     assert "torchrun --standalone --nproc-per-node 8 -m smalltalk train" in expert
     assert "--threads 8 " in expert
-    for rule in ("tokenize_chunk", "sample_em_blocks", "assign_round", "check_shards"):
+    cpu_rules = ("tokenize_chunk", "sample_em_blocks", "assign_round", "check_shards")
+    for rule in (*cpu_rules, "evaluate_part"):
         assert "gpu=" not in jobs[rule] and "slurm_partition=cpu" in jobs[rule], rule
-    for rule in ("train_router", "score_router", "shard_chunk", "evaluate_chunk"):
+    for rule in ("train_router", "score_router", "shard_chunk", "route_eval_part"):
         assert "gpu=1" in jobs[rule] and "slurm_partition=gpu" in jobs[rule], rule
+    assert "slurm_partition=gpu" in jobs["score_eval_part"]
     # The profile groups each router's training and scoring into one SLURM job per round.
     assert f"Group job router_r{rounds}_e{experts - 1} " in result.stdout
 

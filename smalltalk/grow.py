@@ -1,0 +1,116 @@
+"""What growing a mixture did (config `grow`): the test rows of the mixture after it grew against
+the same test sequences under the mixture before it grew (its first E experts).
+
+Every test sequence belongs to a corpus: the run's own (named `run`) or grow entry k's, read off
+its seq_id (the chunk index in its upper bits, `smalltalk.data.plan_grown_chunks`). For each
+corpus and each of its sources, and for all of them together, the table gives the perplexity
+before and after with the ratio's paired-bootstrap 95 % interval (`smalltalk.stats`), and where
+the mixture now routes the sequences: the share to any grown expert, and for a grown corpus the
+share to its own expert. All at the training routing prefix M̂ = M.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from smalltalk.data import GROWN_CHUNKS
+from smalltalk.files import write_parquet_atomically
+from smalltalk.stats import bootstrap_ratio, verdict
+
+RUN_CORPUS = "run"  # the corpus the mixture was first trained on
+ALL = "all"  # the source column of a whole corpus's row, and the corpus column of the total row
+
+GROW_SCHEMA = pa.schema(
+    [
+        ("corpus", pa.string()),
+        ("source", pa.string()),
+        ("sequences", pa.int64()),
+        ("ppl_before", pa.float64()),  # the first E experts, routed among themselves
+        ("ppl_after", pa.float64()),  # all E + k experts
+        ("ratio", pa.float64()),  # ppl_after / ppl_before, same tokens
+        ("ratio_ci_low", pa.float64()),
+        ("ratio_ci_high", pa.float64()),
+        ("verdict", pa.string()),  # "grown better", "before better", "no difference ..."
+        ("to_grown", pa.float64()),  # share of the sequences routed to any grown expert
+        ("to_own", pa.float64()),  # share routed to this grown corpus's own expert (else null)
+    ]
+)
+
+PAIRED = """
+SELECT
+    a.seq_id, a.source, a.n_tokens, a.expert, b.nll_expert AS nll_before, a.nll_expert AS nll_after
+FROM read_parquet($after) AS a
+JOIN read_parquet($before) AS b USING (seq_id, prefix_len)
+WHERE a.prefix_len = $prefix_len
+ORDER BY a.seq_id
+"""
+
+
+def grow_summary(
+    *,
+    after: Sequence[str | os.PathLike],
+    before: Sequence[str | os.PathLike],
+    n_experts: int,
+    names: Sequence[str],
+    prefix_len: int,
+    out: str | os.PathLike,
+) -> pa.Table:
+    """The `GROW_SCHEMA` table from the `EVAL_SCHEMA` rows after and before growing (the same
+    test chunks), E = `n_experts`, `names` the grow entries' names; written to `out`."""
+    con = duckdb.connect(config={"threads": 1})
+    rows = con.execute(
+        PAIRED,
+        {
+            "after": [str(p) for p in after],
+            "before": [str(p) for p in before],
+            "prefix_len": prefix_len,
+        },
+    ).fetchnumpy()
+    con.close()
+    if len(rows["seq_id"]) == 0:
+        raise ValueError(f"no test rows at M̂ = {prefix_len} in both {after[0]} and {before[0]}")
+    entry = (rows["seq_id"] >> 32) // GROWN_CHUNKS - 1  # -1: the run's own corpus
+    if entry.max() >= len(names):
+        raise ValueError(f"test rows of grow entry {entry.max()}, but only {len(names)} entries")
+    corpora = np.array([RUN_CORPUS, *names], dtype=object)[entry + 1]
+    sources = np.asarray(rows["source"], dtype=object)
+    expert = rows["expert"].astype(np.int64)
+
+    groups = [(ALL, ALL, np.ones(len(expert), bool))]
+    for corpus in [RUN_CORPUS, *names]:
+        in_corpus = corpora == corpus
+        if in_corpus.any():
+            groups.append((corpus, ALL, in_corpus))
+            groups += [
+                (corpus, source, in_corpus & (sources == source))
+                for source in sorted(set(sources[in_corpus]))
+            ]
+    table = {name: [] for name in GROW_SCHEMA.names}
+    for corpus, source, at in groups:
+        tokens = rows["n_tokens"][at]
+        (ci,) = bootstrap_ratio(rows["nll_after"][at], rows["nll_before"][at], tokens)
+        own = n_experts + names.index(corpus) if corpus in names else None
+        values = {
+            "corpus": corpus,
+            "source": source,
+            "sequences": int(at.sum()),
+            "ppl_before": float(np.exp(rows["nll_before"][at].sum() / tokens.sum())),
+            "ppl_after": float(np.exp(rows["nll_after"][at].sum() / tokens.sum())),
+            "ratio": ci[0],
+            "ratio_ci_low": ci[1],
+            "ratio_ci_high": ci[2],
+            "verdict": verdict(*ci, a="grown", b="before"),
+            "to_grown": float((expert[at] >= n_experts).mean()),
+            "to_own": None if own is None else float((expert[at] == own).mean()),
+        }
+        for name, value in values.items():
+            table[name].append(value)
+    result = pa.table(table, schema=GROW_SCHEMA)
+    write_parquet_atomically(result, Path(out))
+    return result
