@@ -98,6 +98,7 @@ EVAL_TABLES = ["overall", "per_segment", "per_source", "segment_source", "load"]
 wildcard_constraints:
     chunk=r"(g\d+)?c\d+",
     part=r"(g\d+)?p\d+",
+    kept=r"\d+(-\d+)*",
     r=r"\d+",
     e=r"\d+",
     split="|".join(SPLITS),
@@ -334,9 +335,23 @@ def get_scored_weights(wildcards):
     return R(f"experts/{wildcards.model}/model.safetensors")
 
 
-def get_before_growing_flag(wildcards):
-    """The mixture before it grew: its first E experts."""
-    return ["--experts", ",".join(map(str, EXPERTS))]
+BEFORE_GROWING = "-".join(
+    map(str, EXPERTS)
+)  # the subset of a grown mixture's first E experts
+
+
+def get_subset_flag(wildcards):
+    """The experts kept, from a subset's name 0-2."""
+    return ["--experts", wildcards.kept.replace("-", ",")]
+
+
+def get_subset_eval_files(wildcards):
+    return expand(
+        R("eval/{split}/subsets/{kept}/{part}.parquet"),
+        split=wildcards.split,
+        kept=wildcards.kept,
+        part=EVAL_PARTS,
+    )
 
 
 def get_summary_dir(wildcards, output):

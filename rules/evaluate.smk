@@ -92,19 +92,20 @@ rule evaluate_part:
         "--dense-scores {input.dense:q} {params.experts:q} --out {output:q} > {log:q} 2>&1"
 
 
-# A grown mixture's rows as they were before it grew: its first E experts, every part.
-use rule evaluate_part as evaluate_part_before_growing with:
+# The rows of a subset of the experts (`{kept}`: indices joined by "-", e.g. 0-2) from the same
+# pieces, no model run again: a mixture with experts retired, or as it was before it grew.
+use rule evaluate_part as evaluate_part_subset with:
     output:
-        R("eval/{split}/before_growing/{part}.parquet"),
+        R("eval/{split}/subsets/{kept}/{part}.parquet"),
     log:
-        R("logs/eval/{split}/before_growing/{part}.log"),
+        R("logs/eval/{split}/subsets/{kept}/{part}.log"),
     benchmark:
-        R("benchmarks/eval/{split}/before_growing/{part}.tsv")
+        R("benchmarks/eval/{split}/subsets/{kept}/{part}.tsv")
     params:
         config=CONFIG_FILE,
         topk=lookup(dpath="eval/topk", within=config),
         temperature=lookup(dpath="eval/temperature", within=config),
-        experts=get_before_growing_flag,
+        experts=get_subset_flag,
 
 
 rule aggregate_eval:
@@ -129,6 +130,20 @@ rule aggregate_eval:
         "python -m smalltalk aggregate --out-dir {params.out_dir:q} {input:q} > {log:q} 2>&1"
 
 
+use rule aggregate_eval as aggregate_subset_eval with:
+    input:
+        get_subset_eval_files,
+    output:
+        expand(
+            R("eval/{{split}}/subsets/{{kept}}/summary/{table}.parquet"),
+            table=EVAL_TABLES,
+        ),
+    log:
+        R("logs/eval/{split}/subsets/{kept}/aggregate.log"),
+    benchmark:
+        R("benchmarks/eval/{split}/subsets/{kept}/aggregate.tsv")
+
+
 use rule aggregate_eval as aggregate_val_eval with:
     input:
         get_eval_files("eval/{split}/{part}.parquet", "val"),
@@ -143,9 +158,12 @@ use rule aggregate_eval as aggregate_val_eval with:
 rule grow_summary:
     input:
         after=get_eval_files("eval/{split}/{part}.parquet", "test"),
-        before=get_eval_files("eval/{split}/before_growing/{part}.parquet", "test"),
+        before=get_eval_files(
+            f"eval/{{split}}/subsets/{BEFORE_GROWING}/{{part}}.parquet", "test"
+        ),
     output:
-        R("eval/summary/grow.parquet"),
+        table=R("eval/summary/grow.parquet"),
+        markdown=R("eval/summary/grow.md"),
     log:
         R("logs/eval/grow.log"),
     benchmark:
@@ -162,7 +180,8 @@ rule grow_summary:
         grow=lookup(dpath="grow", within=config),
     shell:
         "python -m smalltalk grow-summary --config {params.config:q} --after {input.after:q} "
-        "--before {input.before:q} --out {output:q} > {log:q} 2>&1"
+        "--before {input.before:q} --out {output.table:q} --markdown {output.markdown:q} "
+        "> {log:q} 2>&1"
 
 
 rule flops_ledger:

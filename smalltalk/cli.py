@@ -529,7 +529,7 @@ def cmd_merge_part(args: argparse.Namespace) -> int:
 def cmd_grow_summary(args: argparse.Namespace) -> int:
     import duckdb
 
-    from smalltalk.grow import grow_summary
+    from smalltalk.grow import grow_summary, markdown
 
     config = _config(args.config)
     table = grow_summary(
@@ -540,6 +540,8 @@ def cmd_grow_summary(args: argparse.Namespace) -> int:
         prefix_len=config["routing"]["prefix_len"],
         out=args.out,
     )
+    if args.markdown:
+        markdown(table, args.markdown)
     duckdb.from_arrow(table).show(max_width=200)
     return 0
 
@@ -599,7 +601,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from smalltalk.plots import tables_html
 
     runs = _named_runs(args.run, "compare")
-    table = compare.compare_runs(runs, args.out, split=args.split)
+    table = compare.compare_runs(runs, args.out, split=args.split, experts=args.experts)
     html_tables = {f"Routing methods at equal training FLOPs ({args.split} split)": args.out}
     if args.seeds:
         write_parquet_atomically(compare.seed_summary(table), args.seeds)
@@ -1197,6 +1199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--after", nargs="+", required=True, help="merge-part rows, all experts")
     sub.add_argument("--before", nargs="+", required=True, help="the rows of the first E only")
     sub.add_argument("--out", required=True, help="the table (Parquet)")
+    sub.add_argument("--markdown", help="the table as Markdown too")
 
     sub = add("aggregate", cmd_aggregate, "perplexity tables from the per-sequence rows")
     sub.add_argument("--out-dir", required=True, help="where the summary tables go")
@@ -1226,6 +1229,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["test", "val"],
         default="test",
         help="test (results) or val (choosing settings; needs RESULTS_DIR/eval/val/summary/)",
+    )
+    sub.add_argument(
+        "--experts",
+        type=_expert_list,
+        help="the runs served with these experts only, e.g. 0,2 (needs RESULTS_DIR/eval/SPLIT/"
+        "subsets/0-2/summary/: snakemake builds it from the run's evaluation, no model re-run)",
     )
     sub.add_argument("--seeds", help="mean and spread of each RECIPE's ratios over seeds")
     sub.add_argument("--markdown", help="the rows at M-hat = M as a Markdown table")

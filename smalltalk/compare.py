@@ -17,7 +17,7 @@ spread (std, min-max) and, from 3 seeds on, a t interval over the seeds and its 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -69,18 +69,33 @@ SUMMARIES = {"test": "eval/summary", "val": "eval/val/summary"}
 `snakemake RESULTS/eval/val/summary/overall.parquet`)."""
 
 
-def compare_runs(runs: Mapping[str, PathLike], out: PathLike, split: str = "test") -> pa.Table:
+def summary_dir(split: str, experts: Sequence[int] | None = None) -> str:
+    """Where a run's aggregates of `split` are: of all its experts, or of the subset `experts`
+    (retired ones left out, `snakemake RESULTS/eval/test/subsets/0-2/summary/overall.parquet`)."""
+    if split not in SUMMARIES:
+        raise ValueError(f"split must be one of {', '.join(SUMMARIES)}, got {split!r}")
+    if experts is None:
+        return SUMMARIES[split]
+    return f"eval/{split}/subsets/{'-'.join(map(str, sorted(experts)))}/summary"
+
+
+def compare_runs(
+    runs: Mapping[str, PathLike],
+    out: PathLike,
+    split: str = "test",
+    experts: Sequence[int] | None = None,
+) -> pa.Table:
     """One row per (run, inference prefix M̂): group, method, E, router, the split's perplexities,
     gain, ratio to dense with its 95 % interval and verdict (mixture and top-k), the training
     curves' final validation perplexities and gain, and training FLOPs of mixture and dense.
-    `split` is "test" (what results are quoted on) or "val" (what settings are chosen on)."""
-    if split not in SUMMARIES:
-        raise ValueError(f"split must be one of {', '.join(SUMMARIES)}, got {split!r}")
+    `split` is "test" (what results are quoted on) or "val" (what settings are chosen on);
+    `experts` serves that subset of each run's experts (E counts them; curves and FLOPs stay
+    those of the whole run)."""
     rows = []
     for name, run in runs.items():
         run = Path(run)
         config = yaml.safe_load((run / "config.yaml").read_text())
-        summary = run / SUMMARIES[split] / "overall.parquet"
+        summary = run / summary_dir(split, experts) / "overall.parquet"
         if not summary.exists():
             raise FileNotFoundError(
                 f"{summary}: no {split} evaluation; build it with `snakemake {summary}`"
@@ -104,7 +119,9 @@ def compare_runs(runs: Mapping[str, PathLike], out: PathLike, split: str = "test
                     "group": group_of(name),
                     "split": split,
                     "method": config["routing"]["method"],
-                    "n_experts": config["routing"]["n_experts"],
+                    "n_experts": len(experts)
+                    if experts
+                    else config["routing"]["n_experts"] + len(config.get("grow") or []),
                     "router": _router_name(config)
                     if config["routing"]["method"] == "smalltalk"
                     else "-",

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from smalltalk.data import GROWN_CHUNKS
-from smalltalk.files import write_parquet_atomically
+from smalltalk.files import write_parquet_atomically, write_text_atomically
 from smalltalk.stats import bootstrap_ratio, verdict
 
 RUN_CORPUS = "run"  # the corpus the mixture was first trained on
@@ -114,3 +114,21 @@ def grow_summary(
     result = pa.table(table, schema=GROW_SCHEMA)
     write_parquet_atomically(result, Path(out))
     return result
+
+
+def markdown(table: pa.Table, out: str | os.PathLike) -> Path:
+    """The `grow_summary` table as Markdown (the README's figures), written to `out`."""
+    lines = [
+        "| corpus | source | sequences | ppl before | ppl after | after/before (95 % CI) "
+        "| verdict | to grown experts | to its own expert |",
+        "|---|---|---:|---:|---:|---|---|---:|---:|",
+    ]
+    for row in table.to_pylist():
+        own = "-" if row["to_own"] is None else f"{100 * row['to_own']:.1f}%"
+        lines.append(
+            f"| {row['corpus']} | {row['source']} | {row['sequences']} "
+            f"| {row['ppl_before']:.2f} | {row['ppl_after']:.2f} "
+            f"| {row['ratio']:.3f} [{row['ratio_ci_low']:.3f}, {row['ratio_ci_high']:.3f}] "
+            f"| {row['verdict']} | {100 * row['to_grown']:.1f}% | {own} |"
+        )
+    return write_text_atomically("\n".join(lines) + "\n", out)

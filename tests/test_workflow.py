@@ -219,11 +219,60 @@ def test_tiny_config_end_to_end(tmp_path):
     retrained_summary = json.loads((results / "experts" / "e1" / "summary.json").read_text())
     assert retrained_summary["resumed_from_step"] == 0
     assert "not resuming" in (results / "logs" / "experts" / "e1.log").read_text()
+    # Per-expert evaluation: the retrained expert scores each test part again, the merges and
+    # what reads them follow; no router, no other expert and no dense model score anything.
+    plan = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(TINY))
+    counts = job_counts(plan.stdout)
+    assert counts["score_eval_part"] == counts["evaluate_part"] == 1, counts
+    assert "route_eval_part" not in counts and "train_expert" not in counts
+    assert re.findall(r"wildcards: split=test, model=(\w+), part=", plan.stdout) == ["e1"]
     rerun = snakemake(tmp_path, "--cores", "2", "--configfile", str(TINY))
     assert "train_expert" not in rerun.stdout + rerun.stderr
     assert "train_dense" not in rerun.stdout + rerun.stderr
     for path, state in untouched.items():
         assert (path.stat().st_mtime_ns, path.read_bytes()) == state, path
+
+    # Grow: a new corpus gets its own router and expert; nothing trained before changes.
+    untouched = snapshot(results / "experts") | snapshot(results / "dense")
+    untouched |= snapshot(results / "shards") | snapshot(results / "routers")
+    untouched |= snapshot(results / "tokens" / "train")
+    grow = tmp_path / "grow.yaml"
+    grow.write_text(
+        yaml.safe_dump({"grow": [{"name": "docs", "inputs": ["data/docs/docs-000.jsonl.zst"]}]})
+    )
+    plan = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(TINY), str(grow))
+    counts = job_counts(plan.stdout)
+    assert counts["train_expert"] == counts["train_grown_router"] == 1
+    assert not {"train_router", "shard_chunk", "train_dense"} & set(counts)
+    # The new expert scores the old part; every model scores the new corpus's part.
+    assert counts["score_eval_part"] == 1 + 4 and counts["route_eval_part"] == 1 + 3
+    snakemake(tmp_path, "--cores", "2", "--configfile", str(TINY), str(grow))
+    for path, state in untouched.items():
+        assert (path.stat().st_mtime_ns, path.read_bytes()) == state, path
+    for path in ("routers/final/e2.safetensors", "experts/e2/model.safetensors"):
+        assert (results / path).is_file(), path
+    assert (results / "tokens" / "test" / "g0c00000.parquet").is_file()
+    table = pq.read_table(results / "eval" / "summary" / "grow.parquet").to_pylist()
+    rows = {(row["corpus"], row["source"]): row for row in table}
+    assert rows[("docs", "all")]["to_own"] > 0
+    assert rows[("run", "all")]["to_own"] is None
+    assert rows[("all", "all")]["sequences"] == sum(
+        row["sequences"] for (corpus, source), row in rows.items() if source == "all" != corpus
+    )
+    assert "Grown: after against before" in (results / "report" / "results.html").read_text()
+    import smalltalk
+
+    mixture = smalltalk.load(results)
+    assert mixture.experts == (0, 1, 2)
+    assert len(mixture.route("def main(argv):\n    return 0").router_nll) == 3
+    again = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(TINY), str(grow))
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def job_counts(dry_run: str) -> dict[str, int]:
+    """Rule name: jobs planned, from a dry run's job stats."""
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", dry_run, re.MULTILINE))
+    return {rule: int(count) for rule, count in counts.items() if rule not in ("total", "count")}
 
 
 # A results folder and corpus files named so that an unquoted shell command would split them

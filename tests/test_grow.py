@@ -1,0 +1,180 @@
+"""Growing a mixture: chunk names and seq_ids of grown corpora, the config's `grow` entries, and
+the table of the mixture after growing against before (numbers recomputed with numpy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from smalltalk.config import ConfigError, validate_config
+from smalltalk.data import GROWN_CHUNKS, parse_chunk_name, plan_chunks, plan_grown_chunks
+from smalltalk.evaluate import EVAL_SCHEMA
+from smalltalk.files import write_parquet_atomically
+from smalltalk.grow import ALL, RUN_CORPUS, grow_summary
+from smalltalk.stats import bootstrap_ratio
+
+E = 3  # the run's experts; grow entries k get experts E + k
+M = 8
+
+
+# ---- chunks of grown corpora -------------------------------------------------------------------
+
+
+def test_grown_chunks_are_named_and_numbered_apart_from_the_runs_own(tmp_path):
+    for name in ("a.jsonl", "b.jsonl", "c.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    own = plan_chunks([str(tmp_path / "*.jsonl")], 2)
+    grown = plan_grown_chunks(1, [str(tmp_path / "*.jsonl")], 2)
+    assert [c.name for c in own] == ["c00000", "c00001"]
+    assert [c.name for c in grown] == ["g1c00000", "g1c00001"]
+    assert [c.files for c in grown] == [c.files for c in own]
+    assert [c.index for c in grown] == [2 * GROWN_CHUNKS, 2 * GROWN_CHUNKS + 1]
+    for chunk in own + grown:
+        assert parse_chunk_name(chunk.name)[1] == chunk.index
+    assert parse_chunk_name("g1c00001") == (1, 2 * GROWN_CHUNKS + 1)
+    assert parse_chunk_name("c00007") == (None, 7)
+
+
+@given(st.integers(0, 100), st.integers(0, GROWN_CHUNKS - 1))
+def test_a_grown_chunks_seq_ids_never_meet_another_corpus(entry, index):
+    chunk = (entry + 1) * GROWN_CHUNKS + index
+    assert parse_chunk_name(f"g{entry}c{index:05d}") == (entry, chunk)
+    # seq_id = chunk << 32 | ...: the corpus is read back from the upper bits.
+    seq_id = (chunk << 32) | 12345
+    assert (seq_id >> 32) // GROWN_CHUNKS - 1 == entry
+    assert seq_id < 2**63
+
+
+@pytest.mark.parametrize("name", ["x00001", "gc00001", "g1", "c", "g-1c00001"])
+def test_a_name_that_is_no_chunk_is_refused(name):
+    with pytest.raises(ValueError, match="not a chunk name"):
+        parse_chunk_name(name)
+
+
+# ---- the config ------------------------------------------------------------------------------
+
+
+def base_config(**overrides):
+    from conftest import REPO
+
+    from smalltalk.config import read_config
+
+    return read_config(REPO / "config.yaml") | overrides
+
+
+def test_grow_entries_are_checked_all_at_once():
+    entries = [
+        {"name": "code", "inputs": ["data/docs/*.jsonl.zst"]},
+        {"name": "code", "inputs": ["more/*.jsonl"]},
+        {"name": "bad name", "inputs": []},
+        {"name": "x", "inputs": ["a"], "weight": 2},
+    ]
+    with pytest.raises(ConfigError) as error:
+        validate_config(base_config(grow=entries))
+    message = str(error.value)
+    assert "'code' is given more than once" in message
+    assert "grow.2.name" in message and "grow.2.inputs" in message
+    assert "grow.3" in message and "weight" in message
+
+
+def test_only_router_lms_can_grow():
+    config = base_config(grow=[{"name": "docs", "inputs": ["data/docs/*.jsonl.zst"]}])
+    config["routing"] = config["routing"] | {"method": "tfidf_kmeans"}
+    with pytest.raises(ConfigError, match="only a mixture routed by router LMs can grow"):
+        validate_config(config)
+    assert validate_config(base_config())["grow"] == []
+
+
+# ---- after against before ----------------------------------------------------------------------
+
+
+def eval_rows(seq_ids, sources, experts, nll, prefix_len=M, n_tokens=10):
+    n = len(seq_ids)
+    return pa.table(
+        {
+            "seq_id": np.asarray(seq_ids, np.int64),
+            "source": list(sources),
+            "prefix_len": np.full(n, prefix_len, np.int32),
+            "expert": np.asarray(experts, np.int16),
+            "router_nll": [[0.0] * (E + 1)] * n,
+            "n_tokens": np.full(n, n_tokens, np.int32),
+            "nll_expert": np.asarray(nll, np.float64),
+            "nll_dense": np.full(n, 30.0),
+            "n_tokens_full": np.full(n, n_tokens, np.int32),
+            "nll_expert_full": np.asarray(nll, np.float64),
+            "nll_dense_full": np.full(n, 30.0),
+            "oracle_expert": np.asarray(experts, np.int16),
+            "nll_oracle": np.asarray(nll, np.float64),
+            "nll_topk": np.asarray(nll, np.float64),
+        },
+        schema=EVAL_SCHEMA,
+    )
+
+
+def test_grow_summary_compares_each_corpus_and_source_before_and_after(tmp_path):
+    rng = np.random.default_rng(0)
+    n_run, n_new = 60, 40
+    grown_chunk = 1 * GROWN_CHUNKS  # grow entry 0, its chunk 0
+    seq_ids = np.concatenate([np.arange(n_run), (grown_chunk << 32) + np.arange(n_new)])
+    sources = ["law"] * 30 + ["web"] * 30 + ["docs"] * n_new
+    before_experts = rng.integers(0, E, size=n_run + n_new)
+    after_experts = before_experts.copy()
+    after_experts[n_run:][: n_new * 3 // 4] = E  # three quarters of the new corpus go to it
+    after_experts[:6] = E  # and it captures 6 old sequences
+    nll_before = rng.uniform(20, 30, size=n_run + n_new)
+    nll_after = nll_before * np.where(after_experts == E, 0.9, 1.0)
+    other_m = eval_rows(seq_ids, sources, before_experts, nll_before, prefix_len=4)
+    write_parquet_atomically(
+        eval_rows(seq_ids, sources, before_experts, nll_before), tmp_path / "b0.parquet"
+    )
+    write_parquet_atomically(other_m, tmp_path / "b1.parquet")
+    # The after rows in another file order: pairs are made by seq_id.
+    order = rng.permutation(n_run + n_new)
+    after = eval_rows(
+        seq_ids[order], np.asarray(sources)[order], after_experts[order], nll_after[order]
+    )
+    write_parquet_atomically(after, tmp_path / "a0.parquet")
+
+    table = grow_summary(
+        after=[tmp_path / "a0.parquet"],
+        before=[tmp_path / "b0.parquet", tmp_path / "b1.parquet"],
+        n_experts=E,
+        names=["docs"],
+        prefix_len=M,
+        out=tmp_path / "grow.parquet",
+    )
+    rows = {(row["corpus"], row["source"]): row for row in table.to_pylist()}
+    assert list(rows) == [
+        (ALL, ALL),
+        (RUN_CORPUS, ALL),
+        (RUN_CORPUS, "law"),
+        (RUN_CORPUS, "web"),
+        ("docs", ALL),
+        ("docs", "docs"),
+    ]
+    groups = {
+        (ALL, ALL): np.ones(n_run + n_new, bool),
+        (RUN_CORPUS, ALL): np.arange(n_run + n_new) < n_run,
+        (RUN_CORPUS, "law"): np.arange(n_run + n_new) < 30,
+        ("docs", ALL): np.arange(n_run + n_new) >= n_run,
+    }
+    for key, at in groups.items():
+        row = rows[key]
+        assert row["sequences"] == at.sum()
+        np.testing.assert_allclose(
+            row["ppl_before"], np.exp(nll_before[at].sum() / (10 * at.sum()))
+        )
+        np.testing.assert_allclose(row["ppl_after"], np.exp(nll_after[at].sum() / (10 * at.sum())))
+        (ci,) = bootstrap_ratio(nll_after[at], nll_before[at], np.full(at.sum(), 10))
+        np.testing.assert_allclose(
+            [row["ratio"], row["ratio_ci_low"], row["ratio_ci_high"]], list(ci)
+        )
+        assert row["to_grown"] == pytest.approx((after_experts[at] == E).mean())
+    assert rows[("docs", ALL)]["to_own"] == pytest.approx(0.75)
+    assert rows[(RUN_CORPUS, ALL)]["to_own"] is None
+    assert rows[(RUN_CORPUS, ALL)]["to_grown"] == pytest.approx(6 / n_run)
+    assert rows[("docs", ALL)]["verdict"] == "grown better"
+    assert rows[(RUN_CORPUS, "web")]["verdict"] == "no difference (CI contains 1)"
