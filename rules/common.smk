@@ -152,6 +152,11 @@ def get_grown(wildcards):
     return int(wildcards.e) - len(EXPERTS)
 
 
+def get_grow_entry(wildcards):
+    """Grown expert e's `grow` entry (a params function: its settings re-run its jobs)."""
+    return config["grow"][get_grown(wildcards)]
+
+
 def is_grown(wildcards):
     return int(wildcards.e) >= len(EXPERTS)
 
@@ -251,9 +256,13 @@ def get_shard_files():
 
 
 def get_expert_shards(wildcards):
-    """Expert e's training data: its shard, or a grown expert's whole corpus (train split)."""
+    """Expert e's training data: its shard; a grown expert's corpus (train split) and what its
+    router takes of the run's own train split."""
     if is_grown(wildcards):
-        return get_grown_token_files("train")(wildcards)
+        captured = expand(
+            R("grow/e{e}/captured/{chunk}.parquet"), e=wildcards.e, chunk=CHUNKS
+        )
+        return [*get_grown_token_files("train")(wildcards), *captured]
     return expand(R("shards/expert={e}/{chunk}.parquet"), e=wildcards.e, chunk=CHUNKS)
 
 

@@ -273,8 +273,39 @@ rule train_grown_router:
         training=lookup(dpath="training/router", within=config),
         model=lookup(dpath="models/router", within=config),
         routing=lookup(dpath="routing", within=config),
+        entry=get_grow_entry,  # its own entry only: a later entry re-runs nothing here
     shell:
         "{params.launcher:q} -m smalltalk train --config {params.config:q} --role router "
         "--index {wildcards.e} --em-summary {input.em:q} --tokenizer {input.tokenizer:q} "
         "--out-dir {params.out_dir:q} --weights {output.weights:q} "
         "--threads {params.process_threads:q} {input.train:q} > {log:q} 2>&1"
+
+
+# What grown router e takes of the run's own train split at inference: its expert trains on it
+# beside its corpus, as an EM expert trains on what its router wins.
+rule capture_for_grown_expert:
+    input:
+        tokens=R("tokens/train/{chunk}.parquet"),
+        shard_scores=R("segmentation/scores/{chunk}.parquet"),
+        router=R("routers/final/e{e}.safetensors"),
+        tokenizer=get_tokenizer_model,
+    output:
+        R("grow/e{e}/captured/{chunk}.parquet"),
+    log:
+        R("logs/grow/e{e}/capture_{chunk}.log"),
+    benchmark:
+        R("benchmarks/grow/e{e}/capture_{chunk}.tsv")
+    conda:
+        get_conda_env("router_score")
+    threads: get_cluster_threads("router_score")
+    resources:
+        **get_cluster_resources("router_score"),
+    params:
+        launcher=get_launcher(),
+        config=CONFIG_FILE,
+        prefix_len=lookup(dpath="routing/prefix_len", within=config),
+    shell:
+        "{params.launcher:q} -m smalltalk capture --config {params.config:q} "
+        "--tokens {input.tokens:q} --shard-scores {input.shard_scores:q} "
+        "--router {input.router:q} --tokenizer {input.tokenizer:q} --out {output:q} "
+        "--threads {threads} > {log:q} 2>&1"

@@ -276,16 +276,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     seq_ids, prefix_len, first_round = None, None, True
     if role == "router" and args.em_summary is not None:
-        # A grown router: its segment is its whole corpus, and it trains from scratch for as
-        # many steps as each EM router took over all its rounds, so it joins the argmin as an
-        # equal (README: Grow, retire, export). No EM router has an index >= E.
+        # A grown router: its segment is its corpus. It trains from scratch on as many of its
+        # sequences, for as many steps, as each EM router over all its rounds, so it joins the
+        # argmin as an equal (README: Grow, retire, export). No EM router has an index >= E.
+        from smalltalk.em import sample_seq_ids
+
         routing = config["routing"]
-        if args.index < routing["n_experts"]:
-            raise ValueError(f"router {args.index} is one of EM's, not a grown one")
+        grown = args.index - routing["n_experts"]
+        if not 0 <= grown < len(config["grow"]):
+            raise ValueError(f"router {args.index} is no grown router of this run's `grow`")
         rounds = json.loads(Path(args.em_summary).read_text())["final_round"]
         prefix_len = routing["prefix_len"] - 1 if routing["train_on"] == "prefix" else None
-        steps = args.steps or rounds * routing["steps_per_round"]
+        steps = config["grow"][grown].get("router_steps") or rounds * routing["steps_per_round"]
         seed_offset = 1000 + args.index
+        sequences = rounds * routing["sequences_per_round"] // routing["n_experts"]
+        seq_ids = sample_seq_ids(args.data, sequences, config["seed"] + seed_offset)
     elif role == "router":
         if args.assignment is None or args.round is None:
             raise ValueError("a router needs --round and --assignment (or --em-summary)")
@@ -523,6 +528,29 @@ def cmd_merge_part(args: argparse.Namespace) -> int:
         experts=args.experts,
         out=args.out,
     )
+    return 0
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from smalltalk.config import model_config
+    from smalltalk.grow import capture_chunk
+    from smalltalk.routers import LMRouters
+
+    config = _config(args.config)
+    _torch_threads(args.threads)
+    router = LMRouters(
+        model_config(config, "router", vocab_size=_vocab_size(args.tokenizer)),
+        [args.router],
+        keep_loaded=True,
+    )
+    taken = capture_chunk(
+        tokens_path=args.tokens,
+        shard_scores_path=args.shard_scores,
+        router=router,
+        prefix_len=config["routing"]["prefix_len"],
+        out=args.out,
+    )
+    log.info("%s: the grown router takes %d sequences", args.tokens, taken)
     return 0
 
 
@@ -1193,6 +1221,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep these experts only, e.g. 0,1,2 (the mixture before it grew); default: all",
     )
     sub.add_argument("--out", required=True, help="per-sequence rows (Parquet)")
+
+    sub = add("capture", cmd_capture, "train sequences of the run a grown router would take")
+    add_config(sub)
+    sub.add_argument("--tokens", required=True, help="a train chunk of the run's corpus")
+    sub.add_argument("--shard-scores", required=True, help="its scores by the run's routers")
+    sub.add_argument("--router", required=True, help="the grown router's weights")
+    sub.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model (V)")
+    sub.add_argument("--out", required=True, help="the rows it takes (token Parquet)")
+    add_threads(sub)
 
     sub = add("grow-summary", cmd_grow_summary, "the mixture after growing against before")
     add_config(sub)

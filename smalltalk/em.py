@@ -46,6 +46,12 @@ def sampling_keys(seq_ids: np.ndarray, seed: int) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def sample_seq_ids(files: Sequence[str | os.PathLike], count: int, seed: int) -> np.ndarray:
+    """A sample of `count` seq_ids of the token files (all of them if they hold fewer), the same
+    for the same files and seed: those with the smallest sampling keys, in key order."""
+    return _smallest_keys(files, count, seed)
+
+
 def _smallest_keys(files: Sequence[str | os.PathLike], count: int, seed: int) -> np.ndarray:
     """The `count` seq_ids with the smallest sampling keys over all files, in key order."""
     best_ids = np.empty(0, dtype=np.int64)

@@ -252,7 +252,8 @@ def copy_provenance(source: MixtureFiles, into: Path) -> list[Provenance]:
         item["pattern"]: item["folder"] for item in (source.manifest or {}).get("provenance", [])
     }  # an export's inputs are elsewhere: their provenance is in its data/ folder
     found, taken = [], {}
-    for pattern in source.config["inputs"]:
+    grown = [pattern for entry in source.config.get("grow") or [] for pattern in entry["inputs"]]
+    for pattern in [*source.config["inputs"], *grown]:
         fixed = _fixed_parts(pattern)
         if source.exported:
             folder = source.root / exported[pattern] if exported.get(pattern) else None
@@ -363,7 +364,8 @@ def model_card(
         "",
         "## Data",
         "",
-        "The run read these inputs (`inputs` in `config.yaml`):",
+        "The run read these inputs (`inputs` in `config.yaml`; then `grow`, the corpora of "
+        "experts added later):",
         "",
     ]
     for item in provenance:

@@ -1,5 +1,13 @@
-"""What growing a mixture did (config `grow`): the test rows of the mixture after it grew against
-the same test sequences under the mixture before it grew (its first E experts).
+"""Growing a mixture (config `grow`): what a grown expert trains on besides its corpus, and what
+growing did to the test perplexities.
+
+`capture_chunk`: the train sequences of the run's own corpus that a grown router takes from the
+run's routers at inference (its prefix NLL below all of theirs, as stored by sharding). The
+grown expert trains on its corpus and on those, so that the sequences its router will send it
+are in its training distribution, as every EM expert's are (its shard is what its router wins).
+
+`grow_summary`: the test rows of the mixture after it grew against the same test sequences
+under the mixture before it grew (its first E experts).
 
 Every test sequence belongs to a corpus: the run's own (named `run`) or grow entry k's, read off
 its seq_id (the chunk index in its upper bits, `smalltalk.data.plan_grown_chunks`). For each
@@ -20,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from smalltalk.data import GROWN_CHUNKS
-from smalltalk.files import write_parquet_atomically, write_text_atomically
+from smalltalk.files import parquet_writers, write_parquet_atomically, write_text_atomically
 from smalltalk.stats import bootstrap_ratio, verdict
 
 RUN_CORPUS = "run"  # the corpus the mixture was first trained on
@@ -50,6 +58,46 @@ JOIN read_parquet($before) AS b USING (seq_id, prefix_len)
 WHERE a.prefix_len = $prefix_len
 ORDER BY a.seq_id
 """
+
+
+def capture_chunk(
+    *,
+    tokens_path: str | os.PathLike,
+    shard_scores_path: str | os.PathLike,
+    router,
+    prefix_len: int,
+    out: str | os.PathLike,
+) -> int:
+    """Write to `out` the rows of one train chunk of the run's corpus that `router` (a grown
+    router LM) would take at inference: its prefix NLL, rounded to float16 as the run's routers'
+    scores are stored (`shard.shard_chunk`), below every one of theirs (ties stay with the run).
+    Returns the number of rows written."""
+    import pyarrow.parquet as pq
+
+    from smalltalk.routers import RoutingBatch
+
+    scores = pq.read_table(shard_scores_path, columns=["seq_id", "nll"])
+    parquet = pq.ParquetFile(tokens_path)
+    taken, offset = 0, 0
+    with parquet_writers([out], parquet.schema_arrow) as (writer,):
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group)
+            rows = slice(offset, offset + table.num_rows)
+            offset += table.num_rows
+            if not np.array_equal(
+                table.column("seq_id").to_numpy(), scores.column("seq_id").to_numpy()[rows]
+            ):
+                raise ValueError(f"{shard_scores_path}: scores other sequences than {tokens_path}")
+            nll = router.costs(RoutingBatch.from_table(table), [prefix_len])[:, 0, 0]
+            run = scores.column("nll").slice(rows.start, table.num_rows).combine_chunks()
+            best = run.flatten().to_numpy().reshape(table.num_rows, -1).min(axis=1)
+            captured = nll.astype(np.float16) < best
+            if captured.any():
+                writer.write_table(table.filter(pa.array(captured)))
+            taken += int(captured.sum())
+    if offset != scores.num_rows:
+        raise ValueError(f"{shard_scores_path}: scores other sequences than {tokens_path}")
+    return taken
 
 
 def grow_summary(

@@ -264,7 +264,17 @@ def test_tiny_config_end_to_end(tmp_path):
 
     mixture = smalltalk.load(results)
     assert mixture.experts == (0, 1, 2)
-    assert len(mixture.route("def main(argv):\n    return 0").router_nll) == 3
+    text = "def main(argv):\n    return 0"
+    assert len(mixture.route(text).router_nll) == 3
+    # An export of the grown mixture holds the grown expert and routes as the results do.
+    from smalltalk.export import export_mixture
+
+    export_mixture(results, tmp_path / "export")
+    exported = smalltalk.load(tmp_path / "export")
+    assert exported.experts == (0, 1, 2)
+    assert exported.route(text).router_nll == mixture.route(text).router_nll
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "data/docs/docs-000.jsonl.zst" in card
     again = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(TINY), str(grow))
     assert "Nothing to be done" in again.stdout + again.stderr
 
