@@ -276,21 +276,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     seq_ids, prefix_len, first_round = None, None, True
     if role == "router" and args.em_summary is not None:
-        # A grown router: its segment is its corpus. It trains from scratch on as many of its
-        # sequences, for as many steps, as each EM router over all its rounds, so it joins the
-        # argmin as an equal (README: Grow, retire, export). No EM router has an index >= E.
-        from smalltalk.em import sample_seq_ids
+        from smalltalk.grow import grown_router_plan
 
-        routing = config["routing"]
-        grown = args.index - routing["n_experts"]
-        if not 0 <= grown < len(config["grow"]):
-            raise ValueError(f"router {args.index} is no grown router of this run's `grow`")
-        rounds = json.loads(Path(args.em_summary).read_text())["final_round"]
-        prefix_len = routing["prefix_len"] - 1 if routing["train_on"] == "prefix" else None
-        steps = config["grow"][grown].get("router_steps") or rounds * routing["steps_per_round"]
-        seed_offset = 1000 + args.index
-        sequences = rounds * routing["sequences_per_round"] // routing["n_experts"]
-        seq_ids = sample_seq_ids(args.data, sequences, config["seed"] + seed_offset)
+        plan = grown_router_plan(config, args.index, args.em_summary, args.data, args.steps)
+        steps, seed_offset, seq_ids = plan.steps, plan.seed_offset, plan.seq_ids
+        prefix_len = plan.prefix_len
     elif role == "router":
         if args.assignment is None or args.round is None:
             raise ValueError("a router needs --round and --assignment (or --em-summary)")

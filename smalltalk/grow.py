@@ -19,8 +19,10 @@ share to its own expert. All at the training routing prefix M̂ = M.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -58,6 +60,47 @@ JOIN read_parquet($before) AS b USING (seq_id, prefix_len)
 WHERE a.prefix_len = $prefix_len
 ORDER BY a.seq_id
 """
+
+
+@dataclass(frozen=True)
+class GrownRouterPlan:
+    """How grown router E + k trains (`grown_router_plan`)."""
+
+    steps: int
+    seed_offset: int
+    seq_ids: np.ndarray  # the sample of its corpus's train sequences it trains on
+    prefix_len: int | None  # tokens it learns of each sequence (None: all)
+
+
+def grown_router_plan(
+    config: dict,
+    index: int,
+    em_summary: str | os.PathLike,
+    train_files: Sequence[str | os.PathLike],
+    steps: int | None = None,
+) -> GrownRouterPlan:
+    """Grown router `index`'s training: from scratch, on as many of its corpus's sequences, for
+    as many steps, as each EM router over all its rounds (`em.json` says how many rounds ran),
+    so it joins the argmin as an equal; `steps` (else its entry's `router_steps`) overrides the
+    steps. No EM router has an index >= E, so its seed is its own."""
+    from smalltalk.em import sample_seq_ids
+
+    routing = config["routing"]
+    grown = index - routing["n_experts"]
+    if not 0 <= grown < len(config["grow"]):
+        raise ValueError(f"router {index} is no grown router of this run's `grow`")
+    rounds = json.loads(Path(em_summary).read_text())["final_round"]
+    seed_offset = 1000 + index
+    sequences = rounds * routing["sequences_per_round"] // routing["n_experts"]
+    return GrownRouterPlan(
+        steps=steps
+        or config["grow"][grown].get("router_steps")
+        or rounds * routing["steps_per_round"],
+        seed_offset=seed_offset,
+        seq_ids=sample_seq_ids(train_files, sequences, config["seed"] + seed_offset),
+        # M tokens give the M-1 predictions the router is scored on (Eq. 9).
+        prefix_len=routing["prefix_len"] - 1 if routing["train_on"] == "prefix" else None,
+    )
 
 
 def capture_chunk(

@@ -178,3 +178,73 @@ def test_grow_summary_compares_each_corpus_and_source_before_and_after(tmp_path)
     assert rows[(RUN_CORPUS, ALL)]["to_grown"] == pytest.approx(6 / n_run)
     assert rows[("docs", ALL)]["verdict"] == "grown better"
     assert rows[(RUN_CORPUS, "web")]["verdict"] == "no difference (CI contains 1)"
+
+
+# ---- what a grown router takes of the run's train split ----------------------------------------
+
+
+def test_capture_takes_the_rows_whose_grown_router_beats_every_run_router(tmp_path):
+    import pyarrow.parquet as pq
+    import torch
+
+    from smalltalk.checkpoint import save_weights
+    from smalltalk.data import token_schema
+    from smalltalk.grow import capture_chunk
+    from smalltalk.model import LM, ModelConfig
+    from smalltalk.routers import LMRouters, RoutingBatch
+
+    config = ModelConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    save_weights(LM(config), tmp_path / "router.safetensors")
+    rng = np.random.default_rng(0)
+    n = 40
+    tokens = rng.integers(0, 64, size=(n, 17), dtype=np.uint16)
+    table = pa.Table.from_arrays(
+        [
+            pa.array(np.arange(n, dtype=np.int64) + 7),
+            pa.ListArray.from_arrays(
+                pa.array(np.arange(n + 1, dtype=np.int32) * 17), pa.array(tokens.reshape(-1))
+            ),
+            pa.array(["web"] * n),
+        ],
+        schema=token_schema(64),
+    )
+
+    pq.write_table(table, tmp_path / "train.parquet", row_group_size=16)  # several row groups
+    router = LMRouters(config, [tmp_path / "router.safetensors"], device="cpu")
+    new = router.costs(RoutingBatch.from_table(table), [8])[:, 0, 0].astype(np.float16)
+    # The run's routers: one row in three beaten, one in three tied, one in three better.
+    run = np.stack([new + 1, new + 2, new + 3], axis=1).astype(np.float16)
+    run[1::3, 2] = new[1::3]  # a tie stays with the run
+    run[2::3, 0] = new[2::3] - 1
+    scores = pa.table(
+        {
+            "seq_id": table.column("seq_id"),
+            "expert": pa.array(np.zeros(n, np.int16)),
+            "nll": pa.FixedSizeListArray.from_arrays(pa.array(run.reshape(-1), pa.float16()), 3),
+        }
+    )
+    pq.write_table(scores, tmp_path / "scores.parquet")
+    taken = capture_chunk(
+        tokens_path=tmp_path / "train.parquet",
+        shard_scores_path=tmp_path / "scores.parquet",
+        router=router,
+        prefix_len=8,
+        out=tmp_path / "captured.parquet",
+    )
+    captured = pq.read_table(tmp_path / "captured.parquet")
+    assert taken == captured.num_rows == len(range(0, n, 3))
+    assert captured.column("seq_id").to_pylist() == list(range(7, 7 + n, 3))
+    assert captured.schema == table.schema
+
+    # Scores of other sequences (a stale file) are refused, and nothing is written.
+    pq.write_table(scores.slice(1), tmp_path / "stale.parquet")
+    with pytest.raises(ValueError, match="stale.parquet: scores other sequences"):
+        capture_chunk(
+            tokens_path=tmp_path / "train.parquet",
+            shard_scores_path=tmp_path / "stale.parquet",
+            router=router,
+            prefix_len=8,
+            out=tmp_path / "again.parquet",
+        )
+    assert not (tmp_path / "again.parquet").exists()

@@ -211,6 +211,15 @@ def test_tiny_config_end_to_end(tmp_path):
     retrained = results / "experts" / "e1" / "model.safetensors"
     before = retrained.stat().st_mtime_ns
     target = str(retrained.relative_to(tmp_path))
+    # Per-expert evaluation: a re-run of one expert schedules its scores of each test part, the
+    # merges and what reads them; no router, no other expert and no dense model score anything.
+    plan = snakemake(
+        tmp_path, "-n", "--cores", "2", "--forcerun", target, "--configfile", str(TINY)
+    )
+    counts = job_counts(plan.stdout)
+    assert counts["train_expert"] == counts["score_eval_part"] == counts["evaluate_part"] == 1
+    assert not {"route_eval_part", "train_dense", "train_router", "shard_chunk"} & set(counts)
+    assert re.findall(r"wildcards: split=test, model=(\w+), part=", plan.stdout) == ["e1"]
     snakemake(
         tmp_path, target, "--cores", "2", "--configfile", str(TINY), "--forcerun", "train_expert"
     )
@@ -219,13 +228,6 @@ def test_tiny_config_end_to_end(tmp_path):
     retrained_summary = json.loads((results / "experts" / "e1" / "summary.json").read_text())
     assert retrained_summary["resumed_from_step"] == 0
     assert "not resuming" in (results / "logs" / "experts" / "e1.log").read_text()
-    # Per-expert evaluation: the retrained expert scores each test part again, the merges and
-    # what reads them follow; no router, no other expert and no dense model score anything.
-    plan = snakemake(tmp_path, "-n", "--cores", "2", "--configfile", str(TINY))
-    counts = job_counts(plan.stdout)
-    assert counts["score_eval_part"] == counts["evaluate_part"] == 1, counts
-    assert "route_eval_part" not in counts and "train_expert" not in counts
-    assert re.findall(r"wildcards: split=test, model=(\w+), part=", plan.stdout) == ["e1"]
     rerun = snakemake(tmp_path, "--cores", "2", "--configfile", str(TINY))
     assert "train_expert" not in rerun.stdout + rerun.stderr
     assert "train_dense" not in rerun.stdout + rerun.stderr
