@@ -248,3 +248,41 @@ def test_capture_takes_the_rows_whose_grown_router_beats_every_run_router(tmp_pa
             out=tmp_path / "again.parquet",
         )
     assert not (tmp_path / "again.parquet").exists()
+
+
+def test_a_grown_router_trains_as_long_and_on_as_many_sequences_as_an_em_router(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from smalltalk.data import token_schema
+    from smalltalk.grow import grown_router_plan
+
+    entry = {"name": "docs", "inputs": ["data/docs/*.jsonl.zst"]}
+    config = validate_config(base_config(grow=[entry, entry | {"name": "more", "router_steps": 7}]))
+    n = 5000  # more than the sample
+    table = pa.Table.from_arrays(
+        [
+            pa.array(np.arange(n, dtype=np.int64)),
+            pa.ListArray.from_arrays(
+                pa.array(np.arange(n + 1, dtype=np.int32) * 3), pa.array(np.ones(3 * n, np.uint16))
+            ),
+            pa.array(["docs"] * n),
+        ],
+        schema=token_schema(1024),
+    )
+    pq.write_table(table, tmp_path / "train.parquet")
+    (tmp_path / "em.json").write_text(json.dumps({"final_round": 3}))
+    routing = config["routing"]
+    e = routing["n_experts"]
+    plan = grown_router_plan(config, e, tmp_path / "em.json", [tmp_path / "train.parquet"])
+    assert plan.steps == 3 * routing["steps_per_round"]
+    assert len(plan.seq_ids) == len(set(plan.seq_ids)) == 3 * routing["sequences_per_round"] // e
+    assert plan.prefix_len == routing["prefix_len"] - 1
+    again = grown_router_plan(config, e, tmp_path / "em.json", [tmp_path / "train.parquet"])
+    assert np.array_equal(plan.seq_ids, again.seq_ids)  # same seed, same sample
+    other = grown_router_plan(config, e + 1, tmp_path / "em.json", [tmp_path / "train.parquet"])
+    assert other.steps == 7 and other.seed_offset != plan.seed_offset
+    for index in (e - 1, e + 2):
+        with pytest.raises(ValueError, match="no grown router"):
+            grown_router_plan(config, index, tmp_path / "em.json", [tmp_path / "train.parquet"])
