@@ -184,6 +184,23 @@ rule grow_summary:
         "> {log:q} 2>&1"
 
 
+# The same on the validation split, on request (`snakemake results/eval/val/summary/grow.parquet`):
+# where to choose a grow entry's `router_steps`, leaving the test split untouched.
+use rule grow_summary as grow_summary_val with:
+    input:
+        after=get_eval_files("eval/{split}/{part}.parquet", "val"),
+        before=get_eval_files(
+            f"eval/{{split}}/subsets/{BEFORE_GROWING}/{{part}}.parquet", "val"
+        ),
+    output:
+        table=R("eval/val/summary/grow.parquet"),
+        markdown=R("eval/val/summary/grow.md"),
+    log:
+        R("logs/eval/grow_val.log"),
+    benchmark:
+        R("benchmarks/eval/grow_val.tsv")
+
+
 rule flops_ledger:
     input:
         routers=get_router_summaries,
