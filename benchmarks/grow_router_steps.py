@@ -1,7 +1,7 @@
 """How long a grown router trains decides what it takes: its corpus's share against the run's.
 
     python benchmarks/grow_router_steps.py --results results [--entry 0]
-                                           [--steps 100 200 300 400 800] [--threads 2]
+                                           [--steps 100 200 300 350 400 800] [--threads 2]
 
 For a mixture that grew (`grow` in its config, the workflow run to the end), trains the router of
 grow entry `--entry` again for each number of steps, exactly as the workflow does
@@ -40,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--entry", type=int, default=0, help="the grow entry k (expert E + k)")
-    parser.add_argument("--steps", type=int, nargs="+", default=[100, 200, 300, 400, 800])
+    parser.add_argument("--steps", type=int, nargs="+", default=[100, 200, 300, 350, 400, 800])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -256,7 +256,7 @@ def test_a_grown_router_trains_as_long_and_on_as_many_sequences_as_an_em_router(
     import pyarrow.parquet as pq
 
     from smalltalk.data import token_schema
-    from smalltalk.grow import grown_router_plan
+    from smalltalk.grow import GROWN_ROUTER_STEP_SHARE, grown_router_plan
 
     entry = {"name": "docs", "inputs": ["data/docs/*.jsonl.zst"]}
     config = validate_config(base_config(grow=[entry, entry | {"name": "more", "router_steps": 7}]))
@@ -276,7 +276,8 @@ def test_a_grown_router_trains_as_long_and_on_as_many_sequences_as_an_em_router(
     routing = config["routing"]
     e = routing["n_experts"]
     plan = grown_router_plan(config, e, tmp_path / "em.json", [tmp_path / "train.parquet"])
-    assert plan.steps == 3 * routing["steps_per_round"]
+    assert plan.steps == round(GROWN_ROUTER_STEP_SHARE * 3 * routing["steps_per_round"])
+    assert 0 < plan.steps <= 3 * routing["steps_per_round"]
     assert len(plan.seq_ids) == len(set(plan.seq_ids)) == 3 * routing["sequences_per_round"] // e
     assert plan.prefix_len == routing["prefix_len"] - 1
     again = grown_router_plan(config, e, tmp_path / "em.json", [tmp_path / "train.parquet"])
