@@ -37,11 +37,10 @@ import yaml
 from timing import interleaved, timed
 
 from smalltalk import flops
-from smalltalk.checkpoint import save_weights
-from smalltalk.config import model_config
-from smalltalk.em import load_model
+from smalltalk.checkpoint import load_model, save_weights
+from smalltalk.config import PRESETS, ModelConfig, model_config
 from smalltalk.mixture import decode
-from smalltalk.model import LM, PRESETS, ModelConfig
+from smalltalk.model import LM
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_ROUTER, PAPER_PREFIX, PAPER_SEQ_LEN = "router-4.4m", 256, 1024  # §3.1

@@ -42,8 +42,9 @@ import pyarrow.parquet as pq
 import torch
 from timing import interleaved, timed
 
+from smalltalk.config import PRESETS
 from smalltalk.flops import train_step_flops
-from smalltalk.model import LM, PRESETS
+from smalltalk.model import LM
 from smalltalk.train import (
     TrainConfig,
     autocast_context,

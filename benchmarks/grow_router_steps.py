@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smalltalk.checkpoint import load_model
 from smalltalk.config import load_config, model_config, train_config
-from smalltalk.data import token_matrix
-from smalltalk.em import load_model, prefix_nll
 from smalltalk.evaluate import read_tokens
 from smalltalk.grow import grown_router_plan
 from smalltalk.layout import mixture_files
+from smalltalk.scoring import prefix_nll
+from smalltalk.tokens import token_matrix
 from smalltalk.train import fit
 
 

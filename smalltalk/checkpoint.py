@@ -27,9 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_file
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_file
 
+from smalltalk.config import ModelConfig
 from smalltalk.files import atomic_path, naming_a_full_disk
+from smalltalk.model import LM, rotary_tables
 
 CHECKPOINT_DIR = re.compile(r"step-(\d{8})")
 WEIGHTS, STATE, FINISHED = "model.safetensors", "state.pt", "finished"
@@ -56,7 +59,7 @@ def _fsync(path: Path) -> None:
 
 def _distinct_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each shared tensor (the tied embedding) once, under its first name
-    in sorted order, as safetensors' save_model keeps it; load_model ties it again."""
+    in sorted order, as safetensors' save_model keeps it; loading ties it again."""
     tensors, seen = {}, set()
     for name, tensor in sorted(model.state_dict().items()):
         view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
@@ -91,7 +94,9 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load safetensors weights into `model` in place; every name must match."""
-    load_model(unwrap(model), path, strict=True, device=str(next(model.parameters()).device))
+    load_safetensors_model(
+        unwrap(model), path, strict=True, device=str(next(model.parameters()).device)
+    )
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -252,3 +257,31 @@ def remove_checkpoints(ckpt_dir: str | os.PathLike) -> None:
         doomed = ckpt_dir.with_name(f".{ckpt_dir.name}-delete-{os.getpid()}")
         os.replace(ckpt_dir, doomed)
         shutil.rmtree(doomed)
+
+
+def resolve_device(device: str) -> str:
+    """ "auto": CUDA when present, else the CPU; any other name as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_model(config: ModelConfig, weights: str | os.PathLike, device: str = "auto") -> LM:
+    """`LM(config)` in eval mode on `device` with the weights of a safetensors file.
+
+    The model is built on the meta device and materialised uninitialised, since the file
+    overwrites every parameter: a 335M expert's random initialisation alone takes seconds.
+    """
+    device = resolve_device(device)
+    with torch.device("meta"):
+        model = LM(config)
+    model = model.to_empty(device=device)
+    model.lm_head.weight = model.wte.weight  # to_empty unties them; the file holds one copy
+    cos, sin = rotary_tables(config.head_dim, config.seq_len, config.rope_base)
+    model.rope_cos.copy_(cos)  # derived buffers are not in the file
+    model.rope_sin.copy_(sin)
+    try:
+        load_weights(model, weights)
+    except (SafetensorError, RuntimeError) as error:  # cut short, empty, or another model's
+        raise ValueError(f"{weights}: not weights of this model ({error})") from None
+    return model.eval()

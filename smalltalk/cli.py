@@ -153,7 +153,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
     import torch
 
     from smalltalk import flops
-    from smalltalk.model import LM, PRESETS, ModelConfig
+    from smalltalk.config import PRESETS, ModelConfig
+    from smalltalk.model import LM
 
     if args.paper:
         print(flops.format_paper_table3())
@@ -265,63 +266,32 @@ def cmd_em_final(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from smalltalk.config import model_config, train_config
-    from smalltalk.em import assigned_seq_ids
+    from smalltalk.plan import plan_job
     from smalltalk.train import fit
 
     config = _config(args.config)
-    role = args.role
-    model = model_config(
-        config, "router" if role == "router" else "expert", vocab_size=_vocab_size(args.tokenizer)
-    )
-    seq_ids, prefix_len, first_round = None, None, True
-    if role == "router" and args.em_summary is not None:
-        from smalltalk.grow import grown_router_plan
-
-        plan = grown_router_plan(config, args.index, args.em_summary, args.data, args.steps)
-        steps, seed_offset, seq_ids = plan.steps, plan.seed_offset, plan.seq_ids
-        prefix_len = plan.prefix_len
-    elif role == "router":
-        if args.assignment is None or args.round is None:
-            raise ValueError("a router needs --round and --assignment (or --em-summary)")
-        routing = config["routing"]
-        seq_ids = assigned_seq_ids(args.assignment, args.index)
-        if len(seq_ids) == 0:
-            raise ValueError(f"{args.assignment} assigns no sequence to router {args.index}")
-        # M tokens give the M-1 predictions the router is scored on (Eq. 9).
-        prefix_len = routing["prefix_len"] - 1 if routing["train_on"] == "prefix" else None
-        steps = routing["steps_per_round"]
-        first_round = args.round <= 1
-        seed_offset = 1000 * args.round + args.index
-    else:
-        steps = args.steps or config["training"]["expert"].get("steps")
-        if steps is None:
-            raise ValueError("training.expert.steps is not set")
-        seed_offset = 100_000 + (args.index or 0)
-    training = train_config(
+    plan = plan_job(
         config,
-        role,
-        steps=steps,
-        seed_offset=seed_offset,
-        first_round=first_round,
+        args.role,
+        args.index,
+        vocab_size=_vocab_size(args.tokenizer),
+        em_round=args.round,
+        assignment=args.assignment,
+        em_summary=args.em_summary,
+        data=args.data,
+        steps=args.steps,
         threads=args.threads,
     )
-    if role == "dense":
-        # Equal training FLOPs (§3.1): as many tokens as all E experts together.
-        n_experts = config["routing"]["n_experts"]
-        if config["training"]["dense_scale"] == "batch":
-            training = dataclasses.replace(training, batch_size=training.batch_size * n_experts)
-        else:
-            training = dataclasses.replace(training, steps=training.steps * n_experts)
+    role = args.role
     fit(
-        model,
-        training,
+        plan.model,
+        plan.training,
         args.data,
         args.out_dir,
         role=role,
         init_from=args.init,
-        seq_ids=seq_ids,
-        prefix_len=prefix_len,
+        seq_ids=plan.seq_ids,
+        prefix_len=plan.prefix_len,
         weights_path=args.weights,
         val_files=args.val or None,
         val_every=config["eval"]["every"],
@@ -333,8 +303,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from smalltalk.checkpoint import load_model
     from smalltalk.config import model_config
-    from smalltalk.em import load_model, score_file
+    from smalltalk.em import score_file
 
     if args.weights is None:  # texts under a trained mixture
         return cmd_score_texts(args)
@@ -410,7 +381,7 @@ def cmd_check_shards(args: argparse.Namespace) -> int:
 def cmd_ledger(args: argparse.Namespace) -> int:
     import duckdb
 
-    from smalltalk.shard import communication_ledger
+    from smalltalk.ledger import communication_ledger
 
     config = _config(args.config)
     table = communication_ledger(
@@ -426,8 +397,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 def cmd_route_validation(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
-    from smalltalk.em import gather_rows
     from smalltalk.evaluate import route_sequences, split_by_expert
+    from smalltalk.tokens import gather_rows
 
     config = _config(args.config)
     _torch_threads(args.threads)

@@ -8,6 +8,7 @@ reported together, each naming its key, before any job starts.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,11 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator, validators
 
+from smalltalk.files import write_text_atomically
+
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 SPLITS = ("train", "val", "test")
+ROLES = ("router", "expert", "dense")  # the kinds of model a run trains
 DEFAULT_TOPK = 2  # experts mixed by the top-k ensemble when eval.topk is unset (or E, if fewer)
 
 
@@ -146,8 +150,6 @@ def _numbers(node, path=()):
 
 
 def _model_errors(config: dict[str, Any], role: str) -> list[str]:
-    from smalltalk.model import PRESETS
-
     section = config.get("models", {}).get(role)
     if not isinstance(section, dict) or not isinstance(section.get("preset"), str):
         return []
@@ -291,6 +293,194 @@ class TokenizerConfig:
         return cls(**config["tokenizer"], seed=config["seed"])
 
 
+# ---- models and training, as the jobs receive them ------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """Architecture of one LM; the paper's symbols (App. A.2) are given for each field."""
+
+    vocab_size: int = 32000
+    """V: SentencePiece vocabulary size (App. A.1)."""
+    seq_len: int = 1024
+    """S: longest context the model accepts; all paper models use 1024 (§3.1)."""
+    n_layer: int
+    """L (experts, dense) or L_r (routers): number of Transformer blocks."""
+    n_head: int
+    """A or A_r: attention heads per block."""
+    n_embd: int
+    """H or H_r: hidden size."""
+    ffw_expansion: int = 4
+    """D_ff / H: the MLP's hidden width as a multiple of H (4 for every model in Table 1)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches (0 disables it)."""
+    rope_base: float = 10000.0
+    """Base of the rotary frequencies (Su et al. 2024 use 10000)."""
+
+    def __post_init__(self):
+        errors = []
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "ffw_expansion"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                errors.append(f"{name} must be a positive integer, got {value!r}")
+        if not errors and self.n_embd % self.n_head:
+            errors.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        elif not errors and self.head_dim % 2:
+            errors.append(
+                f"n_embd / n_head = {self.head_dim} must be even: rotary embeddings rotate pairs"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            errors.append(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if not self.rope_base > 1.0:
+            errors.append(f"rope_base must be greater than 1, got {self.rope_base!r}")
+        if errors:
+            raise ValueError("invalid ModelConfig: " + "; ".join(errors))
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def d_ff(self) -> int:
+        """D_ff (App. A.2): the MLP's hidden width."""
+        return self.ffw_expansion * self.n_embd
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
+        """A copy of `PRESETS[name]` with some fields replaced, e.g. `vocab_size=tokenizer_size`."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# Table 1 of the paper, V = 32000 and S = 1024 (App. A.1, §3.1). The sizes in the names are the
+# paper's counts, which we reproduce with tied embeddings, bias-free linear layers and RMSNorm gains
+# (4.40M, 109.5M, 334.8M, 1.274B; see tests/test_model.py). Biases and LayerNorm shifts would add
+# under 0.4% and round the same; untied embeddings would make the 4.4M router 7.5M. Table 1's 64M
+# router (H = 416, 12 heads) is left out: 416 is not divisible by 12, and at 12 layers it would
+PRESETS: dict[str, ModelConfig] = {
+    "router-4.4m": ModelConfig(n_layer=12, n_head=12, n_embd=96),
+    "router-110m": ModelConfig(n_layer=12, n_head=12, n_embd=768),
+    "expert-335m": ModelConfig(n_layer=24, n_head=16, n_embd=1024),
+    "expert-1.3b": ModelConfig(n_layer=24, n_head=16, n_embd=2048),
+    # Laptop-CPU demos: override vocab_size with the tokenizer's and seq_len with the data's.
+    "demo-router": ModelConfig(vocab_size=4096, seq_len=256, n_layer=2, n_head=2, n_embd=32),
+    "demo-expert": ModelConfig(vocab_size=4096, seq_len=256, n_layer=4, n_head=4, n_embd=128),
+    "tiny": ModelConfig(vocab_size=256, seq_len=64, n_layer=1, n_head=2, n_embd=32),
+}
+
+
+# The schema is the one source of defaults: a TrainConfig built in Python trains as the workflow
+# does unless told otherwise.
+TRAINING_DEFAULTS = {
+    key: spec["default"]
+    for key, spec in load_schema()["$defs"]["training"]["properties"].items()
+    if "default" in spec
+}
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """How one model is trained. The paper's values (App. A.1, Tables 1-2) are noted per field."""
+
+    steps: int | None = None
+    """Optimizer steps to train. Give exactly one of `steps` and `max_tokens`."""
+    max_tokens: int | None = None
+    """Token budget instead of `steps`: floor(max_tokens / tokens per step) steps, never more."""
+    batch_size: int = TRAINING_DEFAULTS["batch_size"]
+    """Sequences per optimizer step over all processes and micro-batches (Table 2: 32 routers,
+    128 experts, 512-2048 dense)."""
+    grad_accum: int = TRAINING_DEFAULTS["grad_accum"]
+    """Micro-batches per optimizer step; a process holds batch_size / (grad_accum · world size)
+    sequences at a time."""
+    schedule: str = "auto"
+    """'cosine': linear warm-up, then cosine decay to `min_lr` (experts, dense); 'constant':
+    linear warm-up, then `lr` (routers, App. A.1); 'auto': chosen by the role."""
+    lr: float = TRAINING_DEFAULTS["lr"]
+    """Peak learning rate (experts 5e-4, routers 1e-4, §3.1)."""
+    min_lr: float = TRAINING_DEFAULTS["min_lr"]
+    """Learning rate the cosine schedule reaches at the last step."""
+    warmup_steps: int = TRAINING_DEFAULTS["warmup_steps"]
+    """Steps of linear warm-up (experts 3000, routers 1000). Routers continuing from the previous
+    EM round warm up only in the first round: later rounds pass 0."""
+    weight_decay: float = TRAINING_DEFAULTS["weight_decay"]
+    """AdamW decoupled weight decay on matrices and embeddings, not on norm gains."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW (β1, β2)."""
+    grad_clip: float = TRAINING_DEFAULTS["grad_clip"]
+    """Largest global gradient L2 norm; larger gradients are scaled down. 0 disables clipping."""
+    seed: int = 0
+    """Seeds weight initialisation, data order and dropout."""
+    shuffle_buffer: int = TRAINING_DEFAULTS["shuffle_buffer"]
+    """Rows permuted together by the data stream (memory: rows · (S+1) tokens)."""
+    ckpt_every: int = TRAINING_DEFAULTS["ckpt_every"]
+    """Steps between checkpoints (K); 0 disables them."""
+    keep_last: int = TRAINING_DEFAULTS["keep_last"]
+    """Checkpoints kept (k); older ones are deleted."""
+    log_every: int = TRAINING_DEFAULTS["log_every"]
+    """Steps between rows of `metrics.parquet` (each costs one device sync)."""
+    device: str = "auto"
+    """'auto' (CUDA if present, else CPU), 'cpu' or 'cuda'."""
+    precision: str = TRAINING_DEFAULTS["precision"]
+    """'bf16' autocast, 'fp32', or 'auto': bf16 on CUDA and on CPUs with native bf16 dot
+    products (AVX512-BF16, AMX), fp32 elsewhere. Weights and optimizer stay fp32 (App. A.1)."""
+    compile: bool | str = TRAINING_DEFAULTS["compile"]
+    """torch.compile the model: True, False, or 'auto': on CUDA always, on the CPU only for a run
+    long enough to pay back the compile time (`resolve_compile`)."""
+    threads: int | None = None
+    """CPU threads for PyTorch's kernels (torch.set_num_threads); None keeps PyTorch's default."""
+
+    def __post_init__(self):
+        errors = []
+        if (self.steps is None) == (self.max_tokens is None):
+            errors.append("give exactly one of steps and max_tokens")
+        for name in ("steps", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                errors.append(f"{name} must be at least 1, got {value}")
+        for name in ("batch_size", "grad_accum", "shuffle_buffer", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "ckpt_every", "weight_decay", "grad_clip", "min_lr"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.grad_accum >= 1 and self.batch_size % self.grad_accum:
+            errors.append(f"batch_size {self.batch_size} is not divisible by grad_accum")
+        if self.steps is not None and self.steps >= 1 and self.warmup_steps >= self.steps:
+            errors.append(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
+        if not self.lr > 0:
+            errors.append(f"lr must be positive, got {self.lr}")
+        elif self.min_lr > self.lr:
+            errors.append(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            errors.append(f"betas must be two numbers in [0, 1), got {self.betas}")
+        choices = {
+            "schedule": ("auto", "cosine", "constant"),
+            "device": ("auto", "cpu", "cuda"),
+            "precision": ("auto", "bf16", "fp32"),
+            "compile": (True, False, "auto"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                errors.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.threads is not None and self.threads < 1:
+            errors.append(f"threads must be at least 1 or None, got {self.threads}")
+        if errors:
+            raise ValueError("invalid TrainConfig: " + "; ".join(errors))
+
+    def total_steps(self, tokens_per_step: int) -> int:
+        """Optimizer steps of the run: `steps`, or as many whole steps as `max_tokens` pays for."""
+        if self.steps is not None:
+            return self.steps
+        steps = self.max_tokens // tokens_per_step
+        if steps <= self.warmup_steps:
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) pays for {steps} steps of {tokens_per_step} "
+                f"tokens: it must be more than warmup_steps ({self.warmup_steps})"
+            )
+        return steps
+
+
 def resolved_config_text(config: dict[str, Any]) -> str:
     """The validated config (overrides included) as the YAML file that jobs read."""
     text = "# Resolved by the workflow from config.yaml and command-line overrides.\n"
@@ -306,18 +496,12 @@ def write_resolved_config(config: dict[str, Any], path: str | Path) -> Path:
     text = resolved_config_text(config)
     if path.is_file() and path.read_text() == text:
         return path
-    from smalltalk.files import write_text_atomically  # pyarrow: not for every config read
-
     return write_text_atomically(text, path)
 
 
 def model_config(config: dict[str, Any], role: str, *, vocab_size: int):
     """The ModelConfig of a role ('router' or 'expert'; the dense baseline is an expert): its
     preset, the config's overrides, V from the tokenizer and S from seq_len."""
-    import dataclasses
-
-    from smalltalk.model import PRESETS
-
     section = dict(config["models"][role])
     preset = PRESETS[section.pop("preset")]
     return dataclasses.replace(preset, vocab_size=vocab_size, seq_len=config["seq_len"], **section)
@@ -334,8 +518,6 @@ def train_config(
 ):
     """The TrainConfig of a job. Routers warm up in EM round 1 only and then keep a constant
     learning rate (App. A.1); experts and the dense baseline warm up and decay (cosine)."""
-    from smalltalk.train import TrainConfig
-
     section = dict(config["training"]["router" if role == "router" else "expert"])
     section.pop("steps", None)
     if not first_round:

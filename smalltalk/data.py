@@ -27,6 +27,7 @@ import zstandard
 
 from smalltalk.config import SPLITS, DataConfig
 from smalltalk.files import parquet_writers, write_text_atomically
+from smalltalk.tokens import token_dtype, token_schema
 
 GLOB_CHARS = "*?["
 UNKNOWN_SOURCE = "unknown"
@@ -530,31 +531,6 @@ class SequencePacker:
             owner = np.searchsorted(doc_starts, used, side="right") - 1
             self.carry_source = doc_sources[owner]
         return stream[:used].reshape(count, self.length), doc_sources[owners]
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
-
-
-def token_schema(vocab_size: int) -> pa.Schema:
-    value_type = pa.uint16() if vocab_size <= 2**16 else pa.uint32()
-    return pa.schema(
-        [
-            pa.field("seq_id", pa.int64(), nullable=False),
-            pa.field("tokens", pa.list_(value_type), nullable=False),
-            pa.field("source", pa.string(), nullable=False),
-        ]
-    )
-
-
-def token_matrix(tokens: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A list<uint16|uint32> column of equal-length rows as an (n, L) array, no Python loop."""
-    if isinstance(tokens, pa.ChunkedArray):
-        tokens = tokens.combine_chunks()
-    if len(tokens) == 0:
-        return np.empty((0, 0), dtype=np.uint16)
-    values = tokens.flatten().to_numpy()
-    return values.reshape(len(tokens), -1)
 
 
 def _sequence_table(

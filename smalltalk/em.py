@@ -17,55 +17,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from safetensors import SafetensorError
 
-from smalltalk.data import token_matrix
 from smalltalk.files import (
-    parquet_writers,
     write_bytes_atomically,
     write_parquet_atomically,
     write_text_atomically,
 )
-from smalltalk.model import LM, ModelConfig, rotary_tables
+from smalltalk.model import LM
+from smalltalk.routers import decode_prefixes, fit_tfidf_kmeans
 from smalltalk.routing import balanced_assign, random_balanced_assign, route
-from smalltalk.scoring import sequence_nll
-
-SCORE_BATCH = 256
-
+from smalltalk.scoring import prefix_nll
+from smalltalk.tokens import gather_rows, sample_seq_ids, token_matrix
 
 # --------------------------------------------------------------------------- files
-
-
-def sampling_keys(seq_ids: np.ndarray, seed: int) -> np.ndarray:
-    """A seeded pseudo-random key per seq_id (SplitMix64): sorting by it samples uniformly."""
-    with np.errstate(over="ignore"):
-        z = seq_ids.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def sample_seq_ids(files: Sequence[str | os.PathLike], count: int, seed: int) -> np.ndarray:
-    """A sample of `count` seq_ids of the token files (all of them if they hold fewer), the same
-    for the same files and seed: those with the smallest sampling keys, in key order."""
-    return _smallest_keys(files, count, seed)
-
-
-def _smallest_keys(files: Sequence[str | os.PathLike], count: int, seed: int) -> np.ndarray:
-    """The `count` seq_ids with the smallest sampling keys over all files, in key order."""
-    best_ids = np.empty(0, dtype=np.int64)
-    best_keys = np.empty(0, dtype=np.uint64)
-    for path in files:
-        new_ids = pq.read_table(path, columns=["seq_id"]).column("seq_id").to_numpy()
-        ids = np.concatenate((best_ids, new_ids))
-        keys = np.concatenate((best_keys, sampling_keys(new_ids, seed)))
-        if len(keys) > count:
-            keep = np.argpartition(keys, count - 1)[:count]
-            ids, keys = ids[keep], keys[keep]
-        best_ids, best_keys = ids, keys
-    order = np.argsort(best_keys, kind="stable")
-    return best_ids[order]
 
 
 def sample_blocks(
@@ -83,7 +47,7 @@ def sample_blocks(
     that every round's routers score, for diagnostics. Reads one row group at a time.
     Returns the block sizes."""
     needed = len(block_paths) * block_size
-    chosen = _smallest_keys(train_files, needed, seed)
+    chosen = sample_seq_ids(train_files, needed, seed)
     if len(chosen) < needed:
         raise ValueError(
             f"EM needs routing.rounds + 1 = {len(block_paths)} blocks of "
@@ -92,66 +56,12 @@ def sample_blocks(
         )
     block_of = dict(zip(chosen.tolist(), (np.arange(needed) // block_size).tolist(), strict=True))
     gather_rows(train_files, block_of, block_paths)
-    probe = _smallest_keys(probe_files, probe_size, seed + 1) if probe_size else np.empty(0)
+    probe = sample_seq_ids(probe_files, probe_size, seed + 1) if probe_size else np.empty(0)
     gather_rows(probe_files, dict.fromkeys(probe.tolist(), 0), [probe_path])
     return [block_size] * len(block_paths)
 
 
-def gather_rows(
-    files: Sequence[str | os.PathLike], block_of: dict[int, int], paths: Sequence
-) -> None:
-    """Copy the rows whose seq_id is in `block_of` into the file of their block."""
-    wanted = np.fromiter(block_of, dtype=np.int64, count=len(block_of))
-    schema = pq.read_schema(files[0]) if files else None
-    with parquet_writers(paths, schema) as writers:
-        for path in files:
-            parquet = pq.ParquetFile(path)
-            for group in range(parquet.num_row_groups):
-                table = parquet.read_row_group(group)
-                ids = table.column("seq_id").to_numpy()
-                hit = np.isin(ids, wanted)
-                if not hit.any():
-                    continue
-                rows = table.filter(pa.array(hit))
-                blocks = np.array([block_of[i] for i in ids[hit].tolist()])
-                for block in np.unique(blocks):
-                    writers[block].write_table(rows.filter(pa.array(blocks == block)))
-
-
 # --------------------------------------------------------------------------- scoring
-
-
-def load_model(config: ModelConfig, weights: str | os.PathLike, device: str = "auto") -> LM:
-    """`LM(config)` in eval mode on `device` with the weights of a safetensors file.
-
-    The model is built on the meta device and materialised uninitialised, since the file
-    overwrites every parameter: a 335M expert's random initialisation alone takes seconds.
-    """
-    from smalltalk.checkpoint import load_weights
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device("meta"):
-        model = LM(config)
-    model = model.to_empty(device=device)
-    model.lm_head.weight = model.wte.weight  # to_empty unties them; the file holds one copy
-    cos, sin = rotary_tables(config.head_dim, config.seq_len, config.rope_base)
-    model.rope_cos.copy_(cos)  # derived buffers are not in the file
-    model.rope_sin.copy_(sin)
-    try:
-        load_weights(model, weights)
-    except (SafetensorError, RuntimeError) as error:  # cut short, empty, or another model's
-        raise ValueError(f"{weights}: not weights of this model ({error})") from None
-    return model.eval()
-
-
-def prefix_nll(model: LM, tokens: np.ndarray, prefix_len: int) -> np.ndarray:
-    """Mean NLL per predicted token of each row's first M tokens (Eq. 9): (n,) float32."""
-    if len(tokens) == 0:
-        return np.empty(0, dtype=np.float32)
-    prefix = torch.from_numpy(tokens[:, :prefix_len].astype(np.int64))
-    nll = sequence_nll(model, prefix, end=prefix_len, batch_size=SCORE_BATCH, reduction="mean")
-    return nll.numpy()
 
 
 def score_file(
@@ -207,8 +117,6 @@ def assign_first_round(
         experts = random_balanced_assign(len(seq_ids), n_experts, seed)
     elif init == "tfidf_kmeans":
         import sentencepiece as spm
-
-        from smalltalk.routers import decode_prefixes, fit_tfidf_kmeans
 
         if tokenizer_model is None or prefix_len is None:
             raise ValueError("routing.init tfidf_kmeans needs the tokenizer and the prefix length")

@@ -32,16 +32,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 
-from smalltalk import em
-from smalltalk.data import token_matrix
+from smalltalk.checkpoint import load_model, resolve_device
+from smalltalk.config import ModelConfig
 from smalltalk.files import write_parquet_atomically
-from smalltalk.model import LM, ModelConfig
+from smalltalk.model import LM
 from smalltalk.routers import Router, RoutingBatch
 from smalltalk.routing import route
-from smalltalk.scoring import inference_autocast, predicted_positions
+from smalltalk.scoring import (
+    ensemble_log_weights,
+    predicted_positions,
+    token_logprobs,
+)
 from smalltalk.stats import bootstrap_ratio, verdict
+from smalltalk.tokens import gather_rows, token_matrix
 
 SLICE_ROWS = 2048  # sequences scored per model load; bounds the (rows, M̂s, S) top-k mixture
 
@@ -64,44 +68,6 @@ EVAL_SCHEMA = pa.schema(
     ]
 )
 """Columns of `evaluate_chunk`'s output, one row per (test sequence, M̂)."""
-
-
-# ---- per-token log-probabilities -------------------------------------------------------------
-
-
-@torch.inference_mode()
-def token_logprobs(model: LM, tokens: np.ndarray, batch_size: int) -> torch.Tensor:
-    """log p(x_j | x_0..x_{j-1}) for j = 1..L-1 of each row of tokens (n, L): (n, L-1) float32,
-    left on the model's device. Same numbers as `scoring.sequence_nll` sums (batches of
-    `batch_size`, bf16 autocast on CUDA only, log-softmax in float32)."""
-    device = next(model.parameters()).device
-    n, length = tokens.shape
-    logprobs = torch.empty((n, length - 1), dtype=torch.float32, device=device)
-    for i in range(0, n, batch_size):
-        batch = torch.from_numpy(tokens[i : i + batch_size].astype(np.int64))
-        batch = batch.to(device, non_blocking=True)  # (b, L)
-        with inference_autocast(device):
-            logits, _ = model(batch[:, :-1])  # (b, L-1, V): logits[:, t] predicts token t+1
-        nll = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
-        logprobs[i : i + len(batch)] = -nll  # (b, L-1)
-    return logprobs
-
-
-def ensemble_log_weights(router_nll: np.ndarray, topk: int, temperature: float) -> np.ndarray:
-    """log w_e of the top-k ensemble for router NLLs (..., E): float64, -inf outside the top k.
-
-    As in c-BTM (Gururangan et al. 2023), only the k experts whose routers fit the prefix best
-    (lowest mean NLL; ties to the lower index) are mixed, with w = softmax(-router_nll /
-    temperature) over them. With temperature 1 / (M̂ - 1) this is the router posterior of Eq. 5
-    (uniform prior) restricted to the top k; temperature -> 0 gives argmin routing (Eq. 4).
-    """
-    order = np.argsort(router_nll, axis=-1, kind="stable")[..., :topk]  # (..., k)
-    logits = np.take_along_axis(router_nll, order, axis=-1).astype(np.float64) / -temperature
-    top = logits.max(axis=-1, keepdims=True)
-    log_norm = top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
-    log_weights = np.full(router_nll.shape, -np.inf)
-    np.put_along_axis(log_weights, order, logits - log_norm, axis=-1)
-    return log_weights
 
 
 # ---- the workflow's evaluation, in three kinds of job ------------------------------------------
@@ -294,7 +260,7 @@ def score_part(
     tokens = token_matrix(table.column("tokens"))  # (n, S+1)
     if len(tokens):
         _check_model_length(model_config, tokens.shape[1], train_prefix_len)
-    model = em.load_model(model_config, weights, _device(device))
+    model = load_model(model_config, weights, resolve_device(device))
     parts = [
         score_sequences(model, tokens[i : i + slice_rows], train_prefix_len, batch_size)
         for i in range(0, len(tokens), slice_rows)
@@ -460,7 +426,7 @@ def evaluate_chunk(
         batch_size=batch_size,
         slice_rows=slice_rows,
     )
-    device = _device(device)
+    device = resolve_device(device)
     router_nll = router.costs(batch, prefix_lens)  # (N, P, E)
     table = table.select(["seq_id", "source"])
     slices = []
@@ -470,11 +436,17 @@ def evaluate_chunk(
         for path in expert_weights:  # one model loaded at a time
             experts.append(
                 score_sequences(
-                    em.load_model(expert_config, path, device), rows, train_prefix_len, batch_size
+                    load_model(expert_config, path, device),
+                    rows,
+                    train_prefix_len,
+                    batch_size,
                 )
             )
         dense = score_sequences(
-            em.load_model(expert_config, dense_weights, device), rows, train_prefix_len, batch_size
+            load_model(expert_config, dense_weights, device),
+            rows,
+            train_prefix_len,
+            batch_size,
         )
         slices.append(
             merge_scores(
@@ -775,12 +747,5 @@ def split_by_expert(
             f"e.g. {missing[0]}"
         )
     expert_of = dict(zip(seq_ids.tolist(), experts.tolist(), strict=True))
-    em.gather_rows(tokens_paths, expert_of, out_paths)
+    gather_rows(tokens_paths, expert_of, out_paths)
     return np.bincount(experts, minlength=len(out_paths)).tolist()
-
-
-def _device(device: str) -> str:
-    """ "auto": CUDA when present, else the CPU (as `em.load_model`); any other name as given."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from smalltalk import __version__
+from smalltalk.config import ModelConfig
 from smalltalk.layout import (
     EXPORT_MANIFEST,
     MixtureFiles,
@@ -40,7 +41,6 @@ from smalltalk.layout import (
     served_experts,
     workflow_path,
 )
-from smalltalk.model import ModelConfig
 
 RECORDS = (
     "eval/summary/*.parquet",  # test perplexities with their intervals (`evaluate.AGGREGATES`)
@@ -203,7 +203,7 @@ def write_hf_model(
     `model.safetensors` and the two modules that define them (`smalltalk/hf/`)."""
     from safetensors.torch import save_file
 
-    from smalltalk.em import load_model
+    from smalltalk.checkpoint import load_model
 
     model = load_model(config, weights, "cpu")  # checks that the file holds this model
     # The tied embedding once, as `wte.weight`, the name transformers ties `lm_head` to.

@@ -7,12 +7,15 @@ import contextlib
 import errno
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+if TYPE_CHECKING:  # pyarrow loads in a second: the config and the Snakefile need none of it
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -53,6 +56,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
 
 
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call `write(temporary path)` beside `path`, then rename it over `path`: for writers that
+    only take a file name (matplotlib, pyarrow, torch)."""
+    with atomic_path(path) as temp:
+        write(temp)
+    return Path(path)
+
+
 def write_parquet_atomically(table: pa.Table, path: str | os.PathLike) -> Path:
     """Write `table` as zstd Parquet to a temporary name beside `path`, then rename."""
     with parquet_writers([path], table.schema) as (writer,):
@@ -80,6 +91,8 @@ def parquet_writers(
     temporary files are removed and no final name is touched.
     """
     temps = [temporary_path(path) for path in paths]
+    import pyarrow.parquet as pq
+
     writers: list[pq.ParquetWriter] = []
     try:
         with naming_a_full_disk(paths[0] if len(paths) == 1 else os.path.commonpath(paths)):

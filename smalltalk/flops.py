@@ -3,17 +3,15 @@
 Symbols follow App. A.2: L layers, H hidden size, D_ff feed-forward width, V vocabulary, S sequence
 length (M for a routing prefix), B batch size, E experts (= routers). Every count is an exact Python
 int, so totals at the paper's scale (1e21 FLOPs) carry no rounding. `paper_table3()` recomputes the
-paper's Table 3 from its Tables 1 and 2; `counted_flops()` measures a model with PyTorch's counter.
+paper's Table 3 from its Tables 1 and 2; `model.counted_flops()` measures a model with PyTorch's
+counter.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-from smalltalk.model import LM, PRESETS, ModelConfig
+from smalltalk.config import PRESETS, ModelConfig
 
 # ---- one Transformer, App. A.3.1 ------------------------------------------------------------
 
@@ -248,7 +246,7 @@ def format_paper_table3() -> str:
     return "\n".join(lines)
 
 
-# ---- FLOPs as PyTorch counts them -----------------------------------------------------------
+# ---- what PyTorch counts of them (`model.counted_flops`) ------------------------------------
 
 
 def matmul_flops(config: ModelConfig, batch: int, seq_len: int) -> int:
@@ -258,21 +256,3 @@ def matmul_flops(config: ModelConfig, batch: int, seq_len: int) -> int:
         embedding_flops(batch, seq_len, config.n_embd)
         + 3 * batch * seq_len * config.vocab_size  # the softmax of FLOPs_out
     )
-
-
-def counted_flops(config: ModelConfig, batch: int, seq_len: int, training: bool = False) -> int:
-    """FLOPs of one forward (and, if `training`, backward) pass of `LM(config)` as counted by
-    `FlopCounterMode`, on the meta device: no memory, no arithmetic, any size.
-
-    The meta device also makes scaled_dot_product_attention fall back to explicit matmuls, which
-    the counter sees; the fused CPU kernel would be missed. The counter counts matmuls only (2 per
-    multiply-add), so it equals `matmul_flops`, times 3 with the backward pass.
-    """
-    with torch.device("meta"):
-        model = LM(config)
-        idx = torch.zeros(batch, seq_len, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        _, loss = model(idx, idx if training else None)
-        if training:
-            loss.backward()
-    return counter.get_total_flops()

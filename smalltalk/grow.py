@@ -32,6 +32,7 @@ import pyarrow as pa
 from smalltalk.data import GROWN_CHUNKS
 from smalltalk.files import parquet_writers, write_parquet_atomically, write_text_atomically
 from smalltalk.stats import bootstrap_ratio, verdict
+from smalltalk.tokens import sample_seq_ids
 
 RUN_CORPUS = "run"  # the corpus the mixture was first trained on
 ALL = "all"  # the source column of a whole corpus's row, and the corpus column of the total row
@@ -90,8 +91,6 @@ def grown_router_plan(
     each EM router over all its rounds (`em.json` says how many rounds ran), for
     `GROWN_ROUTER_STEP_SHARE` of their steps; `steps` (else its entry's `router_steps`)
     overrides the steps. No EM router has an index >= E, so its seed is its own."""
-    from smalltalk.em import sample_seq_ids
-
     routing = config["routing"]
     grown = index - routing["n_experts"]
     if not 0 <= grown < len(config["grow"]):

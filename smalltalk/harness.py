@@ -31,6 +31,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from smalltalk.mixture import DEFAULT_MAX_EXPERTS, SCORE_BATCH, load, sequence_logprobs
+from smalltalk.tokens import sampling_keys, token_matrix
 
 TASK_NAME = "continuation_choice"
 SCORES_SCHEMA = pa.schema(
@@ -181,7 +182,7 @@ def build_choice_task(
     """Write `{out_dir}/continuation_choice.jsonl` (one question per line: context, choices,
     gold, source, seq_id) and the lm-eval task `{out_dir}/continuation_choice.yaml`.
 
-    Questions come from test sequences in a seeded order (`em.sampling_keys`): the text of the
+    Questions come from test sequences in a seeded order (`tokens.sampling_keys`): the text of the
     first `context_tokens` tokens, then the text of the next `continuation_tokens` as the true
     choice among `choices`; the others are the same span of other test sequences, drawn with the
     same seed. Spans are decoded together with their context, so each choice carries the spaces
@@ -189,8 +190,6 @@ def build_choice_task(
     import pyarrow.parquet as pq
     import sentencepiece as spm
 
-    from smalltalk.data import token_matrix
-    from smalltalk.em import sampling_keys
     from smalltalk.files import write_text_atomically
 
     if choices < 2 or context_tokens < 1 or continuation_tokens < 1 or examples < 1:

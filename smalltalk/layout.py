@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from smalltalk.config import load_config
+
 EXPORT_MANIFEST = "export.json"
 
 
@@ -81,8 +83,6 @@ class MixtureFiles:
 
 def mixture_files(root: str | os.PathLike) -> MixtureFiles:
     """Resolve the files of the mixture in `root`, a results directory or an export."""
-    from smalltalk.config import load_config
-
     root = Path(root).resolve()  # later changes of directory do not matter
     config_path = root / "config.yaml"
     if not config_path.is_file():

@@ -1,4 +1,5 @@
-"""The run's own FLOPs (paper App. A.3, Eq. 10-16), next to the paper's Table 3.
+"""The run's ledgers: the FLOPs it spent (paper App. A.3, Eq. 10-16), next to the paper's Table
+3, and the bytes its routers exchanged (App. A.4).
 
 Training FLOPs come from each job's summary (steps x batch x Eq. 10, what the job really ran);
 scoring FLOPs from the number of sequences each router scored (Eq. 11 at S = M).
@@ -7,6 +8,7 @@ scoring FLOPs from the number of sequences each router scored (Eq. 11 at S = M).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from smalltalk import flops
+from smalltalk.config import ModelConfig
 from smalltalk.files import write_parquet_atomically
-from smalltalk.model import ModelConfig
 
 
 def _summary(path: str | os.PathLike) -> dict:
@@ -90,3 +92,62 @@ def paper_table3_table(out: str | os.PathLike) -> pa.Table:
     table = pa.Table.from_pylist(flops.paper_table3())
     write_parquet_atomically(table, out)
     return table
+
+
+def communication_ledger(
+    *,
+    assignment_paths: Sequence[str | os.PathLike],
+    shard_score_paths: Sequence[str | os.PathLike],
+    n_experts: int,
+    out: str | os.PathLike,
+) -> pa.Table:
+    """Bytes of scores exchanged (2 bytes x sequences x routers) per EM round and for sharding,
+    then the paper's App. A.4 settings for comparison."""
+    rows = []
+    for r, path in enumerate(assignment_paths):
+        sequences = pq.read_metadata(path).num_rows
+        exchanged = 0 if r == 0 else flops.score_exchange_bytes(sequences, n_experts)
+        rows.append(
+            _ledger_row("this run", f"EM round {r}", sequences, n_experts, exchanged, "all routers")
+        )
+    sharded = sum(pq.read_metadata(path).num_rows for path in shard_score_paths)
+    shard_bytes = flops.score_exchange_bytes(sharded, n_experts)
+    rows.append(_ledger_row("this run", "sharding", sharded, n_experts, shard_bytes, "all routers"))
+    em_total = sum(row["bytes"] for row in rows if row["stage"].startswith("EM"))
+    rows.append(_ledger_row("this run", "EM total", None, n_experts, em_total, "all routers"))
+    rows.append(
+        _ledger_row("this run", "total", None, n_experts, em_total + shard_bytes, "all routers")
+    )
+    # App. A.4: 4.4M routers, 128k steps at batch 32 and S = 1024, an exchange every 45M tokens.
+    paper_rounds = flops.router_communication_rounds(
+        flops.PAPER_ROUTER_STEPS, flops.PAPER_ROUTER_BATCH, 1024, 45_000_000
+    )
+    for experts in (4, 8, 16, 32):
+        per_exchange = flops.router_bytes_per_exchange(45_000_000, experts, 1024)
+        rows.append(
+            _ledger_row(
+                "paper App. A.4",
+                f"EM, E={experts}: {paper_rounds} exchanges",
+                math.ceil(45_000_000 / 1024) * paper_rounds,
+                experts,
+                per_exchange * paper_rounds,
+                f"per router; {per_exchange / 1e6:.3f} MB per exchange",
+            )
+        )
+    table = pa.Table.from_pylist(rows)
+    write_parquet_atomically(table, out)
+    return table
+
+
+def _ledger_row(
+    scope: str, stage: str, sequences, routers: int, exchanged: float, note: str
+) -> dict:
+    return {
+        "scope": scope,
+        "stage": stage,
+        "sequences": sequences,
+        "routers": routers,
+        "bytes": float(exchanged),
+        "megabytes": float(exchanged) / 1e6,
+        "note": note,
+    }

@@ -13,7 +13,7 @@ models, so a 32-expert mixture serves from the memory of a few experts; a review
 the paper (reloading experts costs latency) is what `benchmarks/bench_serve.py` measures.
 
 Optionally the top k experts by router score are mixed per token, with weights softmax(-router NLL
-/ `eval.temperature`) as in c-BTM (`smalltalk.evaluate.ensemble_log_weights`).
+/ `eval.temperature`) as in c-BTM (`smalltalk.scoring.ensemble_log_weights`).
 
 `load(results, experts=[0, 2])` retires the other experts: only the kept experts' routers are
 asked, a text goes to the kept expert whose router gives its prefix the lowest NLL, top-k mixes
@@ -36,8 +36,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from smalltalk import checkpoint
+from smalltalk.config import model_config
+from smalltalk.layout import mixture_files, served_experts
 from smalltalk.model import LM, KVCache
-from smalltalk.scoring import inference_autocast
+from smalltalk.routers import RoutingBatch, load_router
+from smalltalk.routing import route
+from smalltalk.scoring import ensemble_log_weights, inference_autocast, token_logprobs
+from smalltalk.tokens import token_matrix
 
 DEFAULT_MAX_EXPERTS = 2
 MAX_NEW_TOKENS = 1 << 16  # the longest generation asked for at once, as long as the longest S
@@ -125,9 +131,8 @@ def sequence_logprobs(model: LM, ids: Sequence[int]) -> torch.Tensor:
 
     Texts longer than the context (seq_len + 1 tokens) are read in windows of seq_len + 1 tokens,
     each token scored once and each window as long as it can be (lm-eval's rolling
-    log-likelihood). Within one window the numbers are `evaluate.token_logprobs`'.
+    log-likelihood). Within one window the numbers are `scoring.token_logprobs`'.
     """
-    from smalltalk.evaluate import token_logprobs
 
     tokens = np.asarray(ids, dtype=np.int64)
     seq_len = model.config.seq_len
@@ -223,10 +228,6 @@ class Mixture:
     ):
         import sentencepiece as spm
 
-        from smalltalk.config import model_config
-        from smalltalk.layout import mixture_files, served_experts
-        from smalltalk.routers import load_router
-
         if max_experts < 1:
             raise ValueError(f"max_experts must be at least 1, got {max_experts}")
         self.files = mixture_files(results)
@@ -243,9 +244,7 @@ class Mixture:
         self.method: str = self.files.method
         self.temperature: float = self.config["eval"]["temperature"]
         self.max_experts = max_experts
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        )
+        self.device = torch.device(checkpoint.resolve_device(device))
 
         tokenizer_path = self.files.tokenizer
         if not tokenizer_path.is_file():
@@ -328,11 +327,9 @@ class Mixture:
             return self._dense
 
     def _load(self, path: Path) -> LM:
-        from smalltalk.em import load_model
-
         if not path.is_file():
             raise FileNotFoundError(f"{path}: weights not found; has the workflow trained it?")
-        return load_model(self.expert_config, path, str(self.device))
+        return checkpoint.load_model(self.expert_config, path, str(self.device))
 
     # -- routing
 
@@ -351,8 +348,6 @@ class Mixture:
         self, sequences: Sequence[Sequence[int]], prefix_tokens: int | None = None
     ) -> list[Routing]:
         """`route` for token ids. Sequences of equal prefix length are scored together."""
-        from smalltalk.routers import RoutingBatch
-        from smalltalk.routing import route
 
         limit = self.prefix_len if prefix_tokens is None else prefix_tokens
         longest = self.router_config.seq_len + 1  # a router LM reads M - 1 tokens (Eq. 9)
@@ -390,7 +385,6 @@ class Mixture:
     def log_weights(self, routing: Routing, topk: int) -> np.ndarray:
         """(E,) log mixing weights: the routed expert alone, or the c-BTM top-k ensemble of the
         routers asked; -inf for every other expert (and for those not served)."""
-        from smalltalk.evaluate import ensemble_log_weights
 
         most = min(len(self.experts), self.max_experts)
         if not 1 <= topk <= most:
@@ -668,8 +662,6 @@ def segment_profiles(
     import pyarrow.parquet as pq
     from scipy import sparse
     from sklearn.feature_extraction.text import TfidfTransformer
-
-    from smalltalk.data import token_matrix
 
     files = sorted(shards.glob("expert=*/*.parquet"))
     if not files:

@@ -9,13 +9,14 @@ presets (Table 1).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from smalltalk.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -161,66 +162,6 @@ class Block(nn.Module):
         return x + self.mlp(self.norm_2(x))
 
 
-# ---- configuration --------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True, slots=True)
-class ModelConfig:
-    """Architecture of one LM; the paper's symbols (App. A.2) are given for each field."""
-
-    vocab_size: int = 32000
-    """V: SentencePiece vocabulary size (App. A.1)."""
-    seq_len: int = 1024
-    """S: longest context the model accepts; all paper models use 1024 (§3.1)."""
-    n_layer: int
-    """L (experts, dense) or L_r (routers): number of Transformer blocks."""
-    n_head: int
-    """A or A_r: attention heads per block."""
-    n_embd: int
-    """H or H_r: hidden size."""
-    ffw_expansion: int = 4
-    """D_ff / H: the MLP's hidden width as a multiple of H (4 for every model in Table 1)."""
-    dropout: float = 0.0
-    """Dropout on embeddings, attention weights and residual branches (0 disables it)."""
-    rope_base: float = 10000.0
-    """Base of the rotary frequencies (Su et al. 2024 use 10000)."""
-
-    def __post_init__(self):
-        errors = []
-        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "ffw_expansion"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                errors.append(f"{name} must be a positive integer, got {value!r}")
-        if not errors and self.n_embd % self.n_head:
-            errors.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        elif not errors and self.head_dim % 2:
-            errors.append(
-                f"n_embd / n_head = {self.head_dim} must be even: rotary embeddings rotate pairs"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            errors.append(f"dropout must lie in [0, 1), got {self.dropout!r}")
-        if not self.rope_base > 1.0:
-            errors.append(f"rope_base must be greater than 1, got {self.rope_base!r}")
-        if errors:
-            raise ValueError("invalid ModelConfig: " + "; ".join(errors))
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def d_ff(self) -> int:
-        """D_ff (App. A.2): the MLP's hidden width."""
-        return self.ffw_expansion * self.n_embd
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> ModelConfig:
-        """A copy of `PRESETS[name]` with some fields replaced, e.g. `vocab_size=tokenizer_size`."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-
 # ---- the language model ---------------------------------------------------------------------
 
 
@@ -309,21 +250,22 @@ class LM(nn.Module):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
 
-# ---- presets --------------------------------------------------------------------------------
-
-# Table 1 of the paper, V = 32000 and S = 1024 (App. A.1, §3.1). The sizes in the names are the
-# paper's counts, which we reproduce with tied embeddings, bias-free linear layers and RMSNorm gains
-# (4.40M, 109.5M, 334.8M, 1.274B; see tests/test_model.py). Biases and LayerNorm shifts would add
-# under 0.4% and round the same; untied embeddings would make the 4.4M router 7.5M. Table 1's 64M
-# router (H = 416, 12 heads) is left out: 416 is not divisible by 12, and at 12 layers it would
 # hold 38M parameters, so that row has a typo we cannot resolve.
-PRESETS: dict[str, ModelConfig] = {
-    "router-4.4m": ModelConfig(n_layer=12, n_head=12, n_embd=96),
-    "router-110m": ModelConfig(n_layer=12, n_head=12, n_embd=768),
-    "expert-335m": ModelConfig(n_layer=24, n_head=16, n_embd=1024),
-    "expert-1.3b": ModelConfig(n_layer=24, n_head=16, n_embd=2048),
-    # Laptop-CPU demos: override vocab_size with the tokenizer's and seq_len with the data's.
-    "demo-router": ModelConfig(vocab_size=4096, seq_len=256, n_layer=2, n_head=2, n_embd=32),
-    "demo-expert": ModelConfig(vocab_size=4096, seq_len=256, n_layer=4, n_head=4, n_embd=128),
-    "tiny": ModelConfig(vocab_size=256, seq_len=64, n_layer=1, n_head=2, n_embd=32),
-}
+
+
+def counted_flops(config: ModelConfig, batch: int, seq_len: int, training: bool = False) -> int:
+    """FLOPs of one forward (and, if `training`, backward) pass of `LM(config)` as counted by
+    `FlopCounterMode`, on the meta device: no memory, no arithmetic, any size.
+
+    The meta device also makes scaled_dot_product_attention fall back to explicit matmuls, which
+    the counter sees; the fused CPU kernel would be missed. The counter counts matmuls only (2 per
+    multiply-add), so it equals `flops.matmul_flops`, times 3 with the backward pass.
+    """
+    with torch.device("meta"):
+        model = LM(config)
+        idx = torch.zeros(batch, seq_len, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, idx if training else None)
+        if training:
+            loss.backward()
+    return counter.get_total_flops()

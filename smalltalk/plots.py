@@ -40,7 +40,7 @@ from matplotlib.ticker import (
     PercentFormatter,
 )
 
-from smalltalk.files import atomic_path
+from smalltalk.files import write_atomically, write_bytes_atomically
 
 PathLike = str | os.PathLike
 
@@ -91,16 +91,9 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _atomically(out: PathLike, write: Callable[[Path], object]) -> Path:
-    """Call write(temporary path) beside `out`, then rename it over `out`."""
-    with atomic_path(out) as tmp:
-        write(tmp)
-    return Path(out)
-
-
 def _save(fig: Figure, out: PathLike) -> Path:
     """The figure as PNG, with no Software stamp, so reruns give identical bytes."""
-    return _atomically(
+    return write_atomically(
         out, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
     )
 
@@ -695,7 +688,7 @@ def tables_html(tables: Mapping[str, PathLike], out: PathLike) -> Path:
     parts.append("</div>\n")
     text = "\n".join(parts)
     # ASCII with character references: the fragment needs no charset declaration.
-    return _atomically(out, lambda tmp: tmp.write_bytes(text.encode("ascii", "xmlcharrefreplace")))
+    return write_bytes_atomically(text.encode("ascii", "xmlcharrefreplace"), out)
 
 
 # The CLI (`smalltalk plot <figure> ...`) dispatches on these names.

@@ -27,9 +27,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from smalltalk.data import token_matrix
+from smalltalk import checkpoint
 from smalltalk.files import write_bytes_atomically
 from smalltalk.routing import balanced_assign
+from smalltalk.scoring import prefix_nll
+from smalltalk.tokens import sampling_keys, token_matrix
 
 METHODS = ("smalltalk", "tfidf_kmeans", "random", "source")
 BASELINES = METHODS[1:]  # fitted once from the EM sample, one `.npz` file each
@@ -90,13 +92,9 @@ class LMRouters:
         self._loaded = [self._load(path) for path in self.weights] if keep_loaded else None
 
     def _load(self, path):
-        from smalltalk.em import load_model
-
-        return load_model(self.config, path, self.device)
+        return checkpoint.load_model(self.config, path, self.device)
 
     def costs(self, batch: RoutingBatch, prefix_lens: Sequence[int]) -> np.ndarray:
-        from smalltalk.em import prefix_nll
-
         scores = np.empty((len(batch), len(prefix_lens), self.n_experts), dtype=np.float32)
         if len(batch) == 0:
             return scores
@@ -202,8 +200,6 @@ class RandomRouter:
         self.n_experts, self.seed = n_experts, seed
 
     def costs(self, batch: RoutingBatch, prefix_lens: Sequence[int]) -> np.ndarray:
-        from smalltalk.em import sampling_keys
-
         # A hash per (sequence, expert): the same sequence routes the same way in every job.
         keys = np.stack(
             [sampling_keys(batch.seq_ids, self.seed + e) for e in range(self.n_experts)], axis=1

@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from smalltalk.model import LM
+
+SCORE_BATCH = 256
 
 
 def predicted_positions(length: int, start: int = 0, end: int | None = None) -> range:
@@ -86,3 +89,47 @@ def sequence_nll(
         return torch.zeros(0)
     total = torch.cat(scores).cpu()  # (N,); the one device-to-host copy
     return total / len(positions) if reduction == "mean" else total
+
+
+def prefix_nll(model: LM, tokens: np.ndarray, prefix_len: int) -> np.ndarray:
+    """Mean NLL per predicted token of each row's first M tokens (Eq. 9): (n,) float32."""
+    if len(tokens) == 0:
+        return np.empty(0, dtype=np.float32)
+    prefix = torch.from_numpy(tokens[:, :prefix_len].astype(np.int64))
+    nll = sequence_nll(model, prefix, end=prefix_len, batch_size=SCORE_BATCH, reduction="mean")
+    return nll.numpy()
+
+
+@torch.inference_mode()
+def token_logprobs(model: LM, tokens: np.ndarray, batch_size: int) -> torch.Tensor:
+    """log p(x_j | x_0..x_{j-1}) for j = 1..L-1 of each row of tokens (n, L): (n, L-1) float32,
+    left on the model's device. Same numbers as `scoring.sequence_nll` sums (batches of
+    `batch_size`, bf16 autocast on CUDA only, log-softmax in float32)."""
+    device = next(model.parameters()).device
+    n, length = tokens.shape
+    logprobs = torch.empty((n, length - 1), dtype=torch.float32, device=device)
+    for i in range(0, n, batch_size):
+        batch = torch.from_numpy(tokens[i : i + batch_size].astype(np.int64))
+        batch = batch.to(device, non_blocking=True)  # (b, L)
+        with inference_autocast(device):
+            logits, _ = model(batch[:, :-1])  # (b, L-1, V): logits[:, t] predicts token t+1
+        nll = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
+        logprobs[i : i + len(batch)] = -nll  # (b, L-1)
+    return logprobs
+
+
+def ensemble_log_weights(router_nll: np.ndarray, topk: int, temperature: float) -> np.ndarray:
+    """log w_e of the top-k ensemble for router NLLs (..., E): float64, -inf outside the top k.
+
+    As in c-BTM (Gururangan et al. 2023), only the k experts whose routers fit the prefix best
+    (lowest mean NLL; ties to the lower index) are mixed, with w = softmax(-router_nll /
+    temperature) over them. With temperature 1 / (M̂ - 1) this is the router posterior of Eq. 5
+    (uniform prior) restricted to the top k; temperature -> 0 gives argmin routing (Eq. 4).
+    """
+    order = np.argsort(router_nll, axis=-1, kind="stable")[..., :topk]  # (..., k)
+    logits = np.take_along_axis(router_nll, order, axis=-1).astype(np.float64) / -temperature
+    top = logits.max(axis=-1, keepdims=True)
+    log_norm = top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+    log_weights = np.full(router_nll.shape, -np.inf)
+    np.put_along_axis(log_weights, order, logits - log_norm, axis=-1)
+    return log_weights

@@ -8,7 +8,6 @@ shard, `shards/expert={e}/{chunk}.parquet`, so DuckDB reads all shards as one ta
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 
@@ -18,7 +17,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from smalltalk.files import parquet_writers, write_parquet_atomically, write_text_atomically
-from smalltalk.flops import score_exchange_bytes
 from smalltalk.routers import Router, RoutingBatch
 from smalltalk.routing import balanced_assign
 
@@ -159,64 +157,3 @@ def _plain(value):
     return (
         int(value) if isinstance(value, (int, np.integer, float)) and value == int(value) else value
     )
-
-
-def communication_ledger(
-    *,
-    assignment_paths: Sequence[str | os.PathLike],
-    shard_score_paths: Sequence[str | os.PathLike],
-    n_experts: int,
-    out: str | os.PathLike,
-) -> pa.Table:
-    """Bytes of scores exchanged (2 bytes x sequences x routers) per EM round and for sharding,
-    then the paper's App. A.4 settings for comparison."""
-    from smalltalk import flops
-
-    rows = []
-    for r, path in enumerate(assignment_paths):
-        sequences = pq.read_metadata(path).num_rows
-        exchanged = 0 if r == 0 else score_exchange_bytes(sequences, n_experts)
-        rows.append(
-            _ledger_row("this run", f"EM round {r}", sequences, n_experts, exchanged, "all routers")
-        )
-    sharded = sum(pq.read_metadata(path).num_rows for path in shard_score_paths)
-    shard_bytes = score_exchange_bytes(sharded, n_experts)
-    rows.append(_ledger_row("this run", "sharding", sharded, n_experts, shard_bytes, "all routers"))
-    em_total = sum(row["bytes"] for row in rows if row["stage"].startswith("EM"))
-    rows.append(_ledger_row("this run", "EM total", None, n_experts, em_total, "all routers"))
-    rows.append(
-        _ledger_row("this run", "total", None, n_experts, em_total + shard_bytes, "all routers")
-    )
-    # App. A.4: 4.4M routers, 128k steps at batch 32 and S = 1024, an exchange every 45M tokens.
-    paper_rounds = flops.router_communication_rounds(
-        flops.PAPER_ROUTER_STEPS, flops.PAPER_ROUTER_BATCH, 1024, 45_000_000
-    )
-    for experts in (4, 8, 16, 32):
-        per_exchange = flops.router_bytes_per_exchange(45_000_000, experts, 1024)
-        rows.append(
-            _ledger_row(
-                "paper App. A.4",
-                f"EM, E={experts}: {paper_rounds} exchanges",
-                math.ceil(45_000_000 / 1024) * paper_rounds,
-                experts,
-                per_exchange * paper_rounds,
-                f"per router; {per_exchange / 1e6:.3f} MB per exchange",
-            )
-        )
-    table = pa.Table.from_pylist(rows)
-    write_parquet_atomically(table, out)
-    return table
-
-
-def _ledger_row(
-    scope: str, stage: str, sequences, routers: int, exchanged: float, note: str
-) -> dict:
-    return {
-        "scope": scope,
-        "stage": stage,
-        "sequences": sequences,
-        "routers": routers,
-        "bytes": float(exchanged),
-        "megabytes": float(exchanged) / 1e6,
-        "note": note,
-    }

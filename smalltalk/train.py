@@ -51,126 +51,22 @@ from smalltalk.checkpoint import (
     mark_finished,
     read_state,
     remove_checkpoints,
+    resolve_device,
     save_checkpoint,
     save_weights,
 )
-from smalltalk.data import token_matrix
-from smalltalk.files import atomic_path, fingerprint
-from smalltalk.flops import counted_flops, training_flops
-from smalltalk.model import LM, ModelConfig
+from smalltalk.config import ROLES, ModelConfig, TrainConfig
+from smalltalk.files import fingerprint, write_atomically
+from smalltalk.flops import training_flops
+from smalltalk.model import LM, counted_flops
 from smalltalk.scoring import sequence_nll
 from smalltalk.stream import TokenStream, parquet_files
+from smalltalk.tokens import token_matrix
 
-ROLES = ("router", "expert", "dense")
 SCHEDULE_BY_ROLE = {"router": "constant", "expert": "cosine", "dense": "cosine"}  # App. A.1
 METRICS_SAVE_SECONDS = 60  # also rewrite metrics.parquet this often, for those watching a run
 # Settings a resumed run may change without changing what it computes.
 RESUMABLE_CHANGES = {"ckpt_every", "keep_last", "log_every", "threads", "compile", "device"}
-
-
-# ---- configuration --------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True, slots=True)
-class TrainConfig:
-    """How one model is trained. The paper's values (App. A.1, Tables 1-2) are noted per field."""
-
-    steps: int | None = None
-    """Optimizer steps to train. Give exactly one of `steps` and `max_tokens`."""
-    max_tokens: int | None = None
-    """Token budget instead of `steps`: floor(max_tokens / tokens per step) steps, never more."""
-    batch_size: int = 32
-    """Sequences per optimizer step over all processes and micro-batches (Table 2: 32 routers,
-    128 experts, 512-2048 dense)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step; a process holds batch_size / (grad_accum · world size)
-    sequences at a time."""
-    schedule: str = "auto"
-    """'cosine': linear warm-up, then cosine decay to `min_lr` (experts, dense); 'constant':
-    linear warm-up, then `lr` (routers, App. A.1); 'auto': chosen by the role."""
-    lr: float = 5e-4
-    """Peak learning rate (experts 5e-4, routers 1e-4, §3.1)."""
-    min_lr: float = 5e-5
-    """Learning rate the cosine schedule reaches at the last step."""
-    warmup_steps: int = 0
-    """Steps of linear warm-up (experts 3000, routers 1000). Routers continuing from the previous
-    EM round warm up only in the first round: later rounds pass 0."""
-    weight_decay: float = 0.1
-    """AdamW decoupled weight decay on matrices and embeddings, not on norm gains."""
-    betas: tuple[float, float] = (0.9, 0.99)
-    """AdamW (β1, β2)."""
-    grad_clip: float = 0.1
-    """Largest global gradient L2 norm; larger gradients are scaled down. 0 disables clipping."""
-    seed: int = 0
-    """Seeds weight initialisation, data order and dropout."""
-    shuffle_buffer: int = 16384
-    """Rows permuted together by the data stream (memory: rows · (S+1) tokens)."""
-    ckpt_every: int = 1000
-    """Steps between checkpoints (K); 0 disables them."""
-    keep_last: int = 2
-    """Checkpoints kept (k); older ones are deleted."""
-    log_every: int = 10
-    """Steps between rows of `metrics.parquet` (each costs one device sync)."""
-    device: str = "auto"
-    """'auto' (CUDA if present, else CPU), 'cpu' or 'cuda'."""
-    precision: str = "auto"
-    """'bf16' autocast, 'fp32', or 'auto': bf16 on CUDA and on CPUs with native bf16 dot
-    products (AVX512-BF16, AMX), fp32 elsewhere. Weights and optimizer stay fp32 (App. A.1)."""
-    compile: bool | str = "auto"
-    """torch.compile the model: True, False, or 'auto': on CUDA always, on the CPU only for a run
-    long enough to pay back the compile time (`resolve_compile`)."""
-    threads: int | None = None
-    """CPU threads for PyTorch's kernels (torch.set_num_threads); None keeps PyTorch's default."""
-
-    def __post_init__(self):
-        errors = []
-        if (self.steps is None) == (self.max_tokens is None):
-            errors.append("give exactly one of steps and max_tokens")
-        for name in ("steps", "max_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                errors.append(f"{name} must be at least 1, got {value}")
-        for name in ("batch_size", "grad_accum", "shuffle_buffer", "keep_last", "log_every"):
-            if getattr(self, name) < 1:
-                errors.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "ckpt_every", "weight_decay", "grad_clip", "min_lr"):
-            if getattr(self, name) < 0:
-                errors.append(f"{name} must not be negative, got {getattr(self, name)}")
-        if self.grad_accum >= 1 and self.batch_size % self.grad_accum:
-            errors.append(f"batch_size {self.batch_size} is not divisible by grad_accum")
-        if self.steps is not None and self.steps >= 1 and self.warmup_steps >= self.steps:
-            errors.append(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
-        if not self.lr > 0:
-            errors.append(f"lr must be positive, got {self.lr}")
-        elif self.min_lr > self.lr:
-            errors.append(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            errors.append(f"betas must be two numbers in [0, 1), got {self.betas}")
-        choices = {
-            "schedule": ("auto", "cosine", "constant"),
-            "device": ("auto", "cpu", "cuda"),
-            "precision": ("auto", "bf16", "fp32"),
-            "compile": (True, False, "auto"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                errors.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.threads is not None and self.threads < 1:
-            errors.append(f"threads must be at least 1 or None, got {self.threads}")
-        if errors:
-            raise ValueError("invalid TrainConfig: " + "; ".join(errors))
-
-    def total_steps(self, tokens_per_step: int) -> int:
-        """Optimizer steps of the run: `steps`, or as many whole steps as `max_tokens` pays for."""
-        if self.steps is not None:
-            return self.steps
-        steps = self.max_tokens // tokens_per_step
-        if steps <= self.warmup_steps:
-            raise ValueError(
-                f"max_tokens ({self.max_tokens}) pays for {steps} steps of {tokens_per_step} "
-                f"tokens: it must be more than warmup_steps ({self.warmup_steps})"
-            )
-        return steps
 
 
 # ---- learning-rate schedules (App. A.1) -----------------------------------------------------
@@ -276,8 +172,7 @@ class Processes:
 
 def start_processes(device: str) -> Processes:
     """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Processes(0, 1, torch.device(device))
@@ -352,11 +247,6 @@ METRICS_SCHEMA = pa.schema(
 )
 
 
-def _write_atomically(path: Path, write) -> None:
-    with atomic_path(path) as tmp:
-        write(tmp)
-
-
 class MetricsLog:
     """Rows of `metrics.parquet`, rewritten whole (and atomically) when saved: a log holds one row
     per `log_every` steps, small enough to rewrite at every checkpoint."""
@@ -380,7 +270,7 @@ class MetricsLog:
 
     def save(self) -> None:
         table = pa.Table.from_pylist(self.rows, schema=METRICS_SCHEMA)
-        _write_atomically(self.path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+        write_atomically(self.path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
         self.saved_at = time.perf_counter()
 
 
@@ -721,7 +611,7 @@ def fit(
     }
     if procs.is_main:
         metrics.save()
-        _write_atomically(
+        write_atomically(
             out_dir / "summary.json",
             lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"),
         )

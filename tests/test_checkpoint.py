@@ -33,8 +33,9 @@ from smalltalk.checkpoint import (
     save_checkpoint,
     save_weights,
 )
+from smalltalk.config import TrainConfig
 from smalltalk.model import LM
-from smalltalk.train import TrainConfig, fit
+from smalltalk.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +128,8 @@ CHILD = textwrap.dedent(
     """
     import dataclasses, json, os, signal, sys
     import smalltalk.train
-    from smalltalk.train import TrainConfig, fit
+    from smalltalk.train import fit
+    from smalltalk.config import TrainConfig
     from test_train import TINY
 
     data, out, kill_at, config = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]

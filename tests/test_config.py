@@ -169,3 +169,15 @@ def test_check_config_merges_overlays_like_configfile(tmp_path, capsys):
     assert cli.main(["check-config", "--config", str(overlay)]) == 1  # a partial file alone
     error = capsys.readouterr().err
     assert "'inputs' is a required property" in error and "Traceback" not in error
+
+
+def test_a_train_config_built_in_python_has_the_schemas_defaults():
+    import dataclasses
+
+    from smalltalk.config import TrainConfig, load_schema
+
+    schema = load_schema()["$defs"]["training"]["properties"]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    shared = {key: spec["default"] for key, spec in schema.items() if "default" in spec}
+    assert {"lr", "min_lr", "ckpt_every"} <= shared.keys()
+    assert {key: defaults[key] for key in shared} == shared

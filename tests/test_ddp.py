@@ -15,14 +15,16 @@ import pytest
 import torch
 from test_train import TINY, write_tokens  # the synthetic token files, shared with test_train
 
-from smalltalk.train import TrainConfig, fit
+from smalltalk.config import TrainConfig
+from smalltalk.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent(
     """
     import json, sys
-    from smalltalk.train import TrainConfig, fit
+    from smalltalk.train import fit
+    from smalltalk.config import TrainConfig
     from test_train import TINY
 
     data, out, config = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

@@ -16,10 +16,12 @@ from hypothesis import strategies as st
 from smalltalk import em
 from smalltalk.checkpoint import save_weights
 from smalltalk.cli import main
-from smalltalk.data import token_matrix, token_schema
-from smalltalk.model import LM, ModelConfig
+from smalltalk.config import ModelConfig
+from smalltalk.ledger import communication_ledger
+from smalltalk.model import LM
 from smalltalk.routers import LMRouters
-from smalltalk.shard import check_shards, communication_ledger, shard_chunk
+from smalltalk.shard import check_shards, shard_chunk
+from smalltalk.tokens import token_matrix, token_schema
 
 SEQ = 17  # tokens per row (S + 1)
 

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from smalltalk import em
+from smalltalk import checkpoint, scoring
 from smalltalk.checkpoint import save_weights
-from smalltalk.data import token_schema
+from smalltalk.config import ModelConfig
 from smalltalk.evaluate import (
     AGGREGATES,
     EVAL_SCHEMA,
@@ -23,11 +23,12 @@ from smalltalk.evaluate import (
     score_part,
     split_by_expert,
 )
-from smalltalk.model import LM, ModelConfig
+from smalltalk.model import LM
 from smalltalk.routers import LMRouters
 from smalltalk.routing import route
 from smalltalk.scoring import sequence_nll
 from smalltalk.stats import bootstrap_ratio, verdict
+from smalltalk.tokens import token_schema
 
 CONFIG = ModelConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2, n_embd=16)
 S = CONFIG.seq_len  # rows hold S + 1 tokens
@@ -111,7 +112,7 @@ def columns(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def load(paths):
-    return [em.load_model(CONFIG, path, device="cpu") for path in paths]
+    return [checkpoint.load_model(CONFIG, path, device="cpu") for path in paths]
 
 
 # ---- per-sequence rows -----------------------------------------------------------------------
@@ -162,7 +163,7 @@ def test_routed_expert_is_the_argmin_of_the_routers_prefix_nll(setup, evaluated)
     router_nll = np.stack(evaluated.column("router_nll").to_numpy(zero_copy_only=False))
     expected = np.stack(
         [
-            np.stack([em.prefix_nll(router, tokens, m) for router in routers], axis=1)
+            np.stack([scoring.prefix_nll(router, tokens, m) for router in routers], axis=1)
             for m in sorted(set(PREFIX_LENS))
         ],
         axis=1,
@@ -538,7 +539,7 @@ def test_route_sequences_is_argmin_routing_of_the_first_rows(setup, tmp_path):
     assert routing.schema == pa.schema([("seq_id", pa.int64()), ("expert", pa.int16())])
     assert routing.column("seq_id").to_pylist() == list(range(1000, 1010))
     tokens = setup["tokens"][0][:10]
-    nll = np.stack([em.prefix_nll(r, tokens, M) for r in load(setup["routers"])], axis=1)
+    nll = np.stack([scoring.prefix_nll(r, tokens, M) for r in load(setup["routers"])], axis=1)
     assert np.array_equal(routing.column("expert").to_numpy(), route(nll))
 
 

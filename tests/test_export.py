@@ -20,7 +20,7 @@ import torch
 from conftest import N_EXPERTS, REPO, TEXTS, with_random_router
 
 import smalltalk
-from smalltalk import cli, em, export
+from smalltalk import checkpoint, cli, export
 from smalltalk.mixture import decode
 
 OVERALL = {
@@ -256,7 +256,7 @@ def test_transformers_loads_every_exported_model_with_our_logits(
     folders = [*(f"experts/e{e}" for e in range(N_EXPERTS)), "dense"]
     for folder in folders:
         source = run / folder / "model.safetensors"
-        model = em.load_model(ours.expert_config, source, "cpu")
+        model = checkpoint.load_model(ours.expert_config, source, "cpu")
         hf = transformers.AutoModelForCausalLM.from_pretrained(
             exported / folder, trust_remote_code=True
         ).eval()
@@ -285,7 +285,7 @@ def test_transformers_loads_every_exported_model_with_our_logits(
     assert "import smalltalk" not in modeling and "from smalltalk" not in modeling
     np.testing.assert_array_equal(  # the exported weights are the run's, value for value
         hf.lm_head.weight.numpy(),
-        em.load_model(
+        checkpoint.load_model(
             ours.expert_config, run / "dense" / "model.safetensors"
         ).lm_head.weight.numpy(),
     )

@@ -188,10 +188,11 @@ def test_capture_takes_the_rows_whose_grown_router_beats_every_run_router(tmp_pa
     import torch
 
     from smalltalk.checkpoint import save_weights
-    from smalltalk.data import token_schema
+    from smalltalk.config import ModelConfig
     from smalltalk.grow import capture_chunk
-    from smalltalk.model import LM, ModelConfig
+    from smalltalk.model import LM
     from smalltalk.routers import LMRouters, RoutingBatch
+    from smalltalk.tokens import token_schema
 
     config = ModelConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2, n_embd=16)
     torch.manual_seed(0)
@@ -255,8 +256,8 @@ def test_a_grown_router_trains_as_long_and_on_as_many_sequences_as_an_em_router(
 
     import pyarrow.parquet as pq
 
-    from smalltalk.data import token_schema
     from smalltalk.grow import GROWN_ROUTER_STEP_SHARE, grown_router_plan
+    from smalltalk.tokens import token_schema
 
     entry = {"name": "docs", "inputs": ["data/docs/*.jsonl.zst"]}
     config = validate_config(base_config(grow=[entry, entry | {"name": "more", "router_steps": 7}]))

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
-from smalltalk.model import LM, PRESETS, KVCache, ModelConfig, apply_rotary, rotary_tables
+from smalltalk.config import PRESETS, ModelConfig
+from smalltalk.model import LM, KVCache, apply_rotary, rotary_tables
 
 
 def tiny_model(seed: int = 0, **overrides) -> LM:

@@ -14,7 +14,6 @@ from conftest import DOMAINS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smalltalk.data import token_schema
 from smalltalk.em import normalized_mutual_information
 from smalltalk.routers import (
     RandomRouter,
@@ -26,6 +25,7 @@ from smalltalk.routers import (
     load_router,
 )
 from smalltalk.shard import check_shards, shard_chunk
+from smalltalk.tokens import token_schema
 
 SEQ = 33  # tokens per row: S + 1
 PREFIX = 16

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from smalltalk.model import LM, ModelConfig
+from smalltalk.config import ModelConfig
+from smalltalk.model import LM
 from smalltalk.scoring import predicted_positions, sequence_nll
 
 

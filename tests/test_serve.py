@@ -26,12 +26,11 @@ import yaml
 from conftest import N_EXPERTS, REPO, TEXTS, with_random_router
 
 import smalltalk
-from smalltalk import cli, em, mixture
+from smalltalk import checkpoint, cli, mixture, scoring
 from smalltalk.config import ConfigError, validate_config
-from smalltalk.data import token_matrix
-from smalltalk.evaluate import ensemble_log_weights, token_logprobs
 from smalltalk.model import LM
-from smalltalk.scoring import sequence_nll
+from smalltalk.scoring import ensemble_log_weights, sequence_nll, token_logprobs
+from smalltalk.tokens import token_matrix
 
 
 @pytest.fixture(autouse=True)
@@ -45,13 +44,13 @@ def no_grad():
 def loads(monkeypatch) -> list[str]:
     """Every weights file the mixture reads from disk, in order."""
     seen = []
-    original = em.load_model
+    original = checkpoint.load_model
 
     def counting(config, weights, device="auto"):
         seen.append(Path(weights).parent.name)  # e0, e1, ... for experts
         return original(config, weights, device)
 
-    monkeypatch.setattr(em, "load_model", counting)
+    monkeypatch.setattr(checkpoint, "load_model", counting)
     return seen
 
 
@@ -104,7 +103,9 @@ def test_the_lru_evicts_the_least_recently_used_expert(results, loads):
 def test_routing_reads_the_first_m_tokens_and_short_prompts_what_they_have(results):
     loaded = smalltalk.load(results)
     routers = [
-        em.load_model(loaded.router_config, results / "routers" / "final" / f"e{e}.safetensors")
+        checkpoint.load_model(
+            loaded.router_config, results / "routers" / "final" / f"e{e}.safetensors"
+        )
         for e in range(N_EXPERTS)
     ]
     prompts = [TEXTS[0], "In the", "God", ""]
@@ -118,7 +119,7 @@ def test_routing_reads_the_first_m_tokens_and_short_prompts_what_they_have(resul
             assert routing.expert == 0 and all(math.isnan(v) for v in routing.router_nll)
             continue
         tokens = np.array([ids[:used]])
-        expected = [float(em.prefix_nll(router, tokens, used)[0]) for router in routers]
+        expected = [float(scoring.prefix_nll(router, tokens, used)[0]) for router in routers]
         np.testing.assert_allclose(routing.router_nll, expected, rtol=1e-6)
         assert routing.expert == int(np.argmin(expected))
     assert 1 < loaded.route(prompts[1]).prefix_tokens < loaded.prefix_len  # a short prompt
@@ -281,13 +282,13 @@ def test_a_kept_subset_routes_by_the_argmin_of_the_kept_routers_alone(results, m
     retired = full[0].expert  # the first text must go elsewhere now
     kept = [e for e in range(N_EXPERTS) if e != retired]
     read = []  # every weights file loaded, relative to the results
-    original = em.load_model
+    original = checkpoint.load_model
 
     def reading(config, weights, device="auto"):
         read.append(Path(weights).relative_to(results).as_posix())
         return original(config, weights, device)
 
-    monkeypatch.setattr(em, "load_model", reading)
+    monkeypatch.setattr(checkpoint, "load_model", reading)
     subset = smalltalk.load(results, experts=kept[::-1], max_experts=N_EXPERTS)
     assert subset.experts == tuple(kept)  # ascending, whatever the order given
     assert read == [f"routers/final/e{e}.safetensors" for e in kept]  # the kept routers only
@@ -526,7 +527,7 @@ def test_generation_length_is_bounded(results, capsys):
 def test_threads_sharing_a_mixture_never_hold_more_than_max_experts(results, monkeypatch):
     loaded = smalltalk.load(results, max_experts=1)
     resident = []
-    original = em.load_model
+    original = checkpoint.load_model
 
     def slow(config, weights, device="auto"):
         resident.append(len(loaded.loaded_experts))
@@ -535,7 +536,7 @@ def test_threads_sharing_a_mixture_never_hold_more_than_max_experts(results, mon
         resident.append(len(loaded.loaded_experts))
         return model
 
-    monkeypatch.setattr(em, "load_model", slow)
+    monkeypatch.setattr(checkpoint, "load_model", slow)
     start = threading.Barrier(4)
 
     def serve(first: int) -> None:

@@ -19,10 +19,10 @@ from safetensors.torch import load_file, load_model, save_model
 
 import smalltalk.train
 from smalltalk.checkpoint import WEIGHTS
-from smalltalk.config import load_config, model_config, train_config
+from smalltalk.config import PRESETS, load_config, model_config, train_config
 from smalltalk.files import fingerprint
 from smalltalk.flops import training_flops
-from smalltalk.model import LM, PRESETS
+from smalltalk.model import LM
 from smalltalk.stream import TokenStream
 from smalltalk.train import (
     METRICS_SCHEMA,

@@ -1,7 +1,7 @@
 """The configuration of a SmallTalk LM (an expert or the dense baseline) for transformers.
 
 Written by `smalltalk export` beside an exported model; it needs transformers only. The fields
-are `smalltalk.model.ModelConfig`'s, by the same names, and transformers' usual names read them
+are `smalltalk.config.ModelConfig`'s, by the same names, and transformers' usual names read them
 too (`hidden_size` is `n_embd`, ...).
 """
 

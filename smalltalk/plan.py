@@ -1,0 +1,94 @@
+"""What one training job of the workflow is: the model, the training settings and the sequences
+of a role (router, expert, dense baseline) and its index, from the run's config.
+
+The roles differ in four ways, all decided here:
+- seeds: EM router e in round r uses seed + 1000 r + e, expert e seed + 100,000 + e, the dense
+  baseline seed + 100,000 (a grown router's own offset is `grow.grown_router_plan`'s);
+- data: a router trains on the sequences the last assignment gave it, and only on the first M
+  tokens of each (the M - 1 predictions it is scored on, Eq. 9) unless `routing.train_on` says
+  otherwise; experts and the dense baseline read their whole token files;
+- schedule: routers warm up in their first EM round only and then keep going from their
+  previous weights (`config.train_config`);
+- budget: the dense baseline sees as many tokens as all E experts together (§3.1), through E
+  times the batch or E times the steps (`training.dense_scale`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from smalltalk.config import ROLES, ModelConfig, TrainConfig, model_config, train_config
+from smalltalk.em import assigned_seq_ids
+from smalltalk.grow import grown_router_plan
+
+ROUTER_SEED_STRIDE = 1000  # router e of round r: seed + 1000 r + e
+MODEL_SEED_OFFSET = 100_000  # expert e: seed + 100,000 + e; the dense baseline: + 100,000
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """One training job: what `train.fit` receives besides its files."""
+
+    model: ModelConfig
+    training: TrainConfig
+    seq_ids: np.ndarray | None = None  # the rows of the token files to train on (None: all)
+    prefix_len: int | None = None  # tokens of each row to learn (None: all)
+
+
+def plan_job(
+    config: dict,
+    role: str,
+    index: int | None,
+    *,
+    vocab_size: int,
+    em_round: int | None = None,
+    assignment: str | os.PathLike | None = None,
+    em_summary: str | os.PathLike | None = None,
+    data: Sequence[str | os.PathLike] = (),
+    steps: int | None = None,
+    threads: int | None = None,
+) -> JobPlan:
+    """The plan of training job `role` `index`: an EM router (`em_round` and the `assignment`
+    it trains on), a grown router (`em_summary` of the EM it joins, its corpus's `data`), an
+    expert or the dense baseline (`steps` overrides `training.expert.steps`)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    model = model_config(config, "router" if role == "router" else "expert", vocab_size=vocab_size)
+    seq_ids, prefix_len, first_round = None, None, True
+    if role == "router" and em_summary is not None:
+        grown = grown_router_plan(config, index, em_summary, data, steps)
+        steps, seed_offset = grown.steps, grown.seed_offset
+        seq_ids, prefix_len = grown.seq_ids, grown.prefix_len
+    elif role == "router":
+        if assignment is None or em_round is None:
+            raise ValueError("a router needs its EM round and assignment (or an EM summary)")
+        routing = config["routing"]
+        seq_ids = assigned_seq_ids(assignment, index)
+        if len(seq_ids) == 0:
+            raise ValueError(f"{assignment} assigns no sequence to router {index}")
+        # M tokens give the M-1 predictions the router is scored on (Eq. 9).
+        prefix_len = routing["prefix_len"] - 1 if routing["train_on"] == "prefix" else None
+        steps = routing["steps_per_round"]
+        first_round = em_round <= 1
+        seed_offset = ROUTER_SEED_STRIDE * em_round + index
+    else:
+        steps = steps or config["training"]["expert"].get("steps")
+        if steps is None:
+            raise ValueError("training.expert.steps is not set")
+        seed_offset = MODEL_SEED_OFFSET + (index or 0)
+    training = train_config(
+        config, role, steps=steps, seed_offset=seed_offset, first_round=first_round, threads=threads
+    )
+    if role == "dense":
+        # Equal training FLOPs (§3.1): as many tokens as all E experts together.
+        n_experts = config["routing"]["n_experts"]
+        if config["training"]["dense_scale"] == "batch":
+            training = dataclasses.replace(training, batch_size=training.batch_size * n_experts)
+        else:
+            training = dataclasses.replace(training, steps=training.steps * n_experts)
+    return JobPlan(model=model, training=training, seq_ids=seq_ids, prefix_len=prefix_len)
