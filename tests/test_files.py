@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import fill
 
-from smalltalk import checkpoint, plots, train
+from smalltalk import checkpoint
 from smalltalk.config import write_resolved_config
-from smalltalk.files import write_parquet_atomically, write_text_atomically
+from smalltalk.files import write_atomically, write_parquet_atomically, write_text_atomically
 
 
 def test_a_full_disk_names_the_file_being_written_and_leaves_no_temporary_file(
@@ -48,10 +48,7 @@ WRITERS = {
     "text": lambda out: write_text_atomically("x" * 100_000, out),
     "parquet": lambda out: write_parquet_atomically(pa.table({"x": range(100_000)}), out),
     "resolved config": lambda out: write_resolved_config({"x": "x" * 100_000}, out),
-    "figure or table": lambda out: plots._atomically(
-        out, lambda tmp: tmp.write_bytes(b"x" * 10**5)
-    ),
-    "metrics log": lambda out: train._write_atomically(
+    "file-name writer (figures, metrics)": lambda out: write_atomically(
         out, lambda tmp: tmp.write_bytes(b"x" * 10**5)
     ),
     "weights": lambda out: checkpoint.save_weights(torch.nn.Linear(200, 200), out),
