@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import fill
 
-from smalltalk import checkpoint, plots, train
+from smalltalk import checkpoint, train
 from smalltalk.config import write_resolved_config
 from smalltalk.files import write_parquet_atomically, write_text_atomically
+from smalltalk.report.tables import tables_html
 
 
 def test_a_full_disk_names_the_file_being_written_and_leaves_no_temporary_file(
@@ -48,9 +49,7 @@ WRITERS = {
     "text": lambda out: write_text_atomically("x" * 100_000, out),
     "parquet": lambda out: write_parquet_atomically(pa.table({"x": range(100_000)}), out),
     "resolved config": lambda out: write_resolved_config({"x": "x" * 100_000}, out),
-    "figure or table": lambda out: plots._atomically(
-        out, lambda tmp: tmp.write_bytes(b"x" * 10**5)
-    ),
+    "table": lambda out: tables_html({}, out),
     "metrics log": lambda out: train._write_atomically(
         out, lambda tmp: tmp.write_bytes(b"x" * 10**5)
     ),
