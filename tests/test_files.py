@@ -13,6 +13,7 @@ from conftest import fill
 from smalltalk import checkpoint, train
 from smalltalk.config import write_resolved_config
 from smalltalk.files import write_parquet_atomically, write_text_atomically
+from smalltalk.report.style import new_figure, save
 from smalltalk.report.tables import tables_html
 
 
@@ -49,6 +50,7 @@ WRITERS = {
     "text": lambda out: write_text_atomically("x" * 100_000, out),
     "parquet": lambda out: write_parquet_atomically(pa.table({"x": range(100_000)}), out),
     "resolved config": lambda out: write_resolved_config({"x": "x" * 100_000}, out),
+    "figure": lambda out: save(new_figure(6.0, 4.0), out),
     "table": lambda out: tables_html({}, out),
     "metrics log": lambda out: train._write_atomically(
         out, lambda tmp: tmp.write_bytes(b"x" * 10**5)
