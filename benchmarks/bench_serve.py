@@ -39,8 +39,8 @@ from timing import interleaved, timed
 from smalltalk import flops
 from smalltalk.checkpoint import load_model, save_weights
 from smalltalk.config import PRESETS, ModelConfig, model_config
-from smalltalk.mixture import decode
 from smalltalk.model import LM
+from smalltalk.serve import decode
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_ROUTER, PAPER_PREFIX, PAPER_SEQ_LEN = "router-4.4m", 256, 1024  # §3.1
@@ -218,7 +218,7 @@ def main() -> None:
                                         prompt, args.rounds)  # fmt: skip
                 print(f"{name:<26} {r['cold']:>8.3f} {r['warm']:>8.3f} {r['ratio']:>6.1f}x")
         if args.results:
-            from smalltalk.mixture import load
+            from smalltalk.serve import load
 
             text = "In the beginning God created the heaven and the earth."
 

@@ -5,8 +5,8 @@ __version__ = "0.1.0"
 
 def load(results, **options):
     """The trained mixture in a results directory or an export of one, all its experts or
-    `experts=[...]`: `smalltalk.mixture.load` (imported on first use, so `import smalltalk`
+    `experts=[...]`: `smalltalk.serve.load` (imported on first use, so `import smalltalk`
     stays light for the command line)."""
-    from smalltalk.mixture import load as load_mixture
+    from smalltalk.serve import load as load_mixture
 
     return load_mixture(results, **options)

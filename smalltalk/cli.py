@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -587,7 +586,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from smalltalk import compare
     from smalltalk.files import write_parquet_atomically
-    from smalltalk.plots import tables_html
+    from smalltalk.report.tables import tables_html
 
     runs = _named_runs(args.run, "compare")
     table = compare.compare_runs(runs, args.out, split=args.split, experts=args.experts)
@@ -613,27 +612,48 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plot(args: argparse.Namespace) -> int:
-    from smalltalk import plots  # matplotlib only here: other commands do without it
+# `smalltalk plot FIGURE`: the flags each figure reads, as {its drawing function's parameter:
+# the flag}; every figure also takes --out.
+PLOT_FLAGS = {
+    "perplexity_vs_flops": {"expert_metrics": "experts", "dense_metrics": "dense"},
+    "expert_load": {"train_check_json": "check", "eval_load": "load", "prefix_len": "prefix_len"},
+    "segment_perplexity": {"per_segment": "per_segment", "prefix_len": "prefix_len"},
+    "prefix_sensitivity": {"overall": "overall", "train_prefix_len": "prefix_len"},
+    "em_convergence": {"diagnostics": "diagnostics", "em": "em"},
+    "segment_source": {
+        "contingency_or_segment_source": "segment_source",
+        "prefix_len": "prefix_len",
+    },
+}
 
-    figure = args.figure
-    if figure == "perplexity_vs_flops":
-        plots.perplexity_vs_flops(args.experts, args.dense, args.out)
-    elif figure == "expert_load":
-        plots.expert_load(args.check, args.load, args.out, prefix_len=args.prefix_len)
-    elif figure == "segment_perplexity":
-        plots.segment_perplexity(args.per_segment, args.prefix_len, args.out)
-    elif figure == "prefix_sensitivity":
-        plots.prefix_sensitivity(args.overall, args.out, train_prefix_len=args.prefix_len)
-    elif figure == "em_convergence":
-        plots.em_convergence(args.diagnostics, args.out, em=args.em)
-    elif figure == "segment_source":
-        plots.segment_source_heatmap(args.segment_source, args.out, prefix_len=args.prefix_len)
+
+def add_plot_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("figure", choices=list(PLOT_FLAGS))
+    sub.add_argument("--out", required=True, help="the PNG to write")
+    sub.add_argument("--experts", nargs="+", help="experts' metrics.parquet (perplexity_vs_flops)")
+    sub.add_argument("--dense", help="the dense model's metrics.parquet (perplexity_vs_flops)")
+    sub.add_argument("--check", help="segmentation/check.json (expert_load)")
+    sub.add_argument("--load", help="eval/summary/load.parquet (expert_load)")
+    sub.add_argument("--per-segment", help="eval/summary/per_segment.parquet")
+    sub.add_argument("--overall", help="eval/summary/overall.parquet (prefix_sensitivity)")
+    sub.add_argument("--diagnostics", help="routers/diagnostics.parquet (em_convergence)")
+    sub.add_argument("--em", help="routers/final/em.json: where and why EM ended (em_convergence)")
+    sub.add_argument("--segment-source", help="eval/summary/segment_source.parquet")
+    sub.add_argument("--prefix-len", type=int, help="the routing prefix M to show")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from smalltalk.report import FIGURES  # matplotlib only here: other commands do without it
+
+    flags = PLOT_FLAGS[args.figure]
+    FIGURES[args.figure](
+        out=args.out, **{parameter: getattr(args, flag) for parameter, flag in flags.items()}
+    )
     return 0
 
 
 def cmd_tables(args: argparse.Namespace) -> int:
-    from smalltalk import plots
+    from smalltalk.report.tables import tables_html
 
     tables = {}
     for item in args.table:
@@ -641,7 +661,7 @@ def cmd_tables(args: argparse.Namespace) -> int:
         if not path:
             raise ValueError(f"--table expects TITLE=PATH, got {item!r}")
         tables[title] = path
-    plots.tables_html(tables, args.out)
+    tables_html(tables, args.out)
     return 0
 
 
@@ -660,84 +680,13 @@ def cmd_concat(args: argparse.Namespace) -> int:
 
 
 def _texts(args: argparse.Namespace) -> list[str]:
-    """Texts from the arguments, then from --file (`-`: stdin); from stdin when neither is given.
-    A file holds one text per line, or JSON lines with a "text" field (texts with newlines).
-    Every text must be UTF-8, and there must be at least one."""
+    from smalltalk.serve.texts import read_texts
 
-    def text_of(line: str) -> str:
-        line = line.rstrip("\n")
-        if line.startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                return line
-            if isinstance(record, dict) and isinstance(record.get("text"), str):
-                return record["text"]
-        return line
-
-    def read(lines, source: str) -> list[str]:
-        try:
-            return [text_of(line) for line in lines if line.strip()]
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{source}: not UTF-8 text ({error.reason})") from None
-
-    def stdin() -> list[str]:
-        if sys.stdin.isatty() and not texts:
-            raise ValueError("give texts as arguments, with --file, or on stdin")
-        if hasattr(sys.stdin, "buffer"):  # as UTF-8, whatever the locale
-            return read(io.TextIOWrapper(io.BytesIO(sys.stdin.buffer.read()), "utf-8"), "stdin")
-        return read(sys.stdin, "stdin")
-
-    texts = list(args.texts)
-    for position, text in enumerate(texts, 1):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
-            raise ValueError(f"text argument {position}: not UTF-8 text") from None
-    if args.file is not None and str(args.file) != "-":
-        try:
-            with open(args.file, encoding="utf-8") as lines:
-                texts += read(lines, args.file)
-        except OSError as error:  # missing, a directory, no permission
-            raise ValueError(f"{args.file}: cannot read it: {error.strerror}") from None
-    elif args.file is not None or not texts:
-        texts += stdin()
-    if not texts:
-        raise ValueError(f"no texts in {args.file or 'stdin'}")
-    return texts
-
-
-def _print_json(record: dict) -> None:
-    """One JSON line; NaN (a router with nothing to score) becomes null, as JSON has no NaN."""
-
-    def finite(value):
-        if isinstance(value, float) and value != value:
-            return None
-        if isinstance(value, dict):
-            return {key: finite(item) for key, item in value.items()}
-        if isinstance(value, list | tuple):
-            return [finite(item) for item in value]
-        return value
-
-    print(json.dumps(finite(record), ensure_ascii=False))
-
-
-def _preview(text: str, width: int = 60) -> str:
-    shown = json.dumps(text, ensure_ascii=False)[1:-1]  # newlines as \n: one line per text
-    return shown if len(shown) <= width else shown[: width - 1] + "…"
-
-
-def _router_column(routing) -> str:
-    """Every router's prefix NLL, the routed expert's starred."""
-    values = " ".join(
-        f"{nll:6.3f}{'*' if e == routing.expert else ' '}"
-        for e, nll in zip(routing.routers, routing.router_nll, strict=True)
-    )
-    return f"{routing.prefix_tokens:>3} tokens  router NLL {values}"
+    return read_texts(args.texts, args.file)
 
 
 def _mixture(args: argparse.Namespace):
-    from smalltalk.mixture import load
+    from smalltalk.serve import load
 
     _torch_threads(args.threads)
     return load(
@@ -748,31 +697,33 @@ def _mixture(args: argparse.Namespace):
 
 
 def cmd_route(args: argparse.Namespace) -> int:
+    from smalltalk.serve.format import json_line, routing_line
+
     mixture, texts = _mixture(args), _texts(args)
     for text, routing in zip(texts, mixture.route(texts, args.prefix_tokens), strict=True):
         if args.json:
-            _print_json({"text": text, **routing.as_dict()})
+            print(json_line({"text": text, **routing.as_dict()}))
         else:
-            print(f"expert {routing.expert:<3} {_router_column(routing)}  {_preview(text)}")
+            print(routing_line(text, routing))
     return 0
 
 
 def cmd_score_texts(args: argparse.Namespace) -> int:
+    from smalltalk.serve.format import json_line, score_line
+
     mixture, texts = _mixture(args), _texts(args)
     scores = mixture.score(texts, args.prefix_tokens, args.topk, dense=args.dense)
     for text, score in zip(texts, scores, strict=True):
         if args.json:
-            _print_json({"text": text, **score.as_dict()})
+            print(json_line({"text": text, **score.as_dict()}))
         else:
-            experts = ",".join(map(str, score.experts)) or "dense"
-            print(
-                f"expert {experts:<5} NLL {score.nll:9.2f} over {score.tokens:>5} tokens  "
-                f"perplexity {score.perplexity:8.2f}  {_preview(text)}"
-            )
+            print(score_line(text, score))
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from smalltalk.serve.format import json_line
+
     mixture = _mixture(args)
     for prompt in _texts(args):
         generation = mixture.generate(
@@ -787,7 +738,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             dense=args.dense,
         )
         if args.json:
-            _print_json({"prompt": prompt, **generation.as_dict()})
+            print(json_line({"prompt": prompt, **generation.as_dict()}))
         else:
             print(prompt + generation.text)
             experts = ",".join(map(str, generation.experts)) or "dense"
@@ -798,28 +749,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from smalltalk.serve.analysis import explain
+    from smalltalk.serve.format import explanation_lines, json_line
+
     mixture = _mixture(args)
     for text in _texts(args):
-        explanation = mixture.explain(text, args.prefix_tokens)
+        explanation = explain(mixture, text, args.prefix_tokens)
         if args.json:
-            _print_json({"text": text, **explanation})
-            continue
-        routing = explanation["routing"]
-        print(
-            f"{_preview(text)}\n  routed to expert {routing['expert']} by its first "
-            f"{routing['prefix_tokens']} tokens (M = {mixture.prefix_len})\n"
-            f"  {'expert':>7} {'router NLL':>10} {'train share':>11}  sources, typical tokens"
-        )
-        for segment in explanation["segments"]:
-            star = "*" if segment["expert"] == routing["expert"] else " "
-            sources = ", ".join(
-                f"{source} {share:.0%}" for source, share in list(segment["sources"].items())[:4]
-            )
-            print(
-                f"  {star}{segment['expert']:>6} {segment['router_nll']:>10.3f} "
-                f"{segment['share']:>11.1%}  {sources}\n"
-                f"  {'':>32}{' '.join(segment['tokens'])}"
-            )
+            print(json_line({"text": text, **explanation}))
+        else:
+            print(explanation_lines(text, explanation, mixture.prefix_len))
     return 0
 
 
@@ -845,6 +784,7 @@ def cmd_harness_task(args: argparse.Namespace) -> int:
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     from smalltalk.files import write_parquet_atomically, write_text_atomically
     from smalltalk.harness import run_lm_eval
+    from smalltalk.serve.format import json_line, lm_eval_line
 
     _torch_threads(args.threads)
     table, raw = run_lm_eval(
@@ -862,14 +802,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     if args.raw:
         write_text_atomically(json.dumps(raw, indent=2, default=str) + "\n", args.raw)
     for row in table.to_pylist():
-        if args.json:
-            _print_json(row)
-        else:
-            stderr = f" ± {row['stderr']:.3f}" if row["stderr"] is not None else ""
-            print(
-                f"{row['model']:<8} {row['task']:<24} {row['metric']:<10} "
-                f"{row['value']:.4f}{stderr}  ({row['examples']} examples)"
-            )
+        print(json_line(row) if args.json else lm_eval_line(row))
     return 0
 
 
@@ -1246,28 +1179,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--command", required=True, help="the command that reproduces them")
 
     sub = add("plot", cmd_plot, "draw one report figure (PNG)")
-    sub.add_argument(
-        "figure",
-        choices=[
-            "perplexity_vs_flops",
-            "expert_load",
-            "segment_perplexity",
-            "prefix_sensitivity",
-            "em_convergence",
-            "segment_source",
-        ],
-    )
-    sub.add_argument("--out", required=True, help="the PNG to write")
-    sub.add_argument("--experts", nargs="+", help="experts' metrics.parquet (perplexity_vs_flops)")
-    sub.add_argument("--dense", help="the dense model's metrics.parquet (perplexity_vs_flops)")
-    sub.add_argument("--check", help="segmentation/check.json (expert_load)")
-    sub.add_argument("--load", help="eval/summary/load.parquet (expert_load)")
-    sub.add_argument("--per-segment", help="eval/summary/per_segment.parquet")
-    sub.add_argument("--overall", help="eval/summary/overall.parquet (prefix_sensitivity)")
-    sub.add_argument("--diagnostics", help="routers/diagnostics.parquet (em_convergence)")
-    sub.add_argument("--em", help="routers/final/em.json: where and why EM ended (em_convergence)")
-    sub.add_argument("--segment-source", help="eval/summary/segment_source.parquet")
-    sub.add_argument("--prefix-len", type=int, help="the routing prefix M to show")
+    add_plot_arguments(sub)
 
     sub = add("tables", cmd_tables, "render Parquet tables as one HTML fragment")
     sub.add_argument("--out", required=True, help="the HTML file to write")

@@ -42,8 +42,8 @@ def _router_name(config: dict) -> str:
 
 
 def validation_curves(run: PathLike) -> tuple:
-    """(mixture, dense) `plots.Curve`s of one run's validation perplexity over training."""
-    from smalltalk.plots import loss_curve
+    """(mixture, dense) `report.Curve`s of one run's validation perplexity over training."""
+    from smalltalk.report.training import loss_curve
 
     run = Path(run)
     config = yaml.safe_load((run / "config.yaml").read_text())
@@ -248,17 +248,18 @@ def comparison_figure(table: PathLike, runs: Mapping[str, PathLike], out: PathLi
     from matplotlib import colormaps
     from matplotlib.ticker import FuncFormatter
 
-    from smalltalk import plots
+    from smalltalk.report.columns import read_columns
+    from smalltalk.report.style import DENSE, new_figure, percent, save, styled
 
-    columns = plots._read(
+    columns = read_columns(
         table,
         ["run", "split", "prefix_len", "train_prefix_len", "gain", "ratio_ci_low", "ratio_ci_high"],
     )
     split = str(columns["split"][0])
     names = list(dict.fromkeys(columns["run"].tolist()))
     colours = colormaps["tab10"].colors
-    with plots._styled():
-        fig = plots._figure(14.0, 4.6)
+    with styled():
+        fig = new_figure(14.0, 4.6)
         bars, sweep, curves = fig.subplots(1, 3)
         at_m = columns["prefix_len"] == columns["train_prefix_len"]
         first = [int(np.flatnonzero(at_m & (columns["run"] == name))[0]) for name in names]
@@ -277,9 +278,9 @@ def comparison_figure(table: PathLike, runs: Mapping[str, PathLike], out: PathLi
             color=[colours[i % 10] for i in range(len(names))],
             error_kw={"ecolor": "0.2", "capsize": 3, "linewidth": 1.0},
         )
-        bars.axvline(0, color=plots.DENSE, linestyle="--", linewidth=1.0)
+        bars.axvline(0, color=DENSE, linestyle="--", linewidth=1.0)
         bars.invert_yaxis()
-        plots._percent(bars, "x", decimals=1)
+        percent(bars, "x", decimals=1)
         bars.set_xlabel(f"{split} perplexity gain over dense at equal FLOPs (M\u0302 = M; 95 % CI)")
         bars.set_title("Gain over the dense baseline")
         for i, name in enumerate(names):
@@ -302,18 +303,18 @@ def comparison_figure(table: PathLike, runs: Mapping[str, PathLike], out: PathLi
                 marker=".",
                 label=name,
             )
-        sweep.axhline(0, color=plots.DENSE, linestyle="--", linewidth=1.0)
+        sweep.axhline(0, color=DENSE, linestyle="--", linewidth=1.0)
         sweep.set_xscale("log", base=2)
         sweep.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        plots._percent(sweep, "y", decimals=1)
+        percent(sweep, "y", decimals=1)
         sweep.set_xlabel("routing prefix length M\u0302 at inference (tokens)")
         sweep.set_ylabel(f"{split} gain over dense")
         sweep.set_title("Gain vs routing prefix (Fig. 4b)")
-        curves.axhline(0, color=plots.DENSE, linestyle="--", linewidth=1.0)
+        curves.axhline(0, color=DENSE, linestyle="--", linewidth=1.0)
         curves.set_xscale("log")
-        plots._percent(curves, "y", decimals=1)
+        percent(curves, "y", decimals=1)
         curves.set_xlabel("mixture training FLOPs so far (dense: the same)")
         curves.set_ylabel("validation gain over dense")
         curves.set_title("Gain along training (Fig. 2)")
         curves.legend(loc="lower right", fontsize=7)
-        return plots._save(fig, out)
+        return save(fig, out)

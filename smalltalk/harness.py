@@ -30,7 +30,7 @@ import yaml
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from smalltalk.mixture import DEFAULT_MAX_EXPERTS, SCORE_BATCH, load, sequence_logprobs
+from smalltalk.serve import DEFAULT_MAX_EXPERTS, SCORE_BATCH, load, sequence_logprobs
 from smalltalk.tokens import sampling_keys, token_matrix
 
 TASK_NAME = "continuation_choice"

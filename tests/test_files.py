@@ -13,6 +13,8 @@ from conftest import fill
 from smalltalk import checkpoint
 from smalltalk.config import write_resolved_config
 from smalltalk.files import write_atomically, write_parquet_atomically, write_text_atomically
+from smalltalk.report.style import new_figure, save
+from smalltalk.report.tables import tables_html
 
 
 def test_a_full_disk_names_the_file_being_written_and_leaves_no_temporary_file(
@@ -48,7 +50,9 @@ WRITERS = {
     "text": lambda out: write_text_atomically("x" * 100_000, out),
     "parquet": lambda out: write_parquet_atomically(pa.table({"x": range(100_000)}), out),
     "resolved config": lambda out: write_resolved_config({"x": "x" * 100_000}, out),
-    "file-name writer (figures, metrics)": lambda out: write_atomically(
+    "figure": lambda out: save(new_figure(6.0, 4.0), out),
+    "table": lambda out: tables_html({}, out),
+    "file-name writer (metrics)": lambda out: write_atomically(
         out, lambda tmp: tmp.write_bytes(b"x" * 10**5)
     ),
     "weights": lambda out: checkpoint.save_weights(torch.nn.Linear(200, 200), out),

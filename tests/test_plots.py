@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -16,7 +17,8 @@ pytest.importorskip("matplotlib")
 from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.image import imread  # noqa: E402
 
-from smalltalk import plots  # noqa: E402
+from smalltalk import report  # noqa: E402
+from smalltalk.report import segmentation  # noqa: E402
 
 E = 4
 SOURCES = ["arxiv", "book", "c4", "github", "wikipedia"]
@@ -201,25 +203,25 @@ def make_inputs(root: Path, *, val: bool = True) -> dict:
 def render_all(inputs: dict, out_dir: Path) -> dict[str, Path]:
     """Every figure, written to out_dir/<name>.png."""
     return {
-        "perplexity_vs_flops": plots.perplexity_vs_flops(
+        "perplexity_vs_flops": report.perplexity_vs_flops(
             inputs["experts"], inputs["dense"], out_dir / "perplexity_vs_flops.png"
         ),
-        "expert_load": plots.expert_load(
+        "expert_load": report.expert_load(
             inputs["check"], inputs["load"], out_dir / "expert_load.png", prefix_len=32
         ),
-        "segment_perplexity": plots.segment_perplexity(
+        "segment_perplexity": report.segment_perplexity(
             inputs["per_segment"], 32, out_dir / "segment_perplexity.png"
         ),
-        "prefix_sensitivity": plots.prefix_sensitivity(
+        "prefix_sensitivity": report.prefix_sensitivity(
             inputs["overall"], out_dir / "prefix_sensitivity.png", train_prefix_len=32
         ),
-        "em_convergence": plots.em_convergence(
+        "em_convergence": report.em_convergence(
             inputs["diagnostics"], out_dir / "em_convergence.png"
         ),
-        "segment_source": plots.segment_source_heatmap(
+        "segment_source": report.segment_source_heatmap(
             inputs["segment_source"], out_dir / "segment_source.png", prefix_len=32
         ),
-        "em_segment_source": plots.segment_source_heatmap(
+        "em_segment_source": report.segment_source_heatmap(
             inputs["contingency"], out_dir / "em_segment_source.png"
         ),
     }
@@ -241,7 +243,7 @@ def inputs(tmp_path_factory) -> dict:
 
 def test_every_figure_writes_a_png(inputs, tmp_path):
     written = render_all(inputs, tmp_path)
-    assert set(plots.FIGURES) <= set(written)
+    assert set(report.FIGURES) <= set(written)
     for path in written.values():
         assert_png(path)
 
@@ -253,14 +255,26 @@ def test_figures_are_byte_identical_on_rerun(inputs, tmp_path):
         assert path.read_bytes() == second[name].read_bytes(), name
 
 
+def test_the_plot_command_passes_each_figure_the_inputs_it_takes():
+    from smalltalk.cli import PLOT_FLAGS, build_parser
+
+    assert list(PLOT_FLAGS) == list(report.FIGURES)
+    plot = build_parser().parse_args(["plot", "em_convergence", "--out", "x.png"])
+    for name, flags in PLOT_FLAGS.items():
+        parameters = inspect.signature(report.FIGURES[name]).parameters
+        required = {p for p, v in parameters.items() if v.default is inspect.Parameter.empty}
+        assert set(flags) <= set(parameters) and required <= {*flags, "out"}, name
+        assert all(hasattr(plot, flag) for flag in flags.values()), name
+
+
 def test_prefix_sensitivity_draws_the_intervals_the_aggregate_has(inputs, tmp_path):
     overall = pq.read_table(inputs["overall"])
     bare = write(tmp_path / "bare.parquet", overall.drop_columns(["ratio_ci_low"]).to_pylist())
-    with_bars = imread(plots.prefix_sensitivity(inputs["overall"], tmp_path / "bars.png"))
-    without = imread(plots.prefix_sensitivity(bare, tmp_path / "bare.png"))
+    with_bars = imread(report.prefix_sensitivity(inputs["overall"], tmp_path / "bars.png"))
+    without = imread(report.prefix_sensitivity(bare, tmp_path / "bare.png"))
 
     def mixture_pixels(image):
-        return (np.abs(image[..., :3] - to_rgb(plots.MIXTURE)).sum(axis=-1) < 0.05).sum()
+        return (np.abs(image[..., :3] - to_rgb(report.MIXTURE)).sum(axis=-1) < 0.05).sum()
 
     assert mixture_pixels(with_bars) > mixture_pixels(without)
 
@@ -271,7 +285,7 @@ def test_mixture_curve_by_hand(tmp_path):
         metrics(tmp_path / f"{e}.parquet", scale=1 + e, floor=3.0, batch_flops=1e12, val=True)
         for e in range(2)
     ]
-    curve = plots.loss_curve(paths)
+    curve = report.loss_curve(paths)
     assert curve.validation
     assert curve.steps.tolist() == [200, 400, 600, 800, 1000]
     runs = [pq.read_table(path).to_pydict() for path in paths]
@@ -284,23 +298,23 @@ def test_mixture_curve_by_hand(tmp_path):
 
 def test_missing_validation_falls_back_to_training_loss(tmp_path):
     inputs = make_inputs(tmp_path / "in", val=False)
-    curve = plots.loss_curve(inputs["experts"])
+    curve = report.loss_curve(inputs["experts"])
     assert not curve.validation
     assert len(curve.steps) == 20  # every logged step
     runs = [pq.read_table(path).to_pydict() for path in inputs["experts"]]
     assert curve.perplexity[0] == pytest.approx(math.exp(np.mean([run["loss"][0] for run in runs])))
-    out = plots.perplexity_vs_flops(inputs["experts"], inputs["dense"], tmp_path / "f.png")
+    out = report.perplexity_vs_flops(inputs["experts"], inputs["dense"], tmp_path / "f.png")
     assert_png(out)
 
 
 def test_selection_errors_name_what_is_present(inputs, tmp_path):
     with pytest.raises(ValueError, match="present"):
-        plots.segment_perplexity(inputs["per_segment"], 99, tmp_path / "x.png")
+        report.segment_perplexity(inputs["per_segment"], 99, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
 
 def test_tables_html_holds_the_values(inputs, tmp_path):
-    out = plots.tables_html(
+    out = report.tables_html(
         {"Communication ledger": inputs["ledger"], "FLOPs ledger": inputs["flops_ledger"]},
         tmp_path / "tables.html",
     )
@@ -336,7 +350,7 @@ def test_tables_html_holds_the_values(inputs, tmp_path):
     ],
 )
 def test_format_value(value, text):
-    assert plots.format_value(value) == text
+    assert report.format_value(value) == text
 
 
 def test_mixed_validation_compares_training_losses(tmp_path):
@@ -346,9 +360,9 @@ def test_mixed_validation_compares_training_losses(tmp_path):
         for e in range(2)
     ]
     dense = metrics(tmp_path / "dense.parquet", scale=1.0, floor=3.1, batch_flops=2e12, val=False)
-    assert plots.loss_curve(experts).validation
-    assert not plots.loss_curve(experts, validation=False).validation
-    assert_png(plots.perplexity_vs_flops(experts, dense, tmp_path / "f.png"))
+    assert report.loss_curve(experts).validation
+    assert not report.loss_curve(experts, validation=False).validation
+    assert_png(report.perplexity_vs_flops(experts, dense, tmp_path / "f.png"))
 
 
 @pytest.mark.parametrize("wildcards", [{}, {"r": "2", "e": "1"}])
@@ -380,10 +394,10 @@ def test_report_captions_render(wildcards):
 
 def test_em_convergence_marks_the_round_that_ended_em_and_why(inputs, tmp_path, monkeypatch):
     figures = []
-    monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig) or Path(out))
+    monkeypatch.setattr(segmentation, "save", lambda fig, out: figures.append(fig) or Path(out))
     em = tmp_path / "em.json"
     em.write_text(json.dumps({"final_round": 3, "reason": "stable: fewer than 5.0% changed"}))
-    plots.em_convergence(inputs["diagnostics"], tmp_path / "em.png", em=em)
+    report.em_convergence(inputs["diagnostics"], tmp_path / "em.png", em=em)
     (fig,) = figures
     title = " ".join(fig._suptitle.get_text().split())
     assert "ended after round 3: stable: fewer than 5.0% changed" in title

@@ -26,10 +26,11 @@ import yaml
 from conftest import N_EXPERTS, REPO, TEXTS, with_random_router
 
 import smalltalk
-from smalltalk import checkpoint, cli, mixture, scoring
+from smalltalk import checkpoint, cli, scoring, serve
 from smalltalk.config import ConfigError, validate_config
 from smalltalk.model import LM
 from smalltalk.scoring import ensemble_log_weights, sequence_nll, token_logprobs
+from smalltalk.serve.analysis import explain
 from smalltalk.tokens import token_matrix
 
 
@@ -246,7 +247,7 @@ def test_generation_stops_at_a_stop_string_and_mixes_top_experts(results):
 
 def test_explain_shows_every_router_and_what_each_segment_holds(results):
     loaded = smalltalk.load(results)
-    explanation = loaded.explain(TEXTS[0])
+    explanation = explain(loaded, TEXTS[0])
     routing = loaded.route(TEXTS[0])
     assert explanation["routing"] == routing.as_dict()
     segments = explanation["segments"]
@@ -317,7 +318,7 @@ def test_a_kept_subset_routes_by_the_argmin_of_the_kept_routers_alone(results, m
         subset.expert(retired)
     with pytest.raises(ValueError, match=r"topk must lie in \[1, 2\]"):
         subset.score(texts[0], topk=3)
-    explained = subset.explain(TEXTS[0])
+    explained = explain(subset, TEXTS[0])
     assert [s["expert"] for s in explained["segments"]] == kept
 
 
@@ -515,7 +516,7 @@ def test_serving_options_out_of_range_are_refused(results, capsys, option):
 
 def test_generation_length_is_bounded(results, capsys):
     loaded = smalltalk.load(results)
-    for wrong in (0, -5, mixture.MAX_NEW_TOKENS + 1):
+    for wrong in (0, -5, serve.MAX_NEW_TOKENS + 1):
         with pytest.raises(ValueError, match="max_new_tokens must lie in"):
             loaded.generate(TEXTS[0], max_new_tokens=wrong)
     with pytest.raises(ValueError, match="temperature must be a finite number"):
@@ -601,7 +602,7 @@ def test_the_adapter_scores_as_the_experts_do(results):
     rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (TEXTS[2],), 0)])
     routing = loaded.route(TEXTS[2])
     ids = [loaded.eos_id, *loaded.encode(TEXTS[2])]  # lm-eval scores the first token after EOS
-    expected = float(mixture.sequence_logprobs(loaded.expert(routing.expert), ids).sum())
+    expected = float(serve.sequence_logprobs(loaded.expert(routing.expert), ids).sum())
     assert rolling[0] == pytest.approx(expected, rel=1e-5)
 
     prompt = "In the beginning"
