@@ -358,6 +358,7 @@ class ModelConfig:
 # (4.40M, 109.5M, 334.8M, 1.274B; see tests/test_model.py). Biases and LayerNorm shifts would add
 # under 0.4% and round the same; untied embeddings would make the 4.4M router 7.5M. Table 1's 64M
 # router (H = 416, 12 heads) is left out: 416 is not divisible by 12, and at 12 layers it would
+# hold 38M parameters, so that row has a typo we cannot resolve.
 PRESETS: dict[str, ModelConfig] = {
     "router-4.4m": ModelConfig(n_layer=12, n_head=12, n_embd=96),
     "router-110m": ModelConfig(n_layer=12, n_head=12, n_embd=768),

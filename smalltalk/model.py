@@ -250,9 +250,6 @@ class LM(nn.Module):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
 
-# hold 38M parameters, so that row has a typo we cannot resolve.
-
-
 def counted_flops(config: ModelConfig, batch: int, seq_len: int, training: bool = False) -> int:
     """FLOPs of one forward (and, if `training`, backward) pass of `LM(config)` as counted by
     `FlopCounterMode`, on the meta device: no memory, no arithmetic, any size.
