@@ -526,6 +526,13 @@ def train_config(
     return TrainConfig(steps=steps, seed=config["seed"] + seed_offset, threads=threads, **section)
 
 
+def router_train_prefix_len(config: dict[str, Any]) -> int | None:
+    """Tokens of each sequence a router learns: the first M, which give the M-1 predictions it
+    is scored on (Eq. 9), or all of them (None) with `routing.train_on: sequence`."""
+    routing = config["routing"]
+    return routing["prefix_len"] - 1 if routing["train_on"] == "prefix" else None
+
+
 def eval_prefix_lens(config: dict[str, Any]) -> list[int]:
     """The routing prefixes M-hat swept at evaluation: the configured ones, or powers of two from
     8 below M; M itself always, since it is what the shards were routed with."""

@@ -29,6 +29,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from smalltalk.config import router_train_prefix_len
 from smalltalk.data import GROWN_CHUNKS
 from smalltalk.files import parquet_writers, write_parquet_atomically, write_text_atomically
 from smalltalk.stats import bootstrap_ratio, verdict
@@ -104,8 +105,7 @@ def grown_router_plan(
         or max(1, round(GROWN_ROUTER_STEP_SHARE * rounds * routing["steps_per_round"])),
         seed_offset=seed_offset,
         seq_ids=sample_seq_ids(train_files, sequences, config["seed"] + seed_offset),
-        # M tokens give the M-1 predictions the router is scored on (Eq. 9).
-        prefix_len=routing["prefix_len"] - 1 if routing["train_on"] == "prefix" else None,
+        prefix_len=router_train_prefix_len(config),
     )
 
 

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from smalltalk.config import ROLES, ModelConfig, TrainConfig, model_config, train_config
+from smalltalk.config import (
+    ROLES,
+    ModelConfig,
+    TrainConfig,
+    model_config,
+    router_train_prefix_len,
+    train_config,
+)
 from smalltalk.em import assigned_seq_ids
 from smalltalk.grow import grown_router_plan
 
@@ -71,8 +78,7 @@ def plan_job(
         seq_ids = assigned_seq_ids(assignment, index)
         if len(seq_ids) == 0:
             raise ValueError(f"{assignment} assigns no sequence to router {index}")
-        # M tokens give the M-1 predictions the router is scored on (Eq. 9).
-        prefix_len = routing["prefix_len"] - 1 if routing["train_on"] == "prefix" else None
+        prefix_len = router_train_prefix_len(config)
         steps = routing["steps_per_round"]
         first_round = em_round <= 1
         seed_offset = ROUTER_SEED_STRIDE * em_round + index
