@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from smalltalk.model import LM
 
-SCORE_BATCH = 256
+PREFIX_BATCH = 256  # prefixes per forward pass in `prefix_nll` (they are short)
 
 
 def predicted_positions(length: int, start: int = 0, end: int | None = None) -> range:
@@ -96,7 +96,7 @@ def prefix_nll(model: LM, tokens: np.ndarray, prefix_len: int) -> np.ndarray:
     if len(tokens) == 0:
         return np.empty(0, dtype=np.float32)
     prefix = torch.from_numpy(tokens[:, :prefix_len].astype(np.int64))
-    nll = sequence_nll(model, prefix, end=prefix_len, batch_size=SCORE_BATCH, reduction="mean")
+    nll = sequence_nll(model, prefix, end=prefix_len, batch_size=PREFIX_BATCH, reduction="mean")
     return nll.numpy()
 
 
