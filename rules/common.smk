@@ -15,7 +15,7 @@ from smalltalk.config import (
     write_resolved_config,
 )
 from smalltalk.data import plan_chunks, plan_grown_chunks
-from smalltalk.routers import final_router_paths
+from smalltalk.layout import final_router_paths
 
 # Snakemake keeps the last of a key given twice in a config file: refuse that instead.
 for configfile in workflow.configfiles:

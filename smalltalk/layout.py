@@ -170,3 +170,13 @@ def served_experts(
     if errors:
         raise ValueError("experts: " + "; ".join(errors))
     return tuple(sorted(requested))
+
+
+def final_router_paths(results: str, method: str, n_experts: int) -> list[str]:
+    """A run's final routers: the E router LMs of the round that ended EM, copied where they
+    do not depend on that round, or the fitted baseline."""
+    if method == "smalltalk":
+        return [
+            os.path.join(results, "routers", "final", f"e{e}.safetensors") for e in range(n_experts)
+        ]
+    return [os.path.join(results, "routers", f"{method}.npz")]

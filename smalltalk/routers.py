@@ -242,16 +242,6 @@ def group_sources(counts: dict[str, int], n_groups: int) -> dict[str, int]:
 # ---- where a run keeps its routers, fitting them from the EM sample, loading them
 
 
-def final_router_paths(results: str, method: str, n_experts: int) -> list[str]:
-    """A run's final routers: the E router LMs of the round that ended EM, copied where they
-    do not depend on that round, or the fitted baseline."""
-    if method == "smalltalk":
-        return [
-            os.path.join(results, "routers", "final", f"e{e}.safetensors") for e in range(n_experts)
-        ]
-    return [os.path.join(results, "routers", f"{method}.npz")]
-
-
 def fit_tfidf_kmeans(
     texts: Sequence[str],
     n_experts: int,
