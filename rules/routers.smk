@@ -142,7 +142,7 @@ rule score_router:
         launcher=get_launcher(),
         config=CONFIG_FILE,
     shell:
-        "{params.launcher:q} -m smalltalk score --config {params.config:q} "
+        "{params.launcher:q} -m smalltalk score-router --config {params.config:q} "
         "--weights {input.weights:q} --tokenizer {input.tokenizer:q} --tokens {input.block:q} "
         "--out {output.scores:q} --tokens {input.probe:q} --out {output.probe:q} "
         "--threads {threads} > {log:q} 2>&1"

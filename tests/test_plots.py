@@ -256,7 +256,8 @@ def test_figures_are_byte_identical_on_rerun(inputs, tmp_path):
 
 
 def test_the_plot_command_passes_each_figure_the_inputs_it_takes():
-    from smalltalk.cli import PLOT_FLAGS, build_parser
+    from smalltalk.cli import build_parser
+    from smalltalk.cli.reports import PLOT_FLAGS
 
     assert list(PLOT_FLAGS) == list(report.FIGURES)
     plot = build_parser().parse_args(["plot", "em_convergence", "--out", "x.png"])
