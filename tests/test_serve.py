@@ -405,21 +405,21 @@ def test_cli_answers_in_json_from_arguments_files_and_stdin(results, tmp_path, c
     assert "routed to expert" in shown and "*" in shown
 
 
-def test_cli_score_still_runs_the_em_stage(results, tmp_path):
+def test_cli_score_router_scores_every_sequence_of_a_token_file(results, tmp_path):
     config, router = results / "config.yaml", results / "routers" / "final" / "e0.safetensors"
     out = tmp_path / "scores.parquet"
     tokens = results / "tokens" / "val" / "c00000.parquet"
-    assert cli.main(["score", "--weights", str(router), "--config", str(config)]) == 1
+    tokenizer = results / "tokenizer" / "spm.model"
     assert (
         cli.main(
             [
-                "score",
+                "score-router",
                 "--config",
                 str(config),
                 "--weights",
                 str(router),
                 "--tokenizer",
-                str(results / "tokenizer" / "spm.model"),
+                str(tokenizer),
                 "--tokens",
                 str(tokens),
                 "--out",
