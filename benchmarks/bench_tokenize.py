@@ -19,7 +19,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 from smalltalk.config import DataConfig, TokenizerConfig, validate_config
-from smalltalk.data import ENCODE_BATCH_BYTES, Chunk, read_documents, tokenize_chunk
+from smalltalk.corpus import read_documents
+from smalltalk.data import ENCODE_BATCH_BYTES, Chunk, tokenize_chunk
 from smalltalk.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -45,15 +45,8 @@ from timing import interleaved, timed
 from smalltalk.config import PRESETS
 from smalltalk.flops import train_step_flops
 from smalltalk.model import LM
-from smalltalk.train import (
-    TrainConfig,
-    autocast_context,
-    fit,
-    learning_rate,
-    resolve_compile,
-    resolve_precision,
-    train_step,
-)
+from smalltalk.runtime import autocast_context, resolve_compile, resolve_precision
+from smalltalk.train import TrainConfig, fit, learning_rate, train_step
 
 # Sequences per step and sequence length: enough work per step to time, few enough seconds on a
 # laptop CPU. Table 2 trains the 4.4M router at 32 x 1024; we keep its S = 1024 and V = 32000.

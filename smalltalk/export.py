@@ -43,7 +43,7 @@ from smalltalk.layout import (
 )
 
 RECORDS = (
-    "eval/summary/*.parquet",  # test perplexities with their intervals (`evaluate.AGGREGATES`)
+    "eval/summary/*.parquet",  # test perplexities with their intervals (`aggregate.AGGREGATES`)
     "ledger/*.parquet",  # FLOPs and communication
     "harness/scores.parquet",  # lm-eval scores
     "tokens/summary.tsv",  # documents, sequences and tokens per split

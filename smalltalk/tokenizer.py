@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from smalltalk.config import DataConfig, TokenizerConfig
-from smalltalk.data import BadRecordError, read_corpus_file, split_of
+from smalltalk.corpus import BadRecordError
+from smalltalk.data import read_corpus_file, split_of
 from smalltalk.files import write_bytes_atomically
 
 log = logging.getLogger(__name__)

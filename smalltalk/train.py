@@ -24,12 +24,9 @@ import hashlib
 import json
 import math
 import os
-import resource
-import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +48,6 @@ from smalltalk.checkpoint import (
     mark_finished,
     read_state,
     remove_checkpoints,
-    resolve_device,
     save_checkpoint,
     save_weights,
 )
@@ -59,6 +55,13 @@ from smalltalk.config import ROLES, ModelConfig, TrainConfig
 from smalltalk.files import fingerprint, write_atomically
 from smalltalk.flops import training_flops
 from smalltalk.model import LM, counted_flops
+from smalltalk.runtime import (
+    autocast_context,
+    peak_memory_bytes,
+    resolve_compile,
+    resolve_precision,
+    start_processes,
+)
 from smalltalk.scoring import sequence_nll
 from smalltalk.stream import TokenStream, parquet_files
 from smalltalk.tokens import token_matrix
@@ -82,116 +85,6 @@ def learning_rate(step: int, config: TrainConfig, schedule: str, total_steps: in
     progress = (step - config.warmup_steps) / max(1, total_steps - 1 - config.warmup_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # 1 -> 0
     return config.min_lr + cosine * (config.lr - config.min_lr)
-
-
-# ---- device, precision, processes -----------------------------------------------------------
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX tiles).
-
-    With them oneDNN's bf16 matmuls beat fp32 (here 1.5x on a 1024² product); without them bf16 is
-    emulated and slower than fp32. A flag check rather than a timing, so that the choice, and with
-    it every number a run produces, does not depend on how busy the machine was at start-up.
-    """
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence getattr
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_supports_bf16() else "fp32"
-
-
-def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast (matmuls in bf16, reductions and the loss in fp32) or nothing for fp32.
-    No fp16 anywhere, hence no gradient scaler."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-# torch.compile on the CPU, measured on a 2-core AMD EPYC (Zen 4, no native bf16), 1 thread, fp32,
-# with the demo's shapes: the first compiled step costs 36-50 s of CPU time; later steps are 8.8%
-# (expert, B 32 x S 128), 9.3% (dense, 128 x 128) and 13.5% (router, 32 x M 32) faster; an eager
-# step does about 16 GFLOP/s (Eq. 10) per thread (router: 8). Compiling pays once a run would take
-# over ~50 s / 0.09 = 550 s eager: not for a demo expert (~340 s eager, saves ~30 s), for the dense
-# baseline (~1,350 s, saves ~120 s), never for a router round (~5 s).
-CPU_COMPILE_SECONDS = 50.0
-CPU_COMPILE_SAVING = 0.09
-CPU_FLOPS_PER_THREAD = 16e9
-
-
-def resolve_compile(
-    compile: bool | str, device: torch.device, planned_flops: float, threads: int
-) -> tuple[bool, str]:
-    """Whether to torch.compile the model, and why, in a phrase for the training log.
-
-    'auto' compiles on CUDA, where it removes most of the kernel launches and memory traffic of
-    the small ops; on the CPU only when the time it saves, CPU_COMPILE_SAVING of the run's
-    estimated eager time (its planned Eq. 10 FLOPs at CPU_FLOPS_PER_THREAD per thread), exceeds
-    what compiling costs. `planned_flops` are the whole run's, not what is left after a resume,
-    so that a resumed run decides as the run it continues did.
-    """
-    if compile is not True and compile is not False and compile != "auto":
-        raise ValueError(f"compile must be true, false or 'auto', got {compile!r}")
-    if compile != "auto":
-        return compile, f"compile: {str(compile).lower()} in the config"
-    if device.type == "cuda":
-        return True, "auto: always on CUDA"
-    eager_seconds = planned_flops / (CPU_FLOPS_PER_THREAD * threads)
-    saved = CPU_COMPILE_SAVING * eager_seconds
-    pays = saved > CPU_COMPILE_SECONDS
-    why = (
-        f"auto: on the CPU a run of about {eager_seconds:,.0f} s eager on {threads} "
-        f"thread{'s' if threads > 1 else ''} "
-        f"would save about {saved:,.0f} s, {'more' if pays else 'less'} than compiling costs "
-        f"(~{CPU_COMPILE_SECONDS:.0f} s)"
-    )
-    compiler = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
-    if pays and shutil.which(compiler) is None:  # what Inductor builds its CPU kernels with
-        return False, f"{why}, but there is no C++ compiler ({compiler}) to compile with"
-    return pays, why
-
-
-@dataclass(frozen=True, slots=True)
-class Processes:
-    """This process's place among the data-parallel processes started by torchrun."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def start_processes(device: str) -> Processes:
-    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group."""
-    device = resolve_device(device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Processes(0, 1, torch.device(device))
-    if device == "cuda":
-        local = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(local)
-    else:
-        local = torch.device("cpu")
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
-    return Processes(torch.distributed.get_rank(), world_size, local)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak tensor memory on a GPU; on the CPU, the process's peak resident set (all of it)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 # ---- one optimizer step ---------------------------------------------------------------------

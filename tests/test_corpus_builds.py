@@ -19,7 +19,7 @@ import build_general_corpus  # noqa: E402
 import corpus_build  # noqa: E402
 from corpus_build import Document  # noqa: E402
 
-from smalltalk.data import read_documents  # noqa: E402
+from smalltalk.corpus import read_documents  # noqa: E402
 
 DEMO_DOMAINS = (
     "bible",

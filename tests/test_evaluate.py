@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from smalltalk import checkpoint, scoring
+from smalltalk.aggregate import AGGREGATES, aggregate
 from smalltalk.checkpoint import save_weights
 from smalltalk.config import ModelConfig
 from smalltalk.evaluate import (
-    AGGREGATES,
     EVAL_SCHEMA,
-    aggregate,
     evaluate_chunk,
     merge_part,
     route_part,

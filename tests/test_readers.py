@@ -1,4 +1,4 @@
-"""Every input format, and every kind of bad input, through `smalltalk.data.read_documents`."""
+"""Every input format, and every kind of bad input, through `smalltalk.corpus.read_documents`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import zstandard
 from conftest import json_lines, make_records, write_jsonl, write_parquet
 
-from smalltalk.data import BadRecordError, plan_chunks, read_documents
+from smalltalk.corpus import BadRecordError, read_documents
+from smalltalk.data import plan_chunks
 
 
 def read_all(path, **kwargs):

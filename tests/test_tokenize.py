@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from smalltalk import cli
 from smalltalk import data as data_module
 from smalltalk.config import DataConfig, TokenizerConfig, validate_config
+from smalltalk.corpus import BadRecordError
 from smalltalk.data import (
-    BadRecordError,
     Chunk,
     ChunkStats,
     SequencePacker,

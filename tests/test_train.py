@@ -23,18 +23,14 @@ from smalltalk.config import PRESETS, load_config, model_config, train_config
 from smalltalk.files import fingerprint
 from smalltalk.flops import training_flops
 from smalltalk.model import LM
-from smalltalk.stream import TokenStream
-from smalltalk.train import (
-    METRICS_SCHEMA,
-    TrainConfig,
+from smalltalk.runtime import (
     autocast_context,
     cpu_supports_bf16,
-    fit,
-    learning_rate,
     resolve_compile,
     resolve_precision,
-    train_step,
 )
+from smalltalk.stream import TokenStream
+from smalltalk.train import METRICS_SCHEMA, TrainConfig, fit, learning_rate, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 

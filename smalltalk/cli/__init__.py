@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     from smalltalk.config import ConfigError
-    from smalltalk.data import BadRecordError
+    from smalltalk.corpus import BadRecordError
 
     # Expected failures (a bad config, a bad record, a full disk, a wrong flag value) end in one
     # line on stderr and status 1; anything else is a bug and keeps its traceback.

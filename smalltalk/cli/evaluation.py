@@ -215,9 +215,9 @@ def grow_summary(args: argparse.Namespace) -> int:
     arg("eval", nargs="+", help="per-sequence evaluation files"),
 )
 def aggregate(args: argparse.Namespace) -> int:
-    import smalltalk.evaluate
+    import smalltalk.aggregate
 
-    tables = smalltalk.evaluate.aggregate(args.eval, args.out_dir)
+    tables = smalltalk.aggregate.aggregate(args.eval, args.out_dir)
     show_table(tables["overall"])
     return 0
 
