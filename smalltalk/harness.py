@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -168,6 +168,40 @@ class SmallTalkLM(TemplateLM):
 # ---- the offline task ------------------------------------------------------------------------
 
 
+def _draw_questions(
+    order: np.ndarray,
+    split: Callable[[int], tuple[str, str] | None],
+    examples: int,
+    choices: int,
+    seed: int,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Up to `examples` (row, question) pairs, rows taken in `order`: a row's context and, among
+    `choices` options in a seeded order, its own continuation (`gold`) and those of other rows.
+    `split(row)` is a row's (context, continuation), or None where the row cannot be used."""
+    rng = np.random.default_rng(seed)
+    drawn = 0
+    for row in order:
+        if drawn == examples:
+            return
+        pair = split(row)
+        if pair is None:
+            continue
+        context, answer = pair
+        options = [answer]
+        for other in rng.permutation(len(order)):
+            if len(options) == choices:
+                break
+            other_pair = split(other) if other != row else None
+            if other_pair is not None and other_pair[1] not in options:
+                options.append(other_pair[1])
+        if len(options) < choices:
+            continue
+        gold = int(rng.integers(choices))
+        options[0], options[gold] = options[gold], options[0]
+        drawn += 1
+        yield int(row), {"context": context, "choices": options, "gold": gold}
+
+
 def build_choice_task(
     *,
     test_files: Sequence[str | os.PathLike],
@@ -220,35 +254,10 @@ def build_choice_task(
         return context, continuation
 
     order = np.argsort(sampling_keys(seq_ids, seed), kind="stable")  # a seeded shuffle
-    rng = np.random.default_rng(seed)
-    questions = []
-    for row in order:
-        if len(questions) == examples:
-            break
-        pair = split(row)
-        if pair is None:
-            continue
-        context, answer = pair
-        options = [answer]
-        for other in rng.permutation(len(tokens)):
-            if len(options) == choices:
-                break
-            other_pair = split(other) if other != row else None
-            if other_pair is not None and other_pair[1] not in options:
-                options.append(other_pair[1])
-        if len(options) < choices:
-            continue
-        gold = int(rng.integers(choices))
-        options[0], options[gold] = options[gold], options[0]
-        questions.append(
-            {
-                "seq_id": int(seq_ids[row]),
-                "source": sources[row],
-                "context": context,
-                "choices": options,
-                "gold": gold,
-            }
-        )
+    questions = [
+        {"seq_id": int(seq_ids[row]), "source": sources[row], **question}
+        for row, question in _draw_questions(order, split, examples, choices, seed)
+    ]
     if not questions:
         raise ValueError(f"no question could be built from {len(tokens)} test sequences")
 
