@@ -427,7 +427,7 @@ class TrainConfig:
     products (AVX512-BF16, AMX), fp32 elsewhere. Weights and optimizer stay fp32 (App. A.1)."""
     compile: bool | str = TRAINING_DEFAULTS["compile"]
     """torch.compile the model: True, False, or 'auto': on CUDA always, on the CPU only for a run
-    long enough to pay back the compile time (`resolve_compile`)."""
+    long enough to pay back the compile time (`smalltalk.runtime.resolve_compile`)."""
     threads: int | None = None
     """CPU threads for PyTorch's kernels (torch.set_num_threads); None keeps PyTorch's default."""
 

@@ -12,7 +12,7 @@ Routers are small and always loaded; experts are loaded on first use into an LRU
 `max_experts` models (`smalltalk.serve.experts`).
 
 Optionally the top k experts by router score are mixed per token, with weights softmax(-router NLL
-/ `eval.temperature`) as in c-BTM (`smalltalk.evaluate.ensemble_log_weights`).
+/ `eval.temperature`) as in c-BTM (`smalltalk.scoring.ensemble_log_weights`).
 
 `load(results, experts=[0, 2])` retires the other experts: only the kept experts' routers are
 asked, a text goes to the kept expert whose router gives its prefix the lowest NLL, top-k mixes
