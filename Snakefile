@@ -13,7 +13,9 @@ configfile: "config.yaml"
 report: "reports/workflow.rst"
 
 
+include: "rules/setup.smk"
 include: "rules/common.smk"
+include: "rules/jobs.smk"
 include: "rules/data.smk"
 include: "rules/routers.smk"
 include: "rules/shard.smk"
@@ -30,7 +32,6 @@ rule all:
 
 
 onstart:
-    write_run_config()
     # Only SLURM runs: local ones submit nothing and need no sinfo.
     if workflow.executor_plugin.name == "slurm":
         check_slurm_requests(workflow.dag.needrun_jobs())

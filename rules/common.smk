@@ -1,51 +1,10 @@
-# Config validation, the results-root helper and input functions; logic lives in smalltalk/.
+# The results layout and the input functions of the rules; logic lives in smalltalk/.
 import os
-import shlex
-import sys
 
-sys.path.insert(0, workflow.basedir)
-
-from snakemake.utils import validate
-
-from smalltalk.config import (
-    SCHEMA_PATH,
-    SPLITS,
-    read_config,
-    validate_config,
-    write_resolved_config,
-)
+from smalltalk.config import SPLITS
 from smalltalk.data import plan_chunks, plan_grown_chunks
 from smalltalk.layout import final_router_paths
 
-# Snakemake keeps the last of a key given twice in a config file: refuse that instead.
-for configfile in workflow.configfiles:
-    read_config(configfile)
-# All problems at once, each naming its key; then Snakemake's own pass sets the defaults.
-validate_config(config)
-
-
-validate(config, str(SCHEMA_PATH))
-
-
-# Jobs read the resolved config (command-line overrides included) from one file, written by
-# `onstart` (write_run_config): only when a run starts, holding the results' lock, never by a dry
-# run or while parsing, which would change the config of a running or finished run under its
-# jobs. Not the output of a job, which would, on any change, hide every other job's own
-# reason to re-run (Snakemake skips the descendants of a job that must run); each rule re-runs
-# when the config sections it uses change, its `lookup` params.
-CONFIG_FILE = os.path.join(config["results"], "config.yaml")
-
-# Jobs run `python -m smalltalk` from this checkout: under conda with the environment's
-# python, else with the interpreter that runs Snakemake.
-shell.prefix(
-    # (Braces doubled twice: once for this f-string, once for Snakemake's formatting.)
-    f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
-    + (
-        ""
-        if workflow.deployment_settings.deployment_method
-        else f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:$PATH; "
-    )
-)
 CHUNKS = {
     chunk.name: chunk
     for chunk in plan_chunks(config["inputs"], config["files_per_chunk"])
@@ -108,14 +67,6 @@ wildcard_constraints:
 def R(path):
     """A path under the results root."""
     return os.path.join(config["results"], path)
-
-
-def write_run_config(settings=None, path=None):
-    """Write the resolved config the jobs read (untouched if unchanged). Without `cluster`:
-    what jobs ask a cluster for is no part of the experiment."""
-    settings = config if settings is None else settings
-    path = CONFIG_FILE if path is None else path
-    write_resolved_config({k: v for k, v in settings.items() if k != "cluster"}, path)
 
 
 def get_tokens_dir(wildcards, output):
@@ -438,6 +389,7 @@ def get_final_outputs():
     """Every result, and what serving the mixture reads (smalltalk.load), so that a deleted
     model or config is rebuilt rather than found missing when the mixture is loaded."""
     return [
+        CONFIG_FILE,
         get_tokenizer_model(),
         *get_all_routers(),
         *get_expert_models(),
@@ -463,93 +415,3 @@ def get_final_outputs():
         R("report/ledger.html"),
         R("report/harness.html"),
     ]
-
-
-# --- What jobs ask a SLURM cluster for (config `cluster`; README: Running on a SLURM cluster).
-
-
-def get_cluster_threads(kind):
-    """CPUs of a job kind: its Snakemake threads, requested as SLURM's --cpus-per-task."""
-    return config["cluster"][kind]["cpus"]
-
-
-def get_cluster_resources(kind=None):
-    """A rule's SLURM requests, as `resources: **get_cluster_resources(kind)`.
-
-    Partition, account and QoS for every rule; GPUs, memory and runtime for the kinds in
-    `cluster` (other rules keep their own mem_mb and runtime). Unset values are left out,
-    so the cluster's defaults apply. `gpu` and `gpu_model` are the SLURM executor's
-    generic GPU request (--gpus=model:n).
-    """
-    cluster = config["cluster"]
-    job = cluster[kind] if kind else {}
-    gpus = 0 if cluster["cpu_only"] else job.get("gpus", 0)
-    resources = {
-        "slurm_partition": (gpus and cluster["gpu_partition"]) or cluster["partition"],
-        "slurm_account": cluster["account"],
-        "qos": cluster["qos"],
-        "gpu": gpus or None,
-        "gpu_model": job.get("gpu_model") if gpus else None,
-        "mem_mb": job.get("mem_mb"),
-        "runtime": job.get("runtime"),
-    }
-    return {name: value for name, value in resources.items() if value is not None}
-
-
-def get_conda_env(kind):
-    """The CUDA environment for jobs that get GPUs, the CPU one for the rest (from rules/)."""
-    if "gpu" in get_cluster_resources(kind):
-        return "../envs/smalltalk-cuda.yaml"
-    return "../envs/smalltalk.yaml"
-
-
-def get_launcher(data_parallel=False):
-    """How a job starts Python, as arguments (a params function). A job that asks for GPUs starts
-    through smalltalk.devices, which gives it GPUs of this machine that no other job holds (a lock
-    each; under SLURM the job's own); granted n > 1, a `data_parallel` job (training) runs n
-    processes under torchrun, and smalltalk.train trains them with DistributedDataParallel. Read
-    from the granted resources: --set-resources train_expert:gpu=4 launches 4 as well.
-    """
-
-    def launcher(wildcards, resources):
-        gpus = resources.get("gpu", 0)
-        if not gpus:
-            return ["python"]
-        devices = ["python", "-m", "smalltalk.devices", "--gpus", gpus, "--"]
-        if data_parallel and gpus > 1:
-            return [*devices, "torchrun", "--standalone", "--nproc-per-node", gpus]
-        return [*devices, "python"]
-
-    return launcher
-
-
-def get_process_threads(wildcards, threads, resources):
-    """CPU threads of each training process: the job's threads shared among its torchrun
-    processes, one per GPU, so that they do not oversubscribe the job's CPUs."""
-    return max(1, threads // max(1, resources.get("gpu", 0)))
-
-
-def check_slurm_requests(jobs):
-    """Stop before the first submission if a rule asks for more than its partition's nodes
-    have; checks what the jobs will request, with --max-threads and --set-* applied."""
-    from snakemake.exceptions import WorkflowError
-
-    from smalltalk.preflight import ClusterError, Request, check_partitions
-
-    requests = {}
-    for job in jobs:
-        if job.is_local:
-            continue
-        resources = job.resources
-        request = Request(
-            partition=resources.get("slurm_partition"),
-            cpus=job.threads,
-            mem_mb=resources.get("mem_mb"),
-            gpus=resources.get("gpu", 0),
-            gpu_model=resources.get("gpu_model"),
-        )
-        requests.setdefault(job.rule.name, set()).add(request)
-    try:
-        check_partitions(requests)
-    except ClusterError as error:
-        raise WorkflowError(str(error)) from None

@@ -1,9 +1,30 @@
-# Stages 1-2: tokenizer, then one tokenize job per input chunk.
+# Stages 1-2: the run's config file that every job reads (rules/setup.smk), the tokenizer, then
+# one tokenize job per input chunk.
+
+
+# Runs in the Snakemake process itself (a local rule), whenever a setting changed; every setting
+# but `cluster`, since what jobs ask a cluster for is no part of the experiment.
+localrules:
+    write_run_config,
+
+
+rule write_run_config:
+    output:
+        CONFIG_FILE,
+    log:
+        R("logs/config.log"),
+    params:
+        settings={key: value for key, value in config.items() if key != "cluster"},
+    run:
+        write_resolved_config(params.settings, output[0])
+        with open(log[0], "w") as file:
+            print(f"wrote {output[0]}", file=file)
 
 
 rule train_tokenizer:
     input:
         sample=get_tokenizer_sample,
+        config=ancient(CONFIG_FILE),
     output:
         R("tokenizer/spm.model"),
     log:
@@ -16,11 +37,9 @@ rule train_tokenizer:
     resources:
         **get_cluster_resources("tokenizer"),
     params:
-        config=CONFIG_FILE,
-        seed=lookup(dpath="seed", within=config),
-        tokenizer=lookup(dpath="tokenizer", within=config),
+        **rerun_when(seed="seed", tokenizer="tokenizer"),
     shell:
-        "python -m smalltalk train-tokenizer --config {params.config:q} --out {output:q} "
+        "python -m smalltalk train-tokenizer --config {input.config:q} --out {output:q} "
         "--threads {threads} {input.sample:q} > {log:q} 2>&1"
 
 
@@ -28,6 +47,7 @@ rule tokenize_chunk:
     input:
         files=get_chunk_files,
         tokenizer=get_tokenizer_model,
+        config=ancient(CONFIG_FILE),
     output:
         train=R("tokens/train/{chunk}.parquet"),
         val=R("tokens/val/{chunk}.parquet"),
@@ -43,14 +63,15 @@ rule tokenize_chunk:
     resources:
         **get_cluster_resources("tokenize"),
     params:
-        config=CONFIG_FILE,
+        **rerun_when(
+            fields="fields",
+            splits="splits",
+            seq_len="seq_len",
+            on_bad_record="on_bad_record",
+        ),
         out_dir=get_tokens_dir,
-        fields=lookup(dpath="fields", within=config),
-        splits=lookup(dpath="splits", within=config),
-        seq_len=lookup(dpath="seq_len", within=config),
-        on_bad_record=lookup(dpath="on_bad_record", within=config),
     shell:
-        "python -m smalltalk tokenize --config {params.config:q} --chunk {wildcards.chunk} "
+        "python -m smalltalk tokenize --config {input.config:q} --chunk {wildcards.chunk} "
         "--tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} --stats {output.stats:q} "
         "--threads {threads} {input.files:q} > {log:q} 2>&1"
 

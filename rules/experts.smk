@@ -7,6 +7,7 @@ rule route_validation:
         val=get_token_files("val"),
         routers=get_final_routers(),
         tokenizer=get_tokenizer_model,
+        config=ancient(CONFIG_FILE),
     output:
         routing=R("eval/val/routing.parquet"),
         pool=R("eval/val/all.parquet"),
@@ -22,9 +23,8 @@ rule route_validation:
         **get_cluster_resources("router_score"),
     params:
         launcher=get_launcher(),
-        config=CONFIG_FILE,
     shell:
-        "{params.launcher:q} -m smalltalk route-validation --config {params.config:q} "
+        "{params.launcher:q} -m smalltalk route-validation --config {input.config:q} "
         "--val {input.val:q} --tokenizer {input.tokenizer:q} --routers {input.routers:q} "
         "--routing {output.routing:q} --pool {output.pool:q} --experts {output.experts:q} "
         "--threads {threads} > {log:q} 2>&1"
@@ -36,6 +36,7 @@ rule train_expert:
         val=get_expert_validation,
         tokenizer=get_tokenizer_model,
         branch=get_branch_point,
+        config=ancient(CONFIG_FILE),
     output:
         weights=R("experts/e{e}/model.safetensors"),
         summary=R("experts/e{e}/summary.json"),
@@ -50,16 +51,13 @@ rule train_expert:
     resources:
         **get_cluster_resources("expert_train"),
     params:
-        config=CONFIG_FILE,
-        seed=lookup(dpath="seed", within=config),
+        **rerun_when(seed="seed", training="training/expert", model="models/expert"),
         launcher=get_launcher(data_parallel=True),
         process_threads=get_process_threads,
         out_dir=get_model_dir,
         branch=get_branch_flag,
-        training=lookup(dpath="training/expert", within=config),
-        model=lookup(dpath="models/expert", within=config),
     shell:
-        "{params.launcher:q} -m smalltalk train --config {params.config:q} --role expert "
+        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role expert "
         "--index {wildcards.e} --tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} "
         "--val {input.val:q} {params.branch:q} --threads {params.process_threads:q} "
         "{input.shards:q} > {log:q} 2>&1"
@@ -71,6 +69,7 @@ rule train_dense:
         val=R("eval/val/all.parquet"),
         tokenizer=get_tokenizer_model,
         branch=get_branch_point,
+        config=ancient(CONFIG_FILE),
     output:
         weights=R("dense/model.safetensors"),
         summary=R("dense/summary.json"),
@@ -87,17 +86,18 @@ rule train_dense:
     resources:
         **get_cluster_resources("dense_train"),
     params:
-        config=CONFIG_FILE,
-        seed=lookup(dpath="seed", within=config),
+        **rerun_when(
+            seed="seed",
+            training="training/expert",
+            scale="training/dense_scale",
+            model="models/expert",
+        ),
         launcher=get_launcher(data_parallel=True),
         process_threads=get_process_threads,
         out_dir=get_model_dir,
         branch=get_branch_flag,
-        training=lookup(dpath="training/expert", within=config),
-        scale=lookup(dpath="training/dense_scale", within=config),
-        model=lookup(dpath="models/expert", within=config),
     shell:
-        "{params.launcher:q} -m smalltalk train --config {params.config:q} --role dense "
+        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role dense "
         "--tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} --val {input.val:q} "
         "{params.branch:q} --threads {params.process_threads:q} {input.shards:q} > {log:q} 2>&1"
 
@@ -109,6 +109,7 @@ rule train_trunk:
         shards=get_shard_files(),
         val=R("eval/val/all.parquet"),
         tokenizer=get_tokenizer_model,
+        config=ancient(CONFIG_FILE),
     output:
         branch=get_branch_point(),
         weights=R("trunk/model.safetensors"),
@@ -124,15 +125,16 @@ rule train_trunk:
     resources:
         **get_cluster_resources("dense_train"),
     params:
-        config=CONFIG_FILE,
-        seed=lookup(dpath="seed", within=config),
+        **rerun_when(
+            seed="seed",
+            training="training/expert",
+            steps="training/branch_steps",
+            model="models/expert",
+        ),
         launcher=get_launcher(data_parallel=True),
         process_threads=get_process_threads,
         out_dir=get_model_dir,
-        training=lookup(dpath="training/expert", within=config),
-        steps=lookup(dpath="training/branch_steps", within=config),
-        model=lookup(dpath="models/expert", within=config),
     shell:
-        "{params.launcher:q} -m smalltalk train --config {params.config:q} --role dense "
+        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role dense "
         "--stop-at {params.steps} --tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} "
         "--val {input.val:q} --threads {params.process_threads:q} {input.shards:q} > {log:q} 2>&1"

@@ -6,6 +6,7 @@ rule harness_task:
     input:
         tokens=get_token_files("test"),
         tokenizer=get_tokenizer_model,
+        config=ancient(CONFIG_FILE),
     output:
         data=R("harness/continuation_choice/continuation_choice.jsonl"),
         task=R("harness/continuation_choice/continuation_choice.yaml"),
@@ -21,12 +22,10 @@ rule harness_task:
         mem_mb=2000,
         runtime=10,
     params:
-        config=CONFIG_FILE,
-        seed=lookup(dpath="seed", within=config),
+        **rerun_when(seed="seed", harness="harness"),
         out_dir=get_summary_dir,
-        harness=lookup(dpath="harness", within=config),
     shell:
-        "python -m smalltalk harness-task --config {params.config:q} "
+        "python -m smalltalk harness-task --config {input.config:q} "
         "--tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} {input.tokens:q} "
         "> {log:q} 2>&1"
 

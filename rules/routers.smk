@@ -9,6 +9,7 @@ rule sample_em_blocks:
     input:
         train=get_em_token_files("train"),
         val=get_em_token_files("val"),
+        config=ancient(CONFIG_FILE),
     output:
         blocks=expand(R("routers/blocks/b{r}.parquet"), r=ROUNDS),
         probe=R("routers/probe.parquet"),
@@ -24,11 +25,9 @@ rule sample_em_blocks:
         mem_mb=4000,
         runtime=60,
     params:
-        config=CONFIG_FILE,
-        seed=lookup(dpath="seed", within=config),
-        routing=lookup(dpath="routing", within=config),
+        **rerun_when(seed="seed", routing="routing"),
     shell:
-        "python -m smalltalk em-sample --config {params.config:q} --train {input.train:q} "
+        "python -m smalltalk em-sample --config {input.config:q} --train {input.train:q} "
         "--val {input.val:q} --blocks {output.blocks:q} --probe {output.probe:q} > {log:q} 2>&1"
 
 
@@ -36,6 +35,7 @@ rule fit_router:
     input:
         sample=expand(R("routers/blocks/b{r}.parquet"), r=ROUNDS),
         tokenizer=get_tokenizer_model,
+        config=ancient(CONFIG_FILE),
     output:
         R("routers/{method}.npz"),
     log:
@@ -50,11 +50,9 @@ rule fit_router:
         mem_mb=8000,
         runtime=60,
     params:
-        config=CONFIG_FILE,
-        seed=lookup(dpath="seed", within=config),
-        routing=lookup(dpath="routing", within=config),
+        **rerun_when(seed="seed", routing="routing"),
     shell:
-        "python -m smalltalk fit-router --config {params.config:q} --tokenizer {input.tokenizer:q} "
+        "python -m smalltalk fit-router --config {input.config:q} --tokenizer {input.tokenizer:q} "
         "--out {output:q} {input.sample:q} > {log:q} 2>&1"
 
 
@@ -62,6 +60,7 @@ rule assign_first_round:
     input:
         block=R("routers/blocks/b0.parquet"),
         tokenizer=get_tokenizer_model,
+        config=ancient(CONFIG_FILE),
     output:
         assignment=R("routers/r0/assignment.parquet"),
         diagnostics=R("routers/r0/diagnostics.parquet"),
@@ -78,12 +77,9 @@ rule assign_first_round:
         mem_mb=2000,
         runtime=10,
     params:
-        config=CONFIG_FILE,
-        seed=lookup(dpath="seed", within=config),
-        init=lookup(dpath="routing/init", within=config),
-        tfidf=lookup(dpath="routing/tfidf", within=config),
+        **rerun_when(seed="seed", init="routing/init", tfidf="routing/tfidf"),
     shell:
-        "python -m smalltalk assign --config {params.config:q} --round 0 --block {input.block:q} "
+        "python -m smalltalk assign --config {input.config:q} --round 0 --block {input.block:q} "
         "--tokenizer {input.tokenizer:q} --out {output.assignment:q} --diagnostics {output.diagnostics:q} "
         "--contingency {output.contingency:q} > {log:q} 2>&1"
 
@@ -91,6 +87,7 @@ rule assign_first_round:
 rule train_router:
     input:
         unpack(get_router_training_inputs),
+        config=ancient(CONFIG_FILE),
     output:
         weights=R("routers/r{r}/e{e}.safetensors"),
         summary=R("routers/r{r}/e{e}/summary.json"),
@@ -104,16 +101,13 @@ rule train_router:
     resources:
         **get_cluster_resources("router_train"),
     params:
-        config=CONFIG_FILE,
-        seed=lookup(dpath="seed", within=config),
+        **rerun_when(seed="seed", training="training/router", model="models/router"),
         launcher=get_launcher(data_parallel=True),
         process_threads=get_process_threads,
         out_dir=get_router_work_dir,
         init=get_router_init_flag,
-        training=lookup(dpath="training/router", within=config),
-        model=lookup(dpath="models/router", within=config),
     shell:
-        "{params.launcher:q} -m smalltalk train --config {params.config:q} --role router "
+        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role router "
         "--index {wildcards.e} --round {wildcards.r} --assignment {input.assignment:q} "
         "{params.init:q} --tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} "
         "--weights {output.weights:q} --threads {params.process_threads:q} {input.block:q} "
@@ -126,6 +120,7 @@ rule score_router:
         block=R("routers/blocks/b{r}.parquet"),
         probe=R("routers/probe.parquet"),
         tokenizer=get_tokenizer_model,
+        config=ancient(CONFIG_FILE),
     output:
         scores=R("routers/r{r}/scores/e{e}.parquet"),
         probe=R("routers/r{r}/probe/e{e}.parquet"),
@@ -140,9 +135,8 @@ rule score_router:
         **get_cluster_resources("router_score"),
     params:
         launcher=get_launcher(),
-        config=CONFIG_FILE,
     shell:
-        "{params.launcher:q} -m smalltalk score-router --config {params.config:q} "
+        "{params.launcher:q} -m smalltalk score-router --config {input.config:q} "
         "--weights {input.weights:q} --tokenizer {input.tokenizer:q} --tokens {input.block:q} "
         "--out {output.scores:q} --tokens {input.probe:q} --out {output.probe:q} "
         "--threads {threads} > {log:q} 2>&1"
@@ -151,6 +145,7 @@ rule score_router:
 checkpoint assign_round:
     input:
         unpack(get_assignment_inputs),
+        config=ancient(CONFIG_FILE),
     output:
         assignment=R("routers/r{r}/assignment.parquet"),
         diagnostics=R("routers/r{r}/diagnostics.parquet"),
@@ -167,10 +162,9 @@ checkpoint assign_round:
         mem_mb=2000,
         runtime=10,
     params:
-        config=CONFIG_FILE,
         previous_probe=get_previous_probe_flag,
     shell:
-        "python -m smalltalk assign --config {params.config:q} --round {wildcards.r} "
+        "python -m smalltalk assign --config {input.config:q} --round {wildcards.r} "
         "--block {input.block:q} --scores {input.scores:q} --probe {input.probe:q} "
         "--probe-scores {input.probe_scores:q} {params.previous_probe:q} "
         "--out {output.assignment:q} --diagnostics {output.diagnostics:q} "
@@ -181,6 +175,7 @@ rule final_routers:
     input:
         routers=get_last_em_routers,
         diagnostics=get_em_files("routers/r{r}/diagnostics.parquet", first=1),
+        config=ancient(CONFIG_FILE),
     output:
         routers=expand(R("routers/final/e{e}.safetensors"), e=EXPERTS),
         summary=R("routers/final/em.json"),
@@ -196,10 +191,9 @@ rule final_routers:
         mem_mb=2000,
         runtime=10,
     params:
-        config=CONFIG_FILE,
-        routing=lookup(dpath="routing", within=config),
+        **rerun_when(routing="routing"),
     shell:
-        "python -m smalltalk em-final --config {params.config:q} "
+        "python -m smalltalk em-final --config {input.config:q} "
         "--diagnostics {input.diagnostics:q} --routers {input.routers:q} "
         "--out-routers {output.routers:q} --summary {output.summary:q} > {log:q} 2>&1"
 
@@ -251,6 +245,7 @@ rule train_grown_router:
         train=get_grown_token_files("train"),
         em=R("routers/final/em.json"),
         tokenizer=get_tokenizer_model,
+        config=ancient(CONFIG_FILE),
     output:
         weights=R("routers/final/e{e}.safetensors"),
     log:
@@ -265,17 +260,18 @@ rule train_grown_router:
     resources:
         **get_cluster_resources("router_train"),
     params:
-        config=CONFIG_FILE,
-        seed=lookup(dpath="seed", within=config),
+        **rerun_when(
+            seed="seed",
+            training="training/router",
+            model="models/router",
+            routing="routing",
+        ),
         launcher=get_launcher(data_parallel=True),
         process_threads=get_process_threads,
         out_dir=get_router_work_dir,
-        training=lookup(dpath="training/router", within=config),
-        model=lookup(dpath="models/router", within=config),
-        routing=lookup(dpath="routing", within=config),
         entry=get_grow_entry,  # its own entry only: a later entry re-runs nothing here
     shell:
-        "{params.launcher:q} -m smalltalk train --config {params.config:q} --role router "
+        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role router "
         "--index {wildcards.e} --em-summary {input.em:q} --tokenizer {input.tokenizer:q} "
         "--out-dir {params.out_dir:q} --weights {output.weights:q} "
         "--threads {params.process_threads:q} {input.train:q} > {log:q} 2>&1"
@@ -289,6 +285,7 @@ rule capture_for_grown_expert:
         shard_scores=R("segmentation/scores/{chunk}.parquet"),
         router=R("routers/final/e{e}.safetensors"),
         tokenizer=get_tokenizer_model,
+        config=ancient(CONFIG_FILE),
     output:
         R("grow/e{e}/captured/{chunk}.parquet"),
     log:
@@ -301,11 +298,10 @@ rule capture_for_grown_expert:
     resources:
         **get_cluster_resources("router_score"),
     params:
+        **rerun_when(prefix_len="routing/prefix_len"),
         launcher=get_launcher(),
-        config=CONFIG_FILE,
-        prefix_len=lookup(dpath="routing/prefix_len", within=config),
     shell:
-        "{params.launcher:q} -m smalltalk capture --config {params.config:q} "
+        "{params.launcher:q} -m smalltalk capture --config {input.config:q} "
         "--tokens {input.tokens:q} --shard-scores {input.shard_scores:q} "
         "--router {input.router:q} --tokenizer {input.tokenizer:q} --out {output:q} "
         "--threads {threads} > {log:q} 2>&1"

@@ -1,0 +1,64 @@
+# How the workflow starts: the config checked, the run's config file that every job reads, the
+# shell every job runs in, and what re-runs a job. Paths and inputs: common.smk; what each job
+# needs and how it starts Python: jobs.smk.
+import os
+import shlex
+import sys
+
+# The checkout this file is in: the workflow's own basedir when it is used as a module (the
+# quality and robustness benchmarks) is the including Snakefile's folder, not the checkout.
+REPO = os.path.dirname(os.path.abspath(str(workflow.current_basedir)))
+sys.path.insert(0, REPO)
+
+from snakemake.utils import validate
+
+from smalltalk.config import (
+    SCHEMA_PATH,
+    read_config,
+    validate_config,
+    write_resolved_config,
+)
+
+# Snakemake keeps the last of a key given twice in a config file: refuse that instead.
+for configfile in workflow.configfiles:
+    read_config(configfile)
+# All problems at once, each naming its key; then Snakemake's own pass sets the defaults.
+validate_config(config)
+
+
+validate(config, str(SCHEMA_PATH))
+
+
+# Every job reads its settings from one file, the run's resolved config (command-line overrides
+# included), written by the job of `write_run_config` whenever a setting changes: never by a dry
+# run or while parsing, which would change the config of a running or finished run under its jobs.
+# Jobs take it as an `ancient` input: a rewritten file re-runs no job by itself (otherwise any
+# change, a new ensemble temperature say, would retrain every model); each job re-runs when the
+# settings it reads change, through its `rerun_when` params.
+CONFIG_FILE = os.path.join(config["results"], "config.yaml")
+
+
+def rerun_when(**settings):
+    """Params that exist only to re-run a job when settings it reads change, as
+    `params: **rerun_when(name="section/key", ...)`.
+
+    The job reads them from the run's config file, not from these params; Snakemake's params
+    trigger compares their values with those of the job's last run, so a changed setting re-runs
+    exactly the jobs that name it, and a new setting read by a job must be named here too.
+    """
+    return {
+        name: lookup(dpath=setting, within=config) for name, setting in settings.items()
+    }
+
+
+# Jobs run `python -m smalltalk` from this checkout: under conda with the environment's
+# python, else with the interpreter that runs Snakemake.
+shell.prefix(
+    # (Braces doubled twice: once for this f-string, once for Snakemake's formatting.)
+    f"export PYTHONPATH={shlex.quote(REPO)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+    + (
+        ""
+        if workflow.deployment_settings.deployment_method
+        else f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:$PATH; "
+    )
+)
