@@ -32,6 +32,7 @@ rule all:
 
 
 onstart:
+    write_run_config()
     # Only SLURM runs: local ones submit nothing and need no sinfo.
     if workflow.executor_plugin.name == "slurm":
         check_slurm_requests(workflow.dag.needrun_jobs())

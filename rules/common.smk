@@ -389,7 +389,6 @@ def get_final_outputs():
     """Every result, and what serving the mixture reads (smalltalk.load), so that a deleted
     model or config is rebuilt rather than found missing when the mixture is loaded."""
     return [
-        CONFIG_FILE,
         get_tokenizer_model(),
         *get_all_routers(),
         *get_expert_models(),

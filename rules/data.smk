@@ -1,30 +1,9 @@
-# Stages 1-2: the run's config file that every job reads (rules/setup.smk), the tokenizer, then
-# one tokenize job per input chunk.
-
-
-# Runs in the Snakemake process itself (a local rule), whenever a setting changed; every setting
-# but `cluster`, since what jobs ask a cluster for is no part of the experiment.
-localrules:
-    write_run_config,
-
-
-rule write_run_config:
-    output:
-        CONFIG_FILE,
-    log:
-        R("logs/config.log"),
-    params:
-        settings={key: value for key, value in config.items() if key != "cluster"},
-    run:
-        write_resolved_config(params.settings, output[0])
-        with open(log[0], "w") as file:
-            print(f"wrote {output[0]}", file=file)
+# Stages 1-2: tokenizer, then one tokenize job per input chunk.
 
 
 rule train_tokenizer:
     input:
         sample=get_tokenizer_sample,
-        config=ancient(CONFIG_FILE),
     output:
         R("tokenizer/spm.model"),
     log:
@@ -38,8 +17,9 @@ rule train_tokenizer:
         **get_cluster_resources("tokenizer"),
     params:
         **rerun_when(seed="seed", tokenizer="tokenizer"),
+        config=CONFIG_FILE,
     shell:
-        "python -m smalltalk train-tokenizer --config {input.config:q} --out {output:q} "
+        "python -m smalltalk train-tokenizer --config {params.config:q} --out {output:q} "
         "--threads {threads} {input.sample:q} > {log:q} 2>&1"
 
 
@@ -47,7 +27,6 @@ rule tokenize_chunk:
     input:
         files=get_chunk_files,
         tokenizer=get_tokenizer_model,
-        config=ancient(CONFIG_FILE),
     output:
         train=R("tokens/train/{chunk}.parquet"),
         val=R("tokens/val/{chunk}.parquet"),
@@ -69,9 +48,10 @@ rule tokenize_chunk:
             seq_len="seq_len",
             on_bad_record="on_bad_record",
         ),
+        config=CONFIG_FILE,
         out_dir=get_tokens_dir,
     shell:
-        "python -m smalltalk tokenize --config {input.config:q} --chunk {wildcards.chunk} "
+        "python -m smalltalk tokenize --config {params.config:q} --chunk {wildcards.chunk} "
         "--tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} --stats {output.stats:q} "
         "--threads {threads} {input.files:q} > {log:q} 2>&1"
 

@@ -9,7 +9,6 @@ rule route_eval_part:
         tokens=get_part_tokens,
         router=get_eval_router,
         tokenizer=get_tokenizer_model,
-        config=ancient(CONFIG_FILE),
     output:
         R("eval/{split}/routes/{router}/{part}.parquet"),
     log:
@@ -23,9 +22,10 @@ rule route_eval_part:
         **get_cluster_resources("router_score"),
     params:
         **rerun_when(prefix_lens="eval/prefix_lens", prefix_len="routing/prefix_len"),
+        config=CONFIG_FILE,
         launcher=get_launcher(),
     shell:
-        "{params.launcher:q} -m smalltalk route-part --config {input.config:q} "
+        "{params.launcher:q} -m smalltalk route-part --config {params.config:q} "
         "--tokens {input.tokens:q} --tokenizer {input.tokenizer:q} --routers {input.router:q} "
         "--out {output:q} --threads {threads} > {log:q} 2>&1"
 
@@ -36,7 +36,6 @@ rule score_eval_part:
         tokens=get_part_tokens,
         weights=get_scored_weights,
         tokenizer=get_tokenizer_model,
-        config=ancient(CONFIG_FILE),
     output:
         R("eval/{split}/scores/{model}/{part}.parquet"),
     log:
@@ -52,9 +51,10 @@ rule score_eval_part:
         **get_cluster_resources("evaluate"),
     params:
         **rerun_when(batch_size="eval/batch_size", prefix_len="routing/prefix_len"),
+        config=CONFIG_FILE,
         launcher=get_launcher(),
     shell:
-        "{params.launcher:q} -m smalltalk score-part --config {input.config:q} "
+        "{params.launcher:q} -m smalltalk score-part --config {params.config:q} "
         "--tokens {input.tokens:q} --tokenizer {input.tokenizer:q} --weights {input.weights:q} "
         "--out {output:q} --threads {threads} > {log:q} 2>&1"
 
@@ -66,7 +66,6 @@ rule evaluate_part:
         routes=get_route_files,
         experts=get_expert_score_files,
         dense=R("eval/{split}/scores/dense/{part}.parquet"),
-        config=ancient(CONFIG_FILE),
     output:
         R("eval/{split}/{part}.parquet"),
     log:
@@ -82,9 +81,10 @@ rule evaluate_part:
         runtime=30,
     params:
         **rerun_when(topk="eval/topk", temperature="eval/temperature"),
+        config=CONFIG_FILE,
         experts=[],
     shell:
-        "python -m smalltalk merge-part --config {input.config:q} --tokens {input.tokens:q} "
+        "python -m smalltalk merge-part --config {params.config:q} --tokens {input.tokens:q} "
         "--routes {input.routes:q} --expert-scores {input.experts:q} "
         "--dense-scores {input.dense:q} {params.experts:q} --out {output:q} > {log:q} 2>&1"
 
@@ -100,6 +100,7 @@ use rule evaluate_part as evaluate_part_subset with:
         R("benchmarks/eval/{split}/subsets/{kept}/{part}.tsv")
     params:
         **rerun_when(topk="eval/topk", temperature="eval/temperature"),
+        config=CONFIG_FILE,
         experts=get_subset_flag,
 
 
@@ -156,7 +157,6 @@ rule grow_summary:
         before=get_eval_files(
             f"eval/{{split}}/subsets/{BEFORE_GROWING}/{{part}}.parquet", "test"
         ),
-        config=ancient(CONFIG_FILE),
     output:
         table=R("eval/summary/grow.parquet"),
         markdown=R("eval/summary/grow.md"),
@@ -173,8 +173,9 @@ rule grow_summary:
         runtime=10,
     params:
         **rerun_when(grow="grow"),
+        config=CONFIG_FILE,
     shell:
-        "python -m smalltalk grow-summary --config {input.config:q} --after {input.after:q} "
+        "python -m smalltalk grow-summary --config {params.config:q} --after {input.after:q} "
         "--before {input.before:q} --out {output.table:q} --markdown {output.markdown:q} "
         "> {log:q} 2>&1"
 
@@ -204,7 +205,6 @@ rule flops_ledger:
         experts=expand(R("experts/e{e}/summary.json"), e=EXPERTS),
         dense=get_dense("summary.json"),
         tokenizer=get_tokenizer_model,
-        config=ancient(CONFIG_FILE),
     output:
         flops=R("ledger/flops.parquet"),
         paper=R("ledger/paper_table3.parquet"),
@@ -219,8 +219,10 @@ rule flops_ledger:
         **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
+    params:
+        config=CONFIG_FILE,
     shell:
-        "python -m smalltalk ledger-flops --config {input.config:q} "
+        "python -m smalltalk ledger-flops --config {params.config:q} "
         "--tokenizer {input.tokenizer:q} --router-summaries {input.routers:q} "
         "--em-scores {input.em_scores:q} --shard-scores {input.shard_scores:q} "
         "--expert-summaries {input.experts:q} "

@@ -7,7 +7,6 @@ rule route_validation:
         val=get_token_files("val"),
         routers=get_final_routers(),
         tokenizer=get_tokenizer_model,
-        config=ancient(CONFIG_FILE),
     output:
         routing=R("eval/val/routing.parquet"),
         pool=R("eval/val/all.parquet"),
@@ -22,9 +21,10 @@ rule route_validation:
     resources:
         **get_cluster_resources("router_score"),
     params:
+        config=CONFIG_FILE,
         launcher=get_launcher(),
     shell:
-        "{params.launcher:q} -m smalltalk route-validation --config {input.config:q} "
+        "{params.launcher:q} -m smalltalk route-validation --config {params.config:q} "
         "--val {input.val:q} --tokenizer {input.tokenizer:q} --routers {input.routers:q} "
         "--routing {output.routing:q} --pool {output.pool:q} --experts {output.experts:q} "
         "--threads {threads} > {log:q} 2>&1"
@@ -36,7 +36,6 @@ rule train_expert:
         val=get_expert_validation,
         tokenizer=get_tokenizer_model,
         branch=get_branch_point,
-        config=ancient(CONFIG_FILE),
     output:
         weights=R("experts/e{e}/model.safetensors"),
         summary=R("experts/e{e}/summary.json"),
@@ -52,12 +51,13 @@ rule train_expert:
         **get_cluster_resources("expert_train"),
     params:
         **rerun_when(seed="seed", training="training/expert", model="models/expert"),
+        config=CONFIG_FILE,
         launcher=get_launcher(data_parallel=True),
         process_threads=get_process_threads,
         out_dir=get_model_dir,
         branch=get_branch_flag,
     shell:
-        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role expert "
+        "{params.launcher:q} -m smalltalk train --config {params.config:q} --role expert "
         "--index {wildcards.e} --tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} "
         "--val {input.val:q} {params.branch:q} --threads {params.process_threads:q} "
         "{input.shards:q} > {log:q} 2>&1"
@@ -69,7 +69,6 @@ rule train_dense:
         val=R("eval/val/all.parquet"),
         tokenizer=get_tokenizer_model,
         branch=get_branch_point,
-        config=ancient(CONFIG_FILE),
     output:
         weights=R("dense/model.safetensors"),
         summary=R("dense/summary.json"),
@@ -92,12 +91,13 @@ rule train_dense:
             scale="training/dense_scale",
             model="models/expert",
         ),
+        config=CONFIG_FILE,
         launcher=get_launcher(data_parallel=True),
         process_threads=get_process_threads,
         out_dir=get_model_dir,
         branch=get_branch_flag,
     shell:
-        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role dense "
+        "{params.launcher:q} -m smalltalk train --config {params.config:q} --role dense "
         "--tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} --val {input.val:q} "
         "{params.branch:q} --threads {params.process_threads:q} {input.shards:q} > {log:q} 2>&1"
 
@@ -109,7 +109,6 @@ rule train_trunk:
         shards=get_shard_files(),
         val=R("eval/val/all.parquet"),
         tokenizer=get_tokenizer_model,
-        config=ancient(CONFIG_FILE),
     output:
         branch=get_branch_point(),
         weights=R("trunk/model.safetensors"),
@@ -131,10 +130,11 @@ rule train_trunk:
             steps="training/branch_steps",
             model="models/expert",
         ),
+        config=CONFIG_FILE,
         launcher=get_launcher(data_parallel=True),
         process_threads=get_process_threads,
         out_dir=get_model_dir,
     shell:
-        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role dense "
+        "{params.launcher:q} -m smalltalk train --config {params.config:q} --role dense "
         "--stop-at {params.steps} --tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} "
         "--val {input.val:q} --threads {params.process_threads:q} {input.shards:q} > {log:q} 2>&1"

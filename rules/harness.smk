@@ -6,7 +6,6 @@ rule harness_task:
     input:
         tokens=get_token_files("test"),
         tokenizer=get_tokenizer_model,
-        config=ancient(CONFIG_FILE),
     output:
         data=R("harness/continuation_choice/continuation_choice.jsonl"),
         task=R("harness/continuation_choice/continuation_choice.yaml"),
@@ -23,9 +22,10 @@ rule harness_task:
         runtime=10,
     params:
         **rerun_when(seed="seed", harness="harness"),
+        config=CONFIG_FILE,
         out_dir=get_summary_dir,
     shell:
-        "python -m smalltalk harness-task --config {input.config:q} "
+        "python -m smalltalk harness-task --config {params.config:q} "
         "--tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} {input.tokens:q} "
         "> {log:q} 2>&1"
 

@@ -9,7 +9,6 @@ rule sample_em_blocks:
     input:
         train=get_em_token_files("train"),
         val=get_em_token_files("val"),
-        config=ancient(CONFIG_FILE),
     output:
         blocks=expand(R("routers/blocks/b{r}.parquet"), r=ROUNDS),
         probe=R("routers/probe.parquet"),
@@ -26,8 +25,9 @@ rule sample_em_blocks:
         runtime=60,
     params:
         **rerun_when(seed="seed", routing="routing"),
+        config=CONFIG_FILE,
     shell:
-        "python -m smalltalk em-sample --config {input.config:q} --train {input.train:q} "
+        "python -m smalltalk em-sample --config {params.config:q} --train {input.train:q} "
         "--val {input.val:q} --blocks {output.blocks:q} --probe {output.probe:q} > {log:q} 2>&1"
 
 
@@ -35,7 +35,6 @@ rule fit_router:
     input:
         sample=expand(R("routers/blocks/b{r}.parquet"), r=ROUNDS),
         tokenizer=get_tokenizer_model,
-        config=ancient(CONFIG_FILE),
     output:
         R("routers/{method}.npz"),
     log:
@@ -51,8 +50,9 @@ rule fit_router:
         runtime=60,
     params:
         **rerun_when(seed="seed", routing="routing"),
+        config=CONFIG_FILE,
     shell:
-        "python -m smalltalk fit-router --config {input.config:q} --tokenizer {input.tokenizer:q} "
+        "python -m smalltalk fit-router --config {params.config:q} --tokenizer {input.tokenizer:q} "
         "--out {output:q} {input.sample:q} > {log:q} 2>&1"
 
 
@@ -60,7 +60,6 @@ rule assign_first_round:
     input:
         block=R("routers/blocks/b0.parquet"),
         tokenizer=get_tokenizer_model,
-        config=ancient(CONFIG_FILE),
     output:
         assignment=R("routers/r0/assignment.parquet"),
         diagnostics=R("routers/r0/diagnostics.parquet"),
@@ -78,8 +77,9 @@ rule assign_first_round:
         runtime=10,
     params:
         **rerun_when(seed="seed", init="routing/init", tfidf="routing/tfidf"),
+        config=CONFIG_FILE,
     shell:
-        "python -m smalltalk assign --config {input.config:q} --round 0 --block {input.block:q} "
+        "python -m smalltalk assign --config {params.config:q} --round 0 --block {input.block:q} "
         "--tokenizer {input.tokenizer:q} --out {output.assignment:q} --diagnostics {output.diagnostics:q} "
         "--contingency {output.contingency:q} > {log:q} 2>&1"
 
@@ -87,7 +87,6 @@ rule assign_first_round:
 rule train_router:
     input:
         unpack(get_router_training_inputs),
-        config=ancient(CONFIG_FILE),
     output:
         weights=R("routers/r{r}/e{e}.safetensors"),
         summary=R("routers/r{r}/e{e}/summary.json"),
@@ -102,12 +101,13 @@ rule train_router:
         **get_cluster_resources("router_train"),
     params:
         **rerun_when(seed="seed", training="training/router", model="models/router"),
+        config=CONFIG_FILE,
         launcher=get_launcher(data_parallel=True),
         process_threads=get_process_threads,
         out_dir=get_router_work_dir,
         init=get_router_init_flag,
     shell:
-        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role router "
+        "{params.launcher:q} -m smalltalk train --config {params.config:q} --role router "
         "--index {wildcards.e} --round {wildcards.r} --assignment {input.assignment:q} "
         "{params.init:q} --tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} "
         "--weights {output.weights:q} --threads {params.process_threads:q} {input.block:q} "
@@ -120,7 +120,6 @@ rule score_router:
         block=R("routers/blocks/b{r}.parquet"),
         probe=R("routers/probe.parquet"),
         tokenizer=get_tokenizer_model,
-        config=ancient(CONFIG_FILE),
     output:
         scores=R("routers/r{r}/scores/e{e}.parquet"),
         probe=R("routers/r{r}/probe/e{e}.parquet"),
@@ -134,9 +133,10 @@ rule score_router:
     resources:
         **get_cluster_resources("router_score"),
     params:
+        config=CONFIG_FILE,
         launcher=get_launcher(),
     shell:
-        "{params.launcher:q} -m smalltalk score-router --config {input.config:q} "
+        "{params.launcher:q} -m smalltalk score-router --config {params.config:q} "
         "--weights {input.weights:q} --tokenizer {input.tokenizer:q} --tokens {input.block:q} "
         "--out {output.scores:q} --tokens {input.probe:q} --out {output.probe:q} "
         "--threads {threads} > {log:q} 2>&1"
@@ -145,7 +145,6 @@ rule score_router:
 checkpoint assign_round:
     input:
         unpack(get_assignment_inputs),
-        config=ancient(CONFIG_FILE),
     output:
         assignment=R("routers/r{r}/assignment.parquet"),
         diagnostics=R("routers/r{r}/diagnostics.parquet"),
@@ -162,9 +161,10 @@ checkpoint assign_round:
         mem_mb=2000,
         runtime=10,
     params:
+        config=CONFIG_FILE,
         previous_probe=get_previous_probe_flag,
     shell:
-        "python -m smalltalk assign --config {input.config:q} --round {wildcards.r} "
+        "python -m smalltalk assign --config {params.config:q} --round {wildcards.r} "
         "--block {input.block:q} --scores {input.scores:q} --probe {input.probe:q} "
         "--probe-scores {input.probe_scores:q} {params.previous_probe:q} "
         "--out {output.assignment:q} --diagnostics {output.diagnostics:q} "
@@ -175,7 +175,6 @@ rule final_routers:
     input:
         routers=get_last_em_routers,
         diagnostics=get_em_files("routers/r{r}/diagnostics.parquet", first=1),
-        config=ancient(CONFIG_FILE),
     output:
         routers=expand(R("routers/final/e{e}.safetensors"), e=EXPERTS),
         summary=R("routers/final/em.json"),
@@ -192,8 +191,9 @@ rule final_routers:
         runtime=10,
     params:
         **rerun_when(routing="routing"),
+        config=CONFIG_FILE,
     shell:
-        "python -m smalltalk em-final --config {input.config:q} "
+        "python -m smalltalk em-final --config {params.config:q} "
         "--diagnostics {input.diagnostics:q} --routers {input.routers:q} "
         "--out-routers {output.routers:q} --summary {output.summary:q} > {log:q} 2>&1"
 
@@ -245,7 +245,6 @@ rule train_grown_router:
         train=get_grown_token_files("train"),
         em=R("routers/final/em.json"),
         tokenizer=get_tokenizer_model,
-        config=ancient(CONFIG_FILE),
     output:
         weights=R("routers/final/e{e}.safetensors"),
     log:
@@ -266,12 +265,13 @@ rule train_grown_router:
             model="models/router",
             routing="routing",
         ),
+        config=CONFIG_FILE,
         launcher=get_launcher(data_parallel=True),
         process_threads=get_process_threads,
         out_dir=get_router_work_dir,
         entry=get_grow_entry,  # its own entry only: a later entry re-runs nothing here
     shell:
-        "{params.launcher:q} -m smalltalk train --config {input.config:q} --role router "
+        "{params.launcher:q} -m smalltalk train --config {params.config:q} --role router "
         "--index {wildcards.e} --em-summary {input.em:q} --tokenizer {input.tokenizer:q} "
         "--out-dir {params.out_dir:q} --weights {output.weights:q} "
         "--threads {params.process_threads:q} {input.train:q} > {log:q} 2>&1"
@@ -285,7 +285,6 @@ rule capture_for_grown_expert:
         shard_scores=R("segmentation/scores/{chunk}.parquet"),
         router=R("routers/final/e{e}.safetensors"),
         tokenizer=get_tokenizer_model,
-        config=ancient(CONFIG_FILE),
     output:
         R("grow/e{e}/captured/{chunk}.parquet"),
     log:
@@ -299,9 +298,10 @@ rule capture_for_grown_expert:
         **get_cluster_resources("router_score"),
     params:
         **rerun_when(prefix_len="routing/prefix_len"),
+        config=CONFIG_FILE,
         launcher=get_launcher(),
     shell:
-        "{params.launcher:q} -m smalltalk capture --config {input.config:q} "
+        "{params.launcher:q} -m smalltalk capture --config {params.config:q} "
         "--tokens {input.tokens:q} --shard-scores {input.shard_scores:q} "
         "--router {input.router:q} --tokenizer {input.tokenizer:q} --out {output:q} "
         "--threads {threads} > {log:q} 2>&1"

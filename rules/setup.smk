@@ -29,12 +29,15 @@ validate_config(config)
 validate(config, str(SCHEMA_PATH))
 
 
-# Every job reads its settings from one file, the run's resolved config (command-line overrides
-# included), written by the job of `write_run_config` whenever a setting changes: never by a dry
-# run or while parsing, which would change the config of a running or finished run under its jobs.
-# Jobs take it as an `ancient` input: a rewritten file re-runs no job by itself (otherwise any
-# change, a new ensemble temperature say, would retrain every model); each job re-runs when the
-# settings it reads change, through its `rerun_when` params.
+# Jobs read the resolved config (command-line overrides included) from one file, written by
+# `onstart` (write_run_config): only when a run starts, holding the results' lock, never by a dry
+# run or while parsing, which would change the config of a running or finished run under its
+# jobs. It is a param of every job, not an input: as the output of a job (there is no other way
+# to make it an input that exists before the first run), any change would re-run that job, and
+# Snakemake then stops looking at its descendants' own reasons to re-run ("masked" in
+# snakemake.dag.update_needrun): with the file as an `ancient` input no job would ever re-run for
+# a changed setting, without `ancient` every job would re-run for any. So each job re-runs when
+# the settings it reads change, through its `rerun_when` params.
 CONFIG_FILE = os.path.join(config["results"], "config.yaml")
 
 
@@ -49,6 +52,14 @@ def rerun_when(**settings):
     return {
         name: lookup(dpath=setting, within=config) for name, setting in settings.items()
     }
+
+
+def write_run_config(settings=None, path=None):
+    """Write the resolved config the jobs read (untouched if unchanged). Without `cluster`:
+    what jobs ask a cluster for is no part of the experiment."""
+    settings = config if settings is None else settings
+    path = CONFIG_FILE if path is None else path
+    write_resolved_config({k: v for k, v in settings.items() if k != "cluster"}, path)
 
 
 # Jobs run `python -m smalltalk` from this checkout: under conda with the environment's

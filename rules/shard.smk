@@ -6,7 +6,6 @@ rule shard_chunk:
         tokens=R("tokens/train/{chunk}.parquet"),
         routers=get_final_routers(),
         tokenizer=get_tokenizer_model,
-        config=ancient(CONFIG_FILE),
     output:
         shards=expand(R("shards/expert={e}/{{chunk}}.parquet"), e=EXPERTS),
         scores=R("segmentation/scores/{chunk}.parquet"),
@@ -20,9 +19,10 @@ rule shard_chunk:
     resources:
         **get_cluster_resources("shard"),
     params:
+        config=CONFIG_FILE,
         launcher=get_launcher(),
     shell:
-        "{params.launcher:q} -m smalltalk shard --config {input.config:q} "
+        "{params.launcher:q} -m smalltalk shard --config {params.config:q} "
         "--tokens {input.tokens:q} --tokenizer {input.tokenizer:q} --routers {input.routers:q} "
         "--shards {output.shards:q} --scores {output.scores:q} --threads {threads} > {log:q} 2>&1"
 
@@ -31,7 +31,6 @@ rule check_shards:
     input:
         train=get_token_files("train"),
         shards=get_shard_files(),
-        config=ancient(CONFIG_FILE),
     output:
         R("segmentation/check.json"),
     log:
@@ -45,8 +44,10 @@ rule check_shards:
         **get_cluster_resources(),
         mem_mb=4000,
         runtime=30,
+    params:
+        config=CONFIG_FILE,
     shell:
-        "python -m smalltalk check-shards --config {input.config:q} --train {input.train:q} "
+        "python -m smalltalk check-shards --config {params.config:q} --train {input.train:q} "
         "--shards {input.shards:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -54,7 +55,6 @@ rule communication_ledger:
     input:
         assignments=get_em_files("routers/r{r}/assignment.parquet"),
         shard_scores=expand(R("segmentation/scores/{chunk}.parquet"), chunk=CHUNKS),
-        config=ancient(CONFIG_FILE),
     output:
         R("ledger/communication.parquet"),
     log:
@@ -68,7 +68,9 @@ rule communication_ledger:
         **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
+    params:
+        config=CONFIG_FILE,
     shell:
-        "python -m smalltalk ledger --config {input.config:q} "
+        "python -m smalltalk ledger --config {params.config:q} "
         "--assignments {input.assignments:q} --shard-scores {input.shard_scores:q} "
         "--out {output:q} > {log:q} 2>&1"

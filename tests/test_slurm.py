@@ -260,5 +260,5 @@ def test_cpu_only_switch_asks_for_no_gpu(tmp_path):
     jobs = planned_jobs(result.stdout)
     assert "train_expert" in jobs and "torchrun" not in result.stdout
     for rule, job in jobs.items():  # every rule's requests come from the `cluster` section
-        if rule not in ("all", "write_run_config"):  # local rules: nothing asked of SLURM
+        if rule != "all":
             assert "gpu=" not in job and "slurm_partition=cpu" in job, rule
