@@ -124,13 +124,9 @@ rule train_trunk:
     resources:
         **get_cluster_resources("dense_train"),
     params:
-        **rerun_when(
-            seed="seed",
-            training="training/expert",
-            steps="training/branch_steps",
-            model="models/expert",
-        ),
+        **rerun_when(seed="seed", training="training/expert", model="models/expert"),
         config=CONFIG_FILE,
+        steps=lookup(dpath="training/branch_steps", within=config),  # an argument: --stop-at
         launcher=get_launcher(data_parallel=True),
         process_threads=get_process_threads,
         out_dir=get_model_dir,

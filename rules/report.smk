@@ -49,7 +49,7 @@ rule plot_expert_load:
         mem_mb=1000,
         runtime=10,
     params:
-        **rerun_when(prefix_len="routing/prefix_len"),
+        prefix_len=lookup(dpath="routing/prefix_len", within=config),  # an argument
     shell:
         "python -m smalltalk plot expert_load --check {input.check:q} --load {input.load:q} "
         "--prefix-len {params.prefix_len:q} --out {output:q} > {log:q} 2>&1"
@@ -76,7 +76,7 @@ rule plot_segment_perplexity:
         mem_mb=1000,
         runtime=10,
     params:
-        **rerun_when(prefix_len="routing/prefix_len"),
+        prefix_len=lookup(dpath="routing/prefix_len", within=config),  # an argument
     shell:
         "python -m smalltalk plot segment_perplexity --per-segment {input:q} "
         "--prefix-len {params.prefix_len:q} --out {output:q} > {log:q} 2>&1"
@@ -103,7 +103,7 @@ rule plot_prefix_sensitivity:
         mem_mb=1000,
         runtime=10,
     params:
-        **rerun_when(prefix_len="routing/prefix_len"),
+        prefix_len=lookup(dpath="routing/prefix_len", within=config),  # an argument
     shell:
         "python -m smalltalk plot prefix_sensitivity --overall {input:q} "
         "--prefix-len {params.prefix_len:q} --out {output:q} > {log:q} 2>&1"
@@ -156,7 +156,7 @@ rule plot_segment_source:
         mem_mb=1000,
         runtime=10,
     params:
-        **rerun_when(prefix_len="routing/prefix_len"),
+        prefix_len=lookup(dpath="routing/prefix_len", within=config),  # an argument
     shell:
         "python -m smalltalk plot segment_source --segment-source {input:q} "
         "--prefix-len {params.prefix_len:q} --out {output:q} > {log:q} 2>&1"

@@ -47,7 +47,9 @@ def rerun_when(**settings):
 
     The job reads them from the run's config file, not from these params; Snakemake's params
     trigger compares their values with those of the job's last run, so a changed setting re-runs
-    exactly the jobs that name it, and a new setting read by a job must be named here too.
+    exactly the jobs that name it, and a new setting read by a job must be named here too. A
+    setting that a command takes as an argument is a plain `lookup` param (it re-runs the job
+    all the same).
     """
     return {
         name: lookup(dpath=setting, within=config) for name, setting in settings.items()
