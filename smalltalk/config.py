@@ -58,15 +58,30 @@ def semantic_errors(config: dict[str, Any]) -> list[str]:
         for path, value in _numbers(config)
         if not math.isfinite(value)
     ]
-    splits = config.get("splits", {})
-    if all(isinstance(splits.get(name), int | float) for name in SPLITS):
-        total = sum(splits[name] for name in SPLITS)
-        if not math.isclose(total, 1.0, abs_tol=1e-9):
-            errors.append(f"splits: fractions must sum to 1, got {total:g}")
-        if splits["train"] <= 0:
-            errors.append("splits.train: the train split must be non-empty (> 0)")
+    errors += _split_errors(config.get("splits", {}))
     for role in ("router", "expert"):
         errors += _model_errors(config, role)
+    errors += _routing_errors(config)
+    errors += _branch_errors(config.get("training", {}))
+    errors += _grow_errors(config)
+    errors += _length_errors(config)
+    return errors
+
+
+def _split_errors(splits: dict[str, Any]) -> list[str]:
+    if not all(isinstance(splits.get(name), int | float) for name in SPLITS):
+        return []
+    errors = []
+    total = sum(splits[name] for name in SPLITS)
+    if not math.isclose(total, 1.0, abs_tol=1e-9):
+        errors.append(f"splits: fractions must sum to 1, got {total:g}")
+    if splits["train"] <= 0:
+        errors.append("splits.train: the train split must be non-empty (> 0)")
+    return errors
+
+
+def _routing_errors(config: dict[str, Any]) -> list[str]:
+    errors = []
     routing = config.get("routing", {})
     steps = routing.get("steps_per_round")
     warmup = config.get("training", {}).get("router", {}).get("warmup_steps")
@@ -95,28 +110,45 @@ def semantic_errors(config: dict[str, Any]) -> list[str]:
                 f"E={n_experts} routers with none to train on (at most ceil(N/E) each); use a "
                 "multiple of E"
             )
-    training = config.get("training", {})
+    return errors
+
+
+def _branch_errors(training: dict[str, Any]) -> list[str]:
     branch_steps, steps = training.get("branch_steps"), training.get("expert", {}).get("steps")
-    if isinstance(branch_steps, int) and branch_steps > 0:
-        if isinstance(steps, int) and branch_steps >= steps:
-            errors.append(
-                f"training.branch_steps: the shared steps ({branch_steps}) must be fewer than "
-                f"training.expert.steps={steps}"
-            )
-        if training.get("dense_scale", "batch") != "batch":
-            errors.append("training.branch_steps: branching needs training.dense_scale: batch")
-        if training.get("dense_from"):
-            errors.append("training.branch_steps: a shared dense_from baseline cannot branch")
+    if not (isinstance(branch_steps, int) and branch_steps > 0):
+        return []
+    errors = []
+    if isinstance(steps, int) and branch_steps >= steps:
+        errors.append(
+            f"training.branch_steps: the shared steps ({branch_steps}) must be fewer than "
+            f"training.expert.steps={steps}"
+        )
+    if training.get("dense_scale", "batch") != "batch":
+        errors.append("training.branch_steps: branching needs training.dense_scale: batch")
+    if training.get("dense_from"):
+        errors.append("training.branch_steps: a shared dense_from baseline cannot branch")
+    return errors
+
+
+def _grow_errors(config: dict[str, Any]) -> list[str]:
     grow = config.get("grow") or []
     names = [entry.get("name") for entry in grow if isinstance(entry, dict)]
-    for name in sorted({name for name in names if names.count(name) > 1}):
-        errors.append(f"grow: the name {name!r} is given more than once")
+    errors = [
+        f"grow: the name {name!r} is given more than once"
+        for name in sorted({name for name in names if names.count(name) > 1})
+    ]
     method = config.get("routing", {}).get("method", "smalltalk")
     if grow and method != "smalltalk":
         errors.append(
             f"grow: only a mixture routed by router LMs can grow (routing.method: smalltalk); "
             f"a fitted {method} router has no place for a new expert"
         )
+    return errors
+
+
+def _length_errors(config: dict[str, Any]) -> list[str]:
+    """The routing prefix, the swept prefixes and the harness's questions fit a sequence."""
+    errors = []
     seq_len = config.get("seq_len")
     for position, value in enumerate(config.get("eval", {}).get("prefix_lens", [])):
         if isinstance(seq_len, int) and isinstance(value, int) and value >= seq_len:

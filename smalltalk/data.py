@@ -290,6 +290,46 @@ def encode(
             yield np.concatenate([np.asarray(processor.encode(p), dtype) for p in pieces])
 
 
+def _document_batches(
+    chunk: Chunk, data: DataConfig, handler: OnBadRecord, stats: ChunkStats
+) -> Iterator[list[Document]]:
+    """The chunk's documents with text, in batches of about ENCODE_BATCH_BYTES of text (the
+    last one possibly empty); empty documents are counted in `stats` and left out."""
+    batch: list[Document] = []
+    batch_bytes = 0
+    for path in chunk.files:
+        for doc in read_corpus_file(path, data, handler):
+            if not doc.text.strip():
+                stats.splits[split_of(doc.id, data.splits)].empty_documents += 1
+                continue
+            batch.append(doc)
+            batch_bytes += len(doc.text)
+            if batch_bytes >= ENCODE_BATCH_BYTES:
+                yield batch
+                batch, batch_bytes = [], 0
+    yield batch
+
+
+def _write_sequences(
+    writer: pq.ParquetWriter,
+    schema: pa.Schema,
+    chunk: Chunk,
+    split: str,
+    split_stats: SplitStats,
+    tokens: np.ndarray,
+    sources: np.ndarray,
+) -> None:
+    """Append packed sequences to a split's token file, numbering them after the ones before."""
+    ordinals = split_stats.sequences + np.arange(len(tokens), dtype=np.int64)
+    if ordinals[-1] >= 2**ORDINAL_BITS:
+        raise ValueError(f"chunk {chunk.name} holds too many {split} sequences for seq_id")
+    seq_ids = (chunk.index << 32) | (SPLIT_CODES[split] << ORDINAL_BITS) | ordinals
+    split_stats.sequences += len(tokens)
+    writer.write_table(
+        _sequence_table(schema, seq_ids, tokens, sources), row_group_size=ROW_GROUP_SEQUENCES
+    )
+
+
 def tokenize_chunk(
     *,
     chunk: Chunk,
@@ -337,37 +377,16 @@ def tokenize_chunk(
             by_split[split][1].append(doc.source)
         for split, (token_lists, sources) in by_split.items():
             tokens, seq_sources = packers[split].add(token_lists, sources)
-            write(split, tokens, seq_sources)
-
-    def write(split: str, tokens: np.ndarray, sources: np.ndarray) -> None:
-        if not len(tokens):
-            return
-        split_stats = stats.splits[split]
-        ordinals = split_stats.sequences + np.arange(len(tokens), dtype=np.int64)
-        if ordinals[-1] >= 2**ORDINAL_BITS:
-            raise ValueError(f"chunk {chunk.name} holds too many {split} sequences for seq_id")
-        seq_ids = (chunk.index << 32) | (SPLIT_CODES[split] << ORDINAL_BITS) | ordinals
-        split_stats.sequences += len(tokens)
-        writers[split].write_table(
-            _sequence_table(schema, seq_ids, tokens, sources), row_group_size=ROW_GROUP_SEQUENCES
-        )
+            if len(tokens):
+                _write_sequences(
+                    writers[split], schema, chunk, split, stats.splits[split], tokens, seq_sources
+                )
 
     finals = [Path(out_dir) / split / f"{chunk.name}.parquet" for split in SPLITS]
     with parquet_writers(finals, schema) as split_writers:
         writers.update(zip(SPLITS, split_writers, strict=True))
-        batch: list[Document] = []
-        batch_bytes = 0
-        for path in chunk.files:
-            for doc in read_corpus_file(path, data, handler):
-                if not doc.text.strip():
-                    stats.splits[split_of(doc.id, data.splits)].empty_documents += 1
-                    continue
-                batch.append(doc)
-                batch_bytes += len(doc.text)
-                if batch_bytes >= ENCODE_BATCH_BYTES:
-                    flush(batch)
-                    batch, batch_bytes = [], 0
-        flush(batch)
+        for batch in _document_batches(chunk, data, handler, stats):
+            flush(batch)
         for split, packer in packers.items():
             stats.splits[split].dropped_tokens = len(packer.carry)
     # Stats last: their presence says the chunk's token files are complete.

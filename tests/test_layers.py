@@ -1,4 +1,5 @@
-"""The package's imports point one way: no module imports, however late, one that imports it."""
+"""The package's imports point one way: no module imports, however late, one that imports it;
+and its units stay small enough to read whole."""
 
 from __future__ import annotations
 
@@ -69,3 +70,30 @@ def test_the_package_has_no_import_cycle():
     graph = import_graph()
     assert {"smalltalk.config", "smalltalk.tokens", "smalltalk.model"} <= set(graph)
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+MODULE_LINES = 600
+FUNCTION_LINES = 80  # of code: a function's docstring does not count
+LONG_BY_DESIGN = {"smalltalk.train.fit"}  # the one training loop, read top to bottom
+
+
+def code_lines(function: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    lines = function.end_lineno - function.lineno + 1
+    first = function.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+        lines -= first.end_lineno - first.lineno + 1
+    return lines
+
+
+def test_no_module_or_function_is_too_long_to_read_whole():
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        if (lines := len(text.splitlines())) > MODULE_LINES:
+            too_long.append(f"{module_name(path)}: {lines} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                name = f"{module_name(path)}.{node.name}"
+                if code_lines(node) > FUNCTION_LINES and name not in LONG_BY_DESIGN:
+                    too_long.append(f"{name}: {code_lines(node)} lines of code")
+    assert not too_long, "\n".join(too_long)
