@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The validation study behind the defaults (README: How the defaults were chosen). Each argument
+# CORPUS/VARIANT runs the workflow on data/CORPUS/ with the shipped config.yaml and the overlay
+# benchmarks/study/VARIANT.yaml, into results/study/CORPUS/VARIANT/, as far as the validation and
+# test summaries; then every finished run is tabulated on the validation split (where settings are
+# chosen) into results/study/validation.md. From the repo root:
+#   bash benchmarks/study/run.sh general/default general/tfidf-init demo/default demo/tfidf-init
+set -euo pipefail
+snakemake=${SNAKEMAKE:-.venv/bin/snakemake}
+smalltalk=${SMALLTALK:-.venv/bin/smalltalk}
+for run in "$@"; do
+  corpus=${run%%/*} variant=${run#*/} out=results/study/$run
+  "$snakemake" "$out/eval/val/summary/overall.parquet" "$out/eval/summary/overall.parquet" \
+    "$out/ledger/flops.parquet" \
+    --cores all --configfile config.yaml "benchmarks/study/$variant.yaml" \
+    --config "inputs=[data/$corpus/*.jsonl.zst]" "results=$out"
+done
+runs=()
+for summary in results/study/*/*/eval/val/summary/overall.parquet; do
+  out=${summary%/eval/val/summary/overall.parquet}
+  runs+=(--run "${out#results/study/}=$out")
+done
+"$smalltalk" compare --split val "${runs[@]}" --out results/study/validation.parquet \
+  --markdown results/study/validation.md
+cat results/study/validation.md
