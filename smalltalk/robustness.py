@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from smalltalk.files import write_text_atomically
-from smalltalk.stats import seed_spread, verdict
+from smalltalk.stats import MIN_SEEDS, seed_spread, verdict
 
 PathLike = str | os.PathLike
 FIELDS = ("corpus", "seed", "recipe", "E", "ratio", "ci_low", "ci_high", "nmi", "wall_s")
@@ -105,7 +105,8 @@ def markdown(rows: list[dict], command: str) -> str:
         )
     lines += [
         "",
-        "Over seeds (mean, sample std, min-max; Student t 95 % interval of the mean from 3 seeds):",
+        "Over seeds (mean, sample std, min-max; Student t 95 % interval of the mean, given from "
+        f"{MIN_SEEDS} seeds on):",
         "",
         "| corpus | recipe | seeds | mean ratio | std | min-max | 95 % CI of the mean | verdict |",
         "|---|---|---:|---:|---:|---|---|---|",
