@@ -1,20 +1,27 @@
 """Training speed: the workflow's default step against a bare loop and eager fp32, and its MFU.
 
-    python benchmarks/bench_train.py [--presets demo-expert router-4.4m] [--paper]
+    python benchmarks/bench_train.py [--presets demo demo-expert router-4.4m] [--paper]
                                      [--precision auto] [--compile auto] [--job-steps N]
-                                     [--rounds 3] [--repeats 1] [--steps 3] [--threads N]
+                                     [--no-levers] [--rounds 5] [--repeats 1] [--steps 3]
+                                     [--threads N]
 
-For each preset, in one process, one model and one batch (`--paper`: the paper's 335M expert at
-32 x 1024 and 1.3B at 16 x 1024, Table 1, for a GPU):
+For each model, in one process, one batch (`demo`: the workflow's demo expert, sized and batched
+as `config.yaml` says; `--paper`: the paper's 335M expert at 32 x 1024 and 1.3B at 16 x 1024,
+Table 1, for a GPU), on as many threads as the workflow gives an expert job (`cluster:
+expert_train: cpus`, unless `--threads`):
 
 - step:       `train_step()` plus the learning-rate schedule, exactly as `fit()` calls them, as the
               workflow trains by default: precision auto (bf16 on CUDA and on CPUs with native
-              bf16, else fp32) and compile auto (`resolve_compile`, decided for a job of
-              `--job-steps` steps; by default this benchmark's own, so a CPU stays eager);
+              bf16, else fp32), compile auto (`resolve_compile`, decided for a job of the demo
+              expert's `--job-steps`), the attention kernels `attention_backends` picks and
+              fused AdamW;
 - bare:       forward, backward, clip, AdamW step, zero_grad on the same model, precision and
               compilation: the least a training step does;
 - eager fp32: the same loop left at PyTorch's defaults: the plain module, float32 (no TF32),
               `torch.optim.AdamW` unfused; `speedup over eager fp32` = its time / step's;
+- levers:     (not with `--no-levers`) the way from eager fp32 to the step one setting at a time,
+              each a model of its own: + fused AdamW, + bf16 autocast, + torch.compile, + explicit
+              attention, as far as the step uses them; each printed as a speedup over eager fp32;
 - peak:       one n³ matmul in the step's precision (n = 8192 on CUDA, 2048 on the CPU): the most
               this processor does in this run; MFU = Eq. 10's FLOPs per step / step time, as a
               share of that peak and, for a GPU in NOMINAL_BF16_FLOPS, of its data-sheet peak;
@@ -22,10 +29,11 @@ For each preset, in one process, one model and one batch (`--paper`: the paper's
               timed by its own metrics rows, `--repeats` times, each paired with `--steps` bare
               steps run right after it (none by default with `--paper`: a second model).
 
-The first four are called in turn, one call each per round for `--rounds` rounds (order rotated),
-and per-call times are kept: on a machine other jobs share, each then sees the same share of the
-cores, and medians shrug off the bursts when it sees none. Goals: step and fit() within 5% of bare
-(ratio ≥ 0.95); for demo-expert on CPU, achieved FLOP/s ≥ 35% of the peak.
+These are called in turn, one call each per round for `--rounds` rounds (order rotated), after
+two untimed calls each (compiling), and per-call times are kept: on a machine other jobs share,
+each then sees the same share of the cores, and medians shrug off the bursts when it sees none.
+Goals: step and fit() within 5% of bare (ratio >= 0.95); on the CPU, the demo expert's step at
+2.5x eager fp32 or more (issue 17).
 """
 
 from __future__ import annotations
@@ -42,15 +50,24 @@ import pyarrow.parquet as pq
 import torch
 from timing import interleaved, timed
 
-from smalltalk.config import PRESETS
+from smalltalk.config import PRESETS, load_config, model_config
 from smalltalk.flops import train_step_flops
 from smalltalk.model import LM
-from smalltalk.runtime import autocast_context, resolve_compile, resolve_precision
+from smalltalk.runtime import (
+    attention_backends,
+    autocast_context,
+    resolve_compile,
+    resolve_precision,
+)
 from smalltalk.train import TrainConfig, fit, learning_rate, train_step
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW = load_config(REPO / "config.yaml")
 
 # Sequences per step and sequence length: enough work per step to time, few enough seconds on a
 # laptop CPU. Table 2 trains the 4.4M router at 32 x 1024; we keep its S = 1024 and V = 32000.
 SHAPES = {
+    "demo": (WORKFLOW["training"]["expert"]["batch_size"], WORKFLOW["seq_len"]),
     "demo-expert": (16, 256),
     "router-4.4m": (2, 1024),
     "tiny": (16, 64),
@@ -67,6 +84,16 @@ NOMINAL_BF16_FLOPS = [
     ("H200", ("NVL",), 989e12),  # SXM
     ("A100", (), 312e12),  # SXM and PCIe alike
 ]
+
+
+def preset_model(name: str) -> tuple:
+    """(ModelConfig, batch, seq_len) of a benchmarked model."""
+    batch, seq_len = SHAPES.get(name, (8, None))
+    if name == "demo":
+        vocab_size = WORKFLOW["tokenizer"]["vocab_size"]
+        return model_config(WORKFLOW, "expert", vocab_size=vocab_size), batch, seq_len
+    seq_len = seq_len or PRESETS[name].seq_len
+    return dataclasses.replace(PRESETS[name], seq_len=seq_len), batch, seq_len
 
 
 def nominal_peak(device: torch.device) -> tuple[str, float] | None:
@@ -107,16 +134,73 @@ def with_matmul_precision(device: torch.device, matmul_precision: str, call):
     return run
 
 
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """How a step trains: the levers between PyTorch's defaults and the workflow's."""
+
+    fused: bool = False  # fused AdamW (`LM.configure_optimizer`) instead of the plain one
+    precision: str = "fp32"
+    compiled: bool = False
+    backends: tuple | None = None  # attention kernels; None: PyTorch's choice
+
+
+LEVERS = [
+    ("+ fused AdamW", "fused"),
+    ("+ bf16 autocast", "precision"),
+    ("+ torch.compile", "compiled"),
+    ("+ explicit attention", "backends"),
+]
+
+
+def lever_ladder(step: Setting) -> list[tuple[str, Setting]]:
+    """From eager fp32 towards `step` one lever at a time, each rung adding one that `step` uses;
+    the last rung, `step`'s own settings, is left out: the step itself is timed."""
+    rungs, setting = [], Setting()
+    for label, field in LEVERS:
+        if getattr(step, field) != getattr(setting, field):
+            setting = dataclasses.replace(setting, **{field: getattr(step, field)})
+            rungs.append((label, setting))
+    return rungs[:-1]
+
+
+def loop_step(model_config, setting: Setting, config: TrainConfig, device, batch):
+    """A bare training step of a model of its own, trained as `setting` says."""
+    torch.manual_seed(0)
+    model = LM(model_config).to(device)
+    model.use_attention(list(setting.backends) if setting.backends else None)
+    if setting.fused:
+        optimizer = model.configure_optimizer(
+            config.lr, config.weight_decay, config.betas, device.type
+        )
+    else:
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        )
+    trained = torch.compile(model) if setting.compiled else model
+    autocast = autocast_context(device, setting.precision)
+    inputs, targets = batch
+
+    def step():
+        with autocast:
+            _, loss = trained(inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
-    batch, seq_len = SHAPES.get(name, (8, PRESETS[name].seq_len))
-    model_config = dataclasses.replace(PRESETS[name], seq_len=seq_len)
+    model_config, batch, seq_len = preset_model(name)
     precision = resolve_precision(args.precision, device)
     autocast = autocast_context(device, precision)
     step_flops = train_step_flops(model_config, batch, seq_len)  # Eq. 10
-    job_steps = args.job_steps or args.rounds + 1
     compiled, why = resolve_compile(
-        args.compile, device, job_steps * step_flops, torch.get_num_threads()
+        args.compile, device, args.job_steps * step_flops, torch.get_num_threads(), precision
     )
+    backends = attention_backends(device, compiled, seq_len, precision)
+    setting = Setting(True, precision, compiled, tuple(backends) if backends else None)
     config = TrainConfig(
         steps=args.steps + 1, batch_size=batch, warmup_steps=1, ckpt_every=0, log_every=1,
         precision=precision, device=device.type, threads=args.threads, compile=compiled,
@@ -125,11 +209,9 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
 
     torch.manual_seed(0)
     model = LM(model_config).to(device)
+    model.use_attention(backends)
     optimizer = model.configure_optimizer(config.lr, config.weight_decay, config.betas, device.type)
     trained = torch.compile(model) if compiled else model  # shares `model`'s parameters
-    plain_optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
-    )
     inputs = torch.randint(0, model_config.vocab_size, (batch, seq_len), device=device)
     targets = torch.randint(0, model_config.vocab_size, (batch, seq_len), device=device)
 
@@ -140,13 +222,6 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-    def eager_fp32_step():
-        _, loss = model(inputs, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        plain_optimizer.step()
-        plain_optimizer.zero_grad(set_to_none=True)
 
     step_index = 0
 
@@ -165,15 +240,21 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
     calls = {
         "bare": with_matmul_precision(device, "high", bare_step),
         "step": with_matmul_precision(device, "high", fit_step),
-        "eager fp32": with_matmul_precision(device, "highest", eager_fp32_step),
         "peak": lambda: a @ b,
     }
-    try:
-        calls["eager fp32"]()  # alone first: at the paper's sizes fp32 may not fit in memory
+    try:  # alone first: at the paper's sizes fp32 may not fit in memory beside the step's model
+        eager_fp32_step = loop_step(model_config, Setting(), config, device, (inputs, targets))
+        eager_fp32_step()
+        calls["eager fp32"] = with_matmul_precision(device, "highest", eager_fp32_step)
     except torch.OutOfMemoryError:
-        del calls["eager fp32"]
-        model.zero_grad(set_to_none=True)
+        eager_fp32_step = None
         torch.cuda.empty_cache()
+    levers = lever_ladder(setting) if args.levers else []
+    for label, rung in levers:
+        lever_step = loop_step(model_config, rung, config, device, (inputs, targets))
+        calls[label] = with_matmul_precision(device, "high", lever_step)
+    for call in calls.values():  # compiles; the interleaved rounds warm up once more
+        call()
     seconds = interleaved(calls, args.rounds, device)
 
     fit_seconds, fit_ratios = [], []
@@ -208,6 +289,8 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
         "step ratio": ratio("bare", "step"),
         "eager fp32": tokens_per_step / median["eager fp32"] if "eager fp32" in median else None,
         "speedup": ratio("eager fp32", "step"),
+        "levers": [(label, ratio("eager fp32", label)) for label, _ in levers],
+        "attention": "explicit (MATH)" if backends else "PyTorch's choice",
         "fit()": tokens_per_step / statistics.median(fit_seconds) if fit_seconds else None,
         "fit() ratio": statistics.median(fit_ratios) if fit_ratios else None,
         "achieved": step_flops / median["step"],
@@ -218,21 +301,33 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["demo-expert", "router-4.4m"])
+    parser.add_argument("--presets", nargs="+", default=["demo", "demo-expert", "router-4.4m"])
     parser.add_argument("--paper", action="store_true", help=f"--presets {' '.join(PAPER)}")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
     parser.add_argument(
-        "--job-steps", type=int, default=0, help="steps of the job compile auto decides for"
+        "--job-steps",
+        type=int,
+        default=WORKFLOW["training"]["expert"]["steps"],
+        help="steps of the job compile auto decides for (default: the demo expert's)",
     )
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument(
+        "--no-levers", dest="levers", action="store_false", help="time the step's settings only"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--repeats", type=int, default=None, help="fit() runs per preset")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per fit() run")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=WORKFLOW["cluster"]["expert_train"]["cpus"],
+        help="torch.set_num_threads (default: an expert job's cpus in config.yaml)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.paper:
         args.presets = PAPER
+        args.levers = False  # one more model of the paper's size each
     if args.repeats is None:
         args.repeats = 0 if args.paper else 1
     args.compile = {"true": True, "false": False}.get(args.compile, args.compile)
@@ -274,11 +369,16 @@ def main() -> None:
                     if nominal
                     else ""
                 )  # fmt: skip
-                + f"; compile {'on' if r['compiled'] else 'off'} ({r['why compiled']})"
+                + f"; compile {'on' if r['compiled'] else 'off'} ({r['why compiled']}); "
+                f"attention {r['attention']}"
             )
+            if r["levers"]:
+                ladder = [f"{label} {number(x, '.2f')}" for label, x in r["levers"]]
+                notes.append(f"  levers over eager fp32: {', '.join(ladder)}, step {speedup}")
     print(
         f"device {device}, {torch.get_num_threads()} threads; medians of {args.rounds} "
-        f"interleaved rounds (bare, step, eager fp32, matmul peak) and of {args.repeats} fit() "
+        f"interleaved rounds (bare, step, eager fp32, levers, matmul peak) and of {args.repeats} "
+        f"fit() "
         f"runs of {args.steps} steps, each paired with {args.steps} bare steps"
     )
     print("\n".join(lines + [""] + notes))

@@ -10,10 +10,12 @@ presets (Table 1).
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from smalltalk.config import ModelConfig
@@ -97,6 +99,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.backends: list[SDPBackend] | None = None  # None: PyTorch picks; see LM.use_attention
 
     def forward(
         self,
@@ -121,9 +124,10 @@ class CausalSelfAttention(nn.Module):
                 if T > 1:
                     mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal
-        )  # (B, nh, T, hs)
+        with sdpa_kernel(self.backends) if self.backends else nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -233,6 +237,12 @@ class LM(nn.Module):
         )  # (B*T, V) against (B*T,), in fp32 even under bf16 autocast
         return logits, loss
 
+    def use_attention(self, backends: list[SDPBackend] | None) -> None:
+        """Restrict scaled_dot_product_attention to these kernels (None: PyTorch's choice). Same
+        function, other arithmetic: `runtime.attention_backends` says which is faster where."""
+        for block in self.blocks:
+            block.attn.backends = backends
+
     def configure_optimizer(
         self,
         lr: float,
@@ -241,13 +251,14 @@ class LM(nn.Module):
         device_type: str,
     ) -> torch.optim.AdamW:
         """AdamW (§3.1: β = (0.9, 0.99), decay 0.1) decaying matrices and embeddings only: norm
-        gains (1-D) are not decayed, as in nanoGPT. The fused kernel is used on CUDA."""
+        gains (1-D) are not decayed, as in nanoGPT. The fused kernel, one pass over every tensor,
+        is used on CUDA and on the CPU (where it has one since PyTorch 2.4)."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
 def counted_flops(config: ModelConfig, batch: int, seq_len: int, training: bool = False) -> int:

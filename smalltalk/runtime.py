@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed
+from torch.nn.attention import SDPBackend
 
 from smalltalk.checkpoint import resolve_device
 
@@ -44,27 +45,31 @@ def autocast_context(device: torch.device, precision: str):
     return nullcontext()
 
 
-# torch.compile on the CPU, measured on a 2-core AMD EPYC (Zen 4, no native bf16), 1 thread, fp32,
-# with the demo's shapes: the first compiled step costs 36-50 s of CPU time; later steps are 8.8%
-# (expert, B 32 x S 128), 9.3% (dense, 128 x 128) and 13.5% (router, 32 x M 32) faster; an eager
-# step does about 16 GFLOP/s (Eq. 10) per thread (router: 8). Compiling pays once a run would take
-# over ~50 s / 0.09 = 550 s eager: not for a demo expert (~340 s eager, saves ~30 s), for the dense
-# baseline (~1,350 s, saves ~120 s), never for a router round (~5 s).
+# torch.compile on the CPU, one thread, with the demo's shapes. Compiling costs 18-24 s on a 2-core
+# Xeon with AMX and 36-50 s on a 2-core AMD EPYC (Zen 4): the first step of a job, whatever the
+# model's size (3.5-5 s when Inductor's on-disk cache already holds its kernels, which a job cannot
+# count on). What it saves, `benchmarks/bench_train.py --levers`, compiled against eager with the
+# same fused AdamW: in bf16 (Xeon, AMX) 56% of the demo expert's step time and 31% of the
+# `demo-expert` preset's; in fp32 20% and 14% on the Xeon, 9% on the EPYC. An eager step does
+# about 16 GFLOP/s (Eq. 10) per thread at the demo's sizes on the EPYC (30-90 on the Xeon). So
+# compiling pays once a run would take over ~50 s / 0.3 = 170 s eager in bf16 (the demo's dense
+# baseline, not its experts), 550 s in fp32; a router round (~5 s) never. The choice is a rule on
+# the planned FLOPs, not a timing, so the same config trains the same way on the same machine.
 CPU_COMPILE_SECONDS = 50.0
-CPU_COMPILE_SAVING = 0.09
+CPU_COMPILE_SAVING = {"bf16": 0.30, "fp32": 0.09}
 CPU_FLOPS_PER_THREAD = 16e9
 
 
 def resolve_compile(
-    compile: bool | str, device: torch.device, planned_flops: float, threads: int
+    compile: bool | str, device: torch.device, planned_flops: float, threads: int, precision: str
 ) -> tuple[bool, str]:
     """Whether to torch.compile the model, and why, in a phrase for the training log.
 
     'auto' compiles on CUDA, where it removes most of the kernel launches and memory traffic of
-    the small ops; on the CPU only when the time it saves, CPU_COMPILE_SAVING of the run's
-    estimated eager time (its planned Eq. 10 FLOPs at CPU_FLOPS_PER_THREAD per thread), exceeds
-    what compiling costs. `planned_flops` are the whole run's, not what is left after a resume,
-    so that a resumed run decides as the run it continues did.
+    the small ops; on the CPU only when the time it saves, CPU_COMPILE_SAVING[precision] of the
+    run's estimated eager time (its planned Eq. 10 FLOPs at CPU_FLOPS_PER_THREAD per thread),
+    exceeds what compiling costs. `planned_flops` are the whole run's, not what is left after a
+    resume, so that a resumed run decides as the run it continues did.
     """
     if compile is not True and compile is not False and compile != "auto":
         raise ValueError(f"compile must be true, false or 'auto', got {compile!r}")
@@ -73,11 +78,11 @@ def resolve_compile(
     if device.type == "cuda":
         return True, "auto: always on CUDA"
     eager_seconds = planned_flops / (CPU_FLOPS_PER_THREAD * threads)
-    saved = CPU_COMPILE_SAVING * eager_seconds
+    saved = CPU_COMPILE_SAVING[precision] * eager_seconds
     pays = saved > CPU_COMPILE_SECONDS
     why = (
-        f"auto: on the CPU a run of about {eager_seconds:,.0f} s eager on {threads} "
-        f"thread{'s' if threads > 1 else ''} "
+        f"auto: on the CPU a run of about {eager_seconds:,.0f} s eager in {precision} on "
+        f"{threads} thread{'s' if threads > 1 else ''} "
         f"would save about {saved:,.0f} s, {'more' if pays else 'less'} than compiling costs "
         f"(~{CPU_COMPILE_SECONDS:.0f} s)"
     )
@@ -85,6 +90,33 @@ def resolve_compile(
     if pays and shutil.which(compiler) is None:  # what Inductor builds its CPU kernels with
         return False, f"{why}, but there is no C++ compiler ({compiler}) to compile with"
     return pays, why
+
+
+# The longest sequence for which explicit attention is chosen: measured faster up to 256 (below);
+# its (B, nh, T, T) scores, kept for the backward pass, grow with T².
+EXPLICIT_ATTENTION_MAX_LEN = 256
+
+
+def attention_backends(
+    device: torch.device, compiled: bool, seq_len: int, precision: str
+) -> list[SDPBackend] | None:
+    """The attention kernels a training run uses: PyTorch's choice (None), except for a model
+    compiled on the CPU in bf16 with short sequences, which does better with the explicit
+    product-softmax-product (MATH).
+
+    There PyTorch picks its fused flash kernel, an opaque call to Inductor whose bf16 backward is
+    slow at head sizes like ours (32); the explicit form Inductor fuses into its own loops.
+    Measured with `benchmarks/bench_train.py` (one thread, Xeon with AMX): the demo expert's
+    compiled bf16 step 1.4x as fast with it, the `demo-expert` preset's (S = 256) the same; in fp32
+    it was slower (0.94x, 0.90x), hence bf16 only.
+    """
+    explicit = (
+        compiled
+        and device.type == "cpu"
+        and precision == "bf16"
+        and seq_len <= EXPLICIT_ATTENTION_MAX_LEN
+    )
+    return [SDPBackend.MATH] if explicit else None
 
 
 @dataclass(frozen=True, slots=True)

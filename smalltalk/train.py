@@ -56,6 +56,7 @@ from smalltalk.files import fingerprint, write_atomically
 from smalltalk.flops import training_flops
 from smalltalk.model import LM, counted_flops
 from smalltalk.runtime import (
+    attention_backends,
     autocast_context,
     peak_memory_bytes,
     resolve_compile,
@@ -369,8 +370,11 @@ def fit(
         device,
         training_flops(model_config, run_steps, config.batch_size, seq_len),
         torch.get_num_threads() * procs.world_size,  # CPU threads working on the run
+        precision,
     )
     resolved["compiled"] = compiled
+    backends = attention_backends(device, compiled, seq_len, precision)
+    model.use_attention(backends)
     train_model = torch.compile(model) if compiled else model  # checkpoints save `model`
     if procs.world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -390,7 +394,10 @@ def fit(
         f"{config.warmup_steps}" + (f" | resumed from {ckpt.name}" if ckpt is not None else "")
     )
     log(resumption)
-    log(f"torch.compile {'on' if compiled else 'off'} ({why_compiled})")
+    log(
+        f"torch.compile {'on' if compiled else 'off'} ({why_compiled}); attention kernels: "
+        + ("explicit (MATH)" if backends else "PyTorch's choice")
+    )
 
     val_tokens = _validation_tokens(val_files, val_sequences) if val_files else None
 

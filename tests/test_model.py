@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 from safetensors.torch import load_file, load_model, save_model
+from torch.nn.attention import SDPBackend
 
 from smalltalk.config import PRESETS, ModelConfig
 from smalltalk.model import LM, KVCache, apply_rotary, rotary_tables
@@ -180,6 +181,23 @@ def test_paper_presets_follow_table_1():
     assert shapes["expert-1.3b"] == (2048, 24, 16)
 
 
+def test_explicit_attention_computes_what_pytorchs_choice_does():
+    """`use_attention` picks kernels, not a function: same loss and gradients, fp32, to rounding."""
+    idx = torch.randint(0, 256, (3, 64), generator=torch.Generator().manual_seed(1))
+    results = []
+    for backends in (None, [SDPBackend.MATH]):
+        model = tiny_model(n_layer=2)
+        model.use_attention(backends)
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+        assert all(block.attn.backends == backends for block in model.blocks)
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_optimizer_decays_matrices_only():
     model = tiny_model()
     optimizer = model.configure_optimizer(1e-3, 0.1, (0.9, 0.99), "cpu")
@@ -190,6 +208,7 @@ def test_optimizer_decays_matrices_only():
     grouped = decayed["params"] + undecayed["params"]
     assert len(grouped) == len(list(model.parameters()))  # each tensor once, the tied one too
     assert optimizer.defaults["betas"] == (0.9, 0.99)
+    assert optimizer.defaults["fused"]  # one kernel over all tensors, on the CPU as on CUDA
 
 
 def test_residual_projections_start_smaller():

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file, load_model, save_model
+from torch.nn.attention import SDPBackend
 
 import smalltalk.train
 from smalltalk.checkpoint import WEIGHTS
@@ -24,6 +25,8 @@ from smalltalk.files import fingerprint
 from smalltalk.flops import training_flops
 from smalltalk.model import LM
 from smalltalk.runtime import (
+    EXPLICIT_ATTENTION_MAX_LEN,
+    attention_backends,
     autocast_context,
     cpu_supports_bf16,
     resolve_compile,
@@ -203,19 +206,35 @@ def test_compile_auto_compiles_on_cuda_and_on_the_cpu_only_for_runs_it_pays_for(
     steps, batch = demo["training"]["expert"]["steps"], demo["training"]["expert"]["batch_size"]
     expert = training_flops(model_config(demo, "expert", vocab_size=1024), steps, batch, 128)
     assert train_config(demo, "expert", steps=steps).compile == "auto"
-    on, why = resolve_compile("auto", cpu, expert, threads=1)
-    assert not on and "less than compiling costs" in why
-    on, why = resolve_compile("auto", cpu, 20 * expert, threads=1)
+    for precision in ("fp32", "bf16"):
+        on, why = resolve_compile("auto", cpu, expert, threads=1, precision=precision)
+        assert not on and "less than compiling costs" in why and f"eager in {precision}" in why
+    on, why = resolve_compile("auto", cpu, 20 * expert, threads=1, precision="fp32")
     assert on and "more than compiling costs" in why
-    assert not resolve_compile("auto", cpu, 20 * expert, threads=64)[0]  # 64 threads: too short
-    assert resolve_compile("auto", cuda, 1, threads=1) == (True, "auto: always on CUDA")
-    assert resolve_compile(False, cuda, 1e20, threads=1)[0] is False
-    assert resolve_compile(True, cpu, 1, threads=1)[0] is True
+    # The dense baseline (E = 4 times the expert's tokens): compiling saves more in bf16.
+    assert not resolve_compile("auto", cpu, 4 * expert, threads=1, precision="fp32")[0]
+    assert resolve_compile("auto", cpu, 4 * expert, threads=1, precision="bf16")[0]
+    # 64 threads: too short
+    assert not resolve_compile("auto", cpu, 20 * expert, threads=64, precision="bf16")[0]
+    auto_on_cuda = resolve_compile("auto", cuda, 1, threads=1, precision="bf16")
+    assert auto_on_cuda == (True, "auto: always on CUDA")
+    assert resolve_compile(False, cuda, 1e20, threads=1, precision="bf16")[0] is False
+    assert resolve_compile(True, cpu, 1, threads=1, precision="fp32")[0] is True
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
-    on, why = resolve_compile("auto", cpu, 20 * expert, threads=1)
+    on, why = resolve_compile("auto", cpu, 20 * expert, threads=1, precision="fp32")
     assert not on and "no C++ compiler (no-such-c++-compiler)" in why
     with pytest.raises(ValueError, match="compile must be"):
-        resolve_compile("yes", cpu, 1, threads=1)
+        resolve_compile("yes", cpu, 1, threads=1, precision="fp32")
+
+
+def test_explicit_attention_only_where_it_was_measured_faster():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_backends(cpu, True, 128, "bf16") == [SDPBackend.MATH]
+    assert attention_backends(cpu, True, EXPLICIT_ATTENTION_MAX_LEN, "bf16") == [SDPBackend.MATH]
+    assert attention_backends(cpu, True, EXPLICIT_ATTENTION_MAX_LEN + 1, "bf16") is None
+    assert attention_backends(cpu, False, 128, "bf16") is None  # eager: PyTorch's flash kernel
+    assert attention_backends(cpu, True, 128, "fp32") is None
+    assert attention_backends(cuda, True, 128, "bf16") is None
 
 
 # ---- fit ------------------------------------------------------------------------------------
@@ -257,13 +276,29 @@ def test_a_compiled_run_saves_the_plain_modules_names(
     # state dict prefixes every name with `_orig_mod.`, is the same.
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     out = tmp_path / "compiled"
-    settings = config(steps=2, warmup_steps=1, ckpt_every=1, compile=True)
+    settings = config(steps=2, warmup_steps=1, ckpt_every=1, compile=True, precision="bf16")
     summary = fit(TINY, settings, token_dir, out, role="expert")
     log = capsys.readouterr().err
     assert summary["compiled"] and "torch.compile on (compile: true in the config)" in log
+    assert "attention kernels: explicit (MATH)" in log  # compiled, CPU, bf16, S = 32
     for weights in (out / "model.safetensors", out / "ckpt" / "step-00000001" / WEIGHTS):
         assert set(load_file(weights)) <= set(LM(TINY).state_dict())  # no `_orig_mod.` prefix
         load_model(LM(TINY), weights)  # strict: every name of the plain module, none extra
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_run_compiled_by_inductor_learns_as_the_eager_run_does(token_dir: Path, tmp_path: Path):
+    """The real compiler, explicit attention and fused AdamW included, in bf16 (emulated where
+    the processor has no bf16): the same losses as eager, to bf16's precision."""
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compiled-{compiled}"
+        settings = config(steps=4, warmup_steps=1, log_every=1, compile=compiled, precision="bf16")
+        fit(TINY, settings, token_dir, out, role="expert")
+        losses[compiled] = pq.read_table(out / "metrics.parquet").column("loss").to_pylist()
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+    assert losses[True][-1] < losses[True][0]
 
 
 def test_fit_honours_a_token_budget(token_dir: Path, tmp_path: Path):
