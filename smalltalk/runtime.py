@@ -92,9 +92,9 @@ def resolve_compile(
     return pays, why
 
 
-# The longest sequence for which explicit attention is chosen: measured faster up to 256 (below);
-# its (B, nh, T, T) scores, kept for the backward pass, grow with T².
-EXPLICIT_ATTENTION_MAX_LEN = 256
+# The longest sequence for which explicit attention is chosen: measured faster at 128 (below), not
+# at 256; its (B, nh, T, T) scores, kept for the backward pass, grow with T².
+EXPLICIT_ATTENTION_MAX_LEN = 128
 
 
 def attention_backends(
@@ -107,8 +107,8 @@ def attention_backends(
     There PyTorch picks its fused flash kernel, an opaque call to Inductor whose bf16 backward is
     slow at head sizes like ours (32); the explicit form Inductor fuses into its own loops.
     Measured with `benchmarks/bench_train.py` (one thread, Xeon with AMX): the demo expert's
-    compiled bf16 step 1.4x as fast with it, the `demo-expert` preset's (S = 256) the same; in fp32
-    it was slower (0.94x, 0.90x), hence bf16 only.
+    compiled bf16 step (S = 128) 1.4x as fast with it; the `demo-expert` preset's (S = 256)
+    0.93-1.0x, hence S <= 128; in fp32 both were slower (0.94x, 0.90x), hence bf16 only.
     """
     explicit = (
         compiled
