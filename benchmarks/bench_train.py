@@ -33,7 +33,7 @@ These are called in turn, one call each per round for `--rounds` rounds (order r
 two untimed calls each (compiling), and per-call times are kept: on a machine other jobs share,
 each then sees the same share of the cores, and medians shrug off the bursts when it sees none.
 Goals: step and fit() within 5% of bare (ratio >= 0.95); on the CPU, the demo expert's step at
-2.5x eager fp32 or more (issue 17).
+2.5x eager fp32 or more.
 """
 
 from __future__ import annotations
