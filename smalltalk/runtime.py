@@ -52,9 +52,10 @@ def autocast_context(device: torch.device, precision: str):
 # same fused AdamW: in bf16 (Xeon, AMX) 56% of the demo expert's step time and 31% of the
 # `demo-expert` preset's; in fp32 20% and 14% on the Xeon, 9% on the EPYC. An eager step does
 # about 16 GFLOP/s (Eq. 10) per thread at the demo's sizes on the EPYC (30-90 on the Xeon). So
-# compiling pays once a run would take over ~50 s / 0.3 = 170 s eager in bf16 (the demo's dense
-# baseline, not its experts), 550 s in fp32; a router round (~5 s) never. The choice is a rule on
-# the planned FLOPs, not a timing, so the same config trains the same way on the same machine.
+# compiling pays once a run would take over ~50 s / 0.3 = 170 s eager in bf16, 550 s in fp32: none
+# of the demo's jobs (its longest, each half of the dense baseline, ~140 s), a router round never.
+# The choice is a rule on the planned FLOPs, not a timing, so the same config trains the same way
+# on the same machine.
 CPU_COMPILE_SECONDS = 50.0
 CPU_COMPILE_SAVING = {"bf16": 0.30, "fp32": 0.09}
 CPU_FLOPS_PER_THREAD = 16e9

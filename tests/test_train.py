@@ -211,7 +211,7 @@ def test_compile_auto_compiles_on_cuda_and_on_the_cpu_only_for_runs_it_pays_for(
         assert not on and "less than compiling costs" in why and f"eager in {precision}" in why
     on, why = resolve_compile("auto", cpu, 20 * expert, threads=1, precision="fp32")
     assert on and "more than compiling costs" in why
-    # The dense baseline (E = 4 times the expert's tokens): compiling saves more in bf16.
+    # A run of 4 times the expert's FLOPs: compiling repays itself in bf16, not in fp32.
     assert not resolve_compile("auto", cpu, 4 * expert, threads=1, precision="fp32")[0]
     assert resolve_compile("auto", cpu, 4 * expert, threads=1, precision="bf16")[0]
     # 64 threads: too short
