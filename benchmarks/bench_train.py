@@ -199,7 +199,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
     compiled, why = resolve_compile(
         args.compile, device, args.job_steps * step_flops, torch.get_num_threads(), precision
     )
-    backends = attention_backends(device, compiled, seq_len, precision)
+    backends = attention_backends(device, seq_len, precision)
     setting = Setting(True, precision, compiled, tuple(backends) if backends else None)
     config = TrainConfig(
         steps=args.steps + 1, batch_size=batch, warmup_steps=1, ckpt_every=0, log_every=1,

@@ -99,23 +99,20 @@ EXPLICIT_ATTENTION_MAX_LEN = 128
 
 
 def attention_backends(
-    device: torch.device, compiled: bool, seq_len: int, precision: str
+    device: torch.device, seq_len: int, precision: str
 ) -> list[SDPBackend] | None:
-    """The attention kernels a training run uses: PyTorch's choice (None), except for a model
-    compiled on the CPU in bf16 with short sequences, which does better with the explicit
-    product-softmax-product (MATH).
+    """The attention kernels a training run uses: PyTorch's choice (None), except in bf16 on the
+    CPU with short sequences, where the explicit product-softmax-product (MATH) is faster.
 
-    There PyTorch picks its fused flash kernel, an opaque call to Inductor whose bf16 backward is
-    slow at head sizes like ours (32); the explicit form Inductor fuses into its own loops.
-    Measured with `benchmarks/bench_train.py` (one thread, Xeon with AMX): the demo expert's
-    compiled bf16 step (S = 128) 1.4x as fast with it; the `demo-expert` preset's (S = 256)
-    0.93-1.0x, hence S <= 128; in fp32 both were slower (0.94x, 0.90x), hence bf16 only.
+    There PyTorch picks its fused flash kernel, whose bf16 backward is slow at head sizes like ours
+    (32); the explicit form is three plain ops, and compiled, Inductor fuses it into its own loops.
+    Measured with `benchmarks/bench_train.py` (one thread, Xeon with AMX), the demo expert's bf16
+    step (S = 128): compiled 1.4x as fast with it, eager 1.12x; the `demo-expert` preset's
+    (S = 256) compiled 0.93-1.0x, hence S <= 128. A compiled fp32 step was slower with it (0.94x,
+    0.90x), hence bf16 only.
     """
     explicit = (
-        compiled
-        and device.type == "cpu"
-        and precision == "bf16"
-        and seq_len <= EXPLICIT_ATTENTION_MAX_LEN
+        device.type == "cpu" and precision == "bf16" and seq_len <= EXPLICIT_ATTENTION_MAX_LEN
     )
     return [SDPBackend.MATH] if explicit else None
 

@@ -373,7 +373,7 @@ def fit(
         precision,
     )
     resolved["compiled"] = compiled
-    backends = attention_backends(device, compiled, seq_len, precision)
+    backends = attention_backends(device, seq_len, precision)
     model.use_attention(backends)
     train_model = torch.compile(model) if compiled else model  # checkpoints save `model`
     if procs.world_size > 1:

@@ -228,13 +228,13 @@ def test_compile_auto_compiles_on_cuda_and_on_the_cpu_only_for_runs_it_pays_for(
 
 
 def test_explicit_attention_only_where_it_was_measured_faster():
+    """On the CPU in bf16 at S <= 128, compiled or not; PyTorch's choice everywhere else."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert attention_backends(cpu, True, 128, "bf16") == [SDPBackend.MATH]
-    assert attention_backends(cpu, True, EXPLICIT_ATTENTION_MAX_LEN, "bf16") == [SDPBackend.MATH]
-    assert attention_backends(cpu, True, EXPLICIT_ATTENTION_MAX_LEN + 1, "bf16") is None
-    assert attention_backends(cpu, False, 128, "bf16") is None  # eager: PyTorch's flash kernel
-    assert attention_backends(cpu, True, 128, "fp32") is None
-    assert attention_backends(cuda, True, 128, "bf16") is None
+    assert attention_backends(cpu, 128, "bf16") == [SDPBackend.MATH]
+    assert attention_backends(cpu, EXPLICIT_ATTENTION_MAX_LEN, "bf16") == [SDPBackend.MATH]
+    assert attention_backends(cpu, EXPLICIT_ATTENTION_MAX_LEN + 1, "bf16") is None
+    assert attention_backends(cpu, 128, "fp32") is None
+    assert attention_backends(cuda, 128, "bf16") is None
 
 
 # ---- fit ------------------------------------------------------------------------------------
