@@ -164,7 +164,9 @@ def lever_ladder(step: Setting) -> list[tuple[str, Setting]]:
 
 
 def loop_step(model_config, setting: Setting, config: TrainConfig, device, batch):
-    """A bare training step of a model of its own, trained as `setting` says."""
+    """A bare training step of a model of its own, trained as `setting` says: forward, backward,
+    clip, AdamW step, zero_grad, the least a training step does; with the model as it is called
+    (compiled or not) and its optimizer."""
     torch.manual_seed(0)
     model = LM(model_config).to(device)
     model.use_attention(list(setting.backends) if setting.backends else None)
@@ -188,7 +190,7 @@ def loop_step(model_config, setting: Setting, config: TrainConfig, device, batch
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
+    return step, trained, optimizer
 
 
 def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
@@ -207,21 +209,11 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
     )  # fmt: skip
     tokens_per_step = batch * seq_len
 
-    torch.manual_seed(0)
-    model = LM(model_config).to(device)
-    model.use_attention(backends)
-    optimizer = model.configure_optimizer(config.lr, config.weight_decay, config.betas, device.type)
-    trained = torch.compile(model) if compiled else model  # shares `model`'s parameters
     inputs = torch.randint(0, model_config.vocab_size, (batch, seq_len), device=device)
     targets = torch.randint(0, model_config.vocab_size, (batch, seq_len), device=device)
-
-    def bare_step():
-        with autocast:
-            _, loss = trained(inputs, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    bare_step, trained, optimizer = loop_step(
+        model_config, setting, config, device, (inputs, targets)
+    )
 
     step_index = 0
 
@@ -243,7 +235,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
         "peak": lambda: a @ b,
     }
     try:  # alone first: at the paper's sizes fp32 may not fit in memory beside the step's model
-        eager_fp32_step = loop_step(model_config, Setting(), config, device, (inputs, targets))
+        eager_fp32_step, *_ = loop_step(model_config, Setting(), config, device, (inputs, targets))
         eager_fp32_step()
         calls["eager fp32"] = with_matmul_precision(device, "highest", eager_fp32_step)
     except torch.OutOfMemoryError:
@@ -251,7 +243,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
         torch.cuda.empty_cache()
     levers = lever_ladder(setting) if args.levers else []
     for label, rung in levers:
-        lever_step = loop_step(model_config, rung, config, device, (inputs, targets))
+        lever_step, *_ = loop_step(model_config, rung, config, device, (inputs, targets))
         calls[label] = with_matmul_precision(device, "high", lever_step)
     for call in calls.values():  # compiles; the interleaved rounds warm up once more
         call()
