@@ -141,7 +141,7 @@ class Setting:
     fused: bool = False  # fused AdamW (`LM.configure_optimizer`) instead of the plain one
     precision: str = "fp32"
     compiled: bool = False
-    backends: tuple | None = None  # attention kernels; None: PyTorch's choice
+    backends: list | None = None  # attention kernels; None: PyTorch's choice
 
 
 LEVERS = [
@@ -169,7 +169,7 @@ def loop_step(model_config, setting: Setting, config: TrainConfig, device, batch
     (compiled or not) and its optimizer."""
     torch.manual_seed(0)
     model = LM(model_config).to(device)
-    model.use_attention(list(setting.backends) if setting.backends else None)
+    model.use_attention(setting.backends)
     if setting.fused:
         optimizer = model.configure_optimizer(
             config.lr, config.weight_decay, config.betas, device.type
@@ -202,7 +202,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
         args.compile, device, args.job_steps * step_flops, torch.get_num_threads(), precision
     )
     backends = attention_backends(device, seq_len, precision)
-    setting = Setting(True, precision, compiled, tuple(backends) if backends else None)
+    setting = Setting(True, precision, compiled, backends)
     config = TrainConfig(
         steps=args.steps + 1, batch_size=batch, warmup_steps=1, ckpt_every=0, log_every=1,
         precision=precision, device=device.type, threads=args.threads, compile=compiled,
@@ -239,7 +239,6 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
         eager_fp32_step()
         calls["eager fp32"] = with_matmul_precision(device, "highest", eager_fp32_step)
     except torch.OutOfMemoryError:
-        eager_fp32_step = None
         torch.cuda.empty_cache()
     levers = lever_ladder(setting) if args.levers else []
     for label, rung in levers:
@@ -370,8 +369,7 @@ def main() -> None:
     print(
         f"device {device}, {torch.get_num_threads()} threads; medians of {args.rounds} "
         f"interleaved rounds (bare, step, eager fp32, levers, matmul peak) and of {args.repeats} "
-        f"fit() "
-        f"runs of {args.steps} steps, each paired with {args.steps} bare steps"
+        f"fit() runs of {args.steps} steps, each paired with {args.steps} bare steps"
     )
     print("\n".join(lines + [""] + notes))
 

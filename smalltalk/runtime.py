@@ -48,7 +48,7 @@ def autocast_context(device: torch.device, precision: str):
 # torch.compile on the CPU, one thread, with the demo's shapes. Compiling costs 18-24 s on a 2-core
 # Xeon with AMX and 36-50 s on a 2-core AMD EPYC (Zen 4): the first step of a job, whatever the
 # model's size (3.5-5 s when Inductor's on-disk cache already holds its kernels, which a job cannot
-# count on). What it saves, `benchmarks/bench_train.py --levers`, compiled against eager with the
+# count on). What it saves, `benchmarks/bench_train.py`'s levers, compiled against eager with the
 # same fused AdamW: in bf16 (Xeon, AMX) 56% of the demo expert's step time and 31% of the
 # `demo-expert` preset's; in fp32 20% and 14% on the Xeon, 9% on the EPYC. An eager step does
 # about 16 GFLOP/s (Eq. 10) per thread at the demo's sizes on the EPYC (30-90 on the Xeon). So
