@@ -13,14 +13,14 @@ expert_train: cpus`, unless `--threads`):
 - step:       `train_step()` plus the learning-rate schedule, exactly as `fit()` calls them, as the
               workflow trains by default: precision auto (bf16 on CUDA and on CPUs with native
               bf16, else fp32), compile auto (`resolve_compile`, decided for a job of the demo
-              expert's `--job-steps`), the attention kernels `attention_backends` picks and
+              expert's `--job-steps`), attention in fp32 where `fp32_attention` says and
               fused AdamW;
 - bare:       forward, backward, clip, AdamW step, zero_grad on the same model, precision and
               compilation: the least a training step does;
 - eager fp32: the same loop left at PyTorch's defaults: the plain module, float32 (no TF32),
               `torch.optim.AdamW` unfused; `speedup over eager fp32` = its time / step's;
 - levers:     (not with `--no-levers`) the way from eager fp32 to the step one setting at a time,
-              each a model of its own: + fused AdamW, + bf16 autocast, + torch.compile, + explicit
+              each a model of its own: + fused AdamW, + bf16 autocast, + torch.compile, + fp32
               attention, as far as the step uses them; each printed as a speedup over eager fp32;
 - peak:       one n³ matmul in the step's precision (n = 8192 on CUDA, 2048 on the CPU): the most
               this processor does in this run; MFU = Eq. 10's FLOPs per step / step time, as a
@@ -54,8 +54,8 @@ from smalltalk.config import PRESETS, load_config, model_config
 from smalltalk.flops import train_step_flops
 from smalltalk.model import LM
 from smalltalk.runtime import (
-    attention_backends,
     autocast_context,
+    fp32_attention,
     resolve_compile,
     resolve_precision,
 )
@@ -141,14 +141,14 @@ class Setting:
     fused: bool = False  # fused AdamW (`LM.configure_optimizer`) instead of the plain one
     precision: str = "fp32"
     compiled: bool = False
-    backends: list | None = None  # attention kernels; None: PyTorch's choice
+    fp32_attention: bool = False  # attention in fp32 under bf16 autocast
 
 
 LEVERS = [
     ("+ fused AdamW", "fused"),
     ("+ bf16 autocast", "precision"),
     ("+ torch.compile", "compiled"),
-    ("+ explicit attention", "backends"),
+    ("+ fp32 attention", "fp32_attention"),
 ]
 
 
@@ -169,7 +169,7 @@ def loop_step(model_config, setting: Setting, config: TrainConfig, device, batch
     (compiled or not) and its optimizer."""
     torch.manual_seed(0)
     model = LM(model_config).to(device)
-    model.use_attention(setting.backends)
+    model.use_fp32_attention(setting.fp32_attention)
     if setting.fused:
         optimizer = model.configure_optimizer(
             config.lr, config.weight_decay, config.betas, device.type
@@ -201,8 +201,8 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
     compiled, why = resolve_compile(
         args.compile, device, args.job_steps * step_flops, torch.get_num_threads(), precision
     )
-    backends = attention_backends(device, seq_len, precision)
-    setting = Setting(True, precision, compiled, backends)
+    attention_in_fp32 = fp32_attention(device, precision, model_config.head_dim)
+    setting = Setting(True, precision, compiled, attention_in_fp32)
     config = TrainConfig(
         steps=args.steps + 1, batch_size=batch, warmup_steps=1, ckpt_every=0, log_every=1,
         precision=precision, device=device.type, threads=args.threads, compile=compiled,
@@ -281,7 +281,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
         "eager fp32": tokens_per_step / median["eager fp32"] if "eager fp32" in median else None,
         "speedup": ratio("eager fp32", "step"),
         "levers": [(label, ratio("eager fp32", label)) for label, _ in levers],
-        "attention": "explicit (MATH)" if backends else "PyTorch's choice",
+        "attention": "fp32" if attention_in_fp32 else precision,
         "fit()": tokens_per_step / statistics.median(fit_seconds) if fit_seconds else None,
         "fit() ratio": statistics.median(fit_ratios) if fit_ratios else None,
         "achieved": step_flops / median["step"],

@@ -15,7 +15,6 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from smalltalk.config import ModelConfig
@@ -43,15 +42,18 @@ def rotary_tables(head_dim: int, seq_len: int, base: float) -> tuple[torch.Tenso
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x[i], x[i + hs/2]) of x (B, nh, T, hs) by its position's angle.
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Rotate each pair (x[i], x[i + hs/2]) of x (B, nh, T, hs) by its position's angle, in fp32;
+    the result in `dtype` (default: x's, bf16 under autocast).
 
     The dot product of a rotated query at position m and a rotated key at position n then depends on
     m - n only, which is what makes the encoding relative.
     """
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, nh, T, hs)
-    return rotated.type_as(x)  # back to bf16 under autocast; the rotation itself ran in fp32
+    return rotated.to(dtype or x.dtype)
 
 
 # ---- the KV cache (incremental decoding) ----------------------------------------------------
@@ -99,7 +101,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.backends: list[SDPBackend] | None = None  # None: PyTorch picks; see LM.use_attention
+        self.fp32 = False  # attention in fp32 under bf16 autocast; see LM.use_fp32_attention
 
     def forward(
         self,
@@ -114,7 +116,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        dtype = torch.float32 if self.fp32 else v.dtype  # v: bf16 under autocast
+        q, k, v = apply_rotary(q, cos, sin, dtype), apply_rotary(k, cos, sin, dtype), v.to(dtype)
         mask, causal = None, True
         if cache is not None:
             past = cache.length
@@ -124,7 +127,8 @@ class CausalSelfAttention(nn.Module):
                 if T > 1:
                     mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         dropout = self.dropout if self.training else 0.0
-        with sdpa_kernel(self.backends) if self.backends else nullcontext():
+        # Autocast would cast fp32 q, k, v back to bf16 for this op; c_proj casts y to bf16.
+        with torch.autocast(x.device.type, enabled=False) if self.fp32 else nullcontext():
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal
             )  # (B, nh, T, hs)
@@ -237,11 +241,11 @@ class LM(nn.Module):
         )  # (B*T, V) against (B*T,), in fp32 even under bf16 autocast
         return logits, loss
 
-    def use_attention(self, backends: list[SDPBackend] | None) -> None:
-        """Restrict scaled_dot_product_attention to these kernels (None: PyTorch's choice). Same
-        function, other arithmetic: `runtime.attention_backends` says which is faster where."""
+    def use_fp32_attention(self, enabled: bool) -> None:
+        """Compute attention (rotary, scores, softmax, weighted values) in fp32 even under bf16
+        autocast. Same function, other rounding: `runtime.fp32_attention` says where it pays."""
         for block in self.blocks:
-            block.attn.backends = backends
+            block.attn.fp32 = enabled
 
     def configure_optimizer(
         self,

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed
-from torch.nn.attention import SDPBackend
 
 from smalltalk.checkpoint import resolve_device
 
@@ -93,28 +92,22 @@ def resolve_compile(
     return pays, why
 
 
-# The longest sequence for which explicit attention is chosen: measured faster at 128 (below), not
-# at 256; its (B, nh, T, T) scores, kept for the backward pass, grow with T².
-EXPLICIT_ATTENTION_MAX_LEN = 128
+# The widest attention head computed in fp32 under bf16 autocast on the CPU. PyTorch's CPU flash
+# attention, forward and backward, one thread, Xeon with AMX: at head size 32 (the demo expert,
+# B x nh x S = 32 x 1 x 128, and `demo-expert`, 16 x 4 x 256) fp32 takes 0.29x and 0.68x the time
+# of bf16, at 8 (router-4.4m, 2 x 12 x 1024) 0.70x; at 64 (8 x 8 x 512) 1.4x, so bf16 is kept there.
+FP32_ATTENTION_MAX_HEAD_DIM = 32
 
 
-def attention_backends(
-    device: torch.device, seq_len: int, precision: str
-) -> list[SDPBackend] | None:
-    """The attention kernels a training run uses: PyTorch's choice (None), except in bf16 on the
-    CPU with short sequences, where the explicit product-softmax-product (MATH) is faster.
+def fp32_attention(device: torch.device, precision: str, head_dim: int) -> bool:
+    """Whether a training run computes attention in fp32 although its matmuls run in bf16: on the
+    CPU with heads of at most FP32_ATTENTION_MAX_HEAD_DIM, where PyTorch's bf16 flash kernel is
+    slower than its fp32 one (its bf16 backward converts blocks too small to repay it).
 
-    There PyTorch picks its fused flash kernel, whose bf16 backward is slow at head sizes like ours
-    (32); the explicit form is three plain ops, and compiled, Inductor fuses it into its own loops.
-    Measured with `benchmarks/bench_train.py` (one thread, Xeon with AMX), the demo expert's bf16
-    step (S = 128): compiled 1.4x as fast with it, eager 1.12x; the `demo-expert` preset's
-    (S = 256) compiled 0.93-1.0x, hence S <= 128. A compiled fp32 step was slower with it (0.94x,
-    0.90x), hence bf16 only.
+    q, k and v are (B, nh, T, hs): B x T x d values each, cast once, against B x nh x T² scores;
+    the matmuls of the projections and the MLP stay in bf16.
     """
-    explicit = (
-        device.type == "cpu" and precision == "bf16" and seq_len <= EXPLICIT_ATTENTION_MAX_LEN
-    )
-    return [SDPBackend.MATH] if explicit else None
+    return device.type == "cpu" and precision == "bf16" and head_dim <= FP32_ATTENTION_MAX_HEAD_DIM
 
 
 @dataclass(frozen=True, slots=True)

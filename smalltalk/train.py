@@ -56,8 +56,8 @@ from smalltalk.files import fingerprint, write_atomically
 from smalltalk.flops import training_flops
 from smalltalk.model import LM, counted_flops
 from smalltalk.runtime import (
-    attention_backends,
     autocast_context,
+    fp32_attention,
     peak_memory_bytes,
     resolve_compile,
     resolve_precision,
@@ -373,8 +373,8 @@ def fit(
         precision,
     )
     resolved["compiled"] = compiled
-    backends = attention_backends(device, seq_len, precision)
-    model.use_attention(backends)
+    attention_in_fp32 = fp32_attention(device, precision, model_config.head_dim)
+    model.use_fp32_attention(attention_in_fp32)
     train_model = torch.compile(model) if compiled else model  # checkpoints save `model`
     if procs.world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -395,8 +395,8 @@ def fit(
     )
     log(resumption)
     log(
-        f"torch.compile {'on' if compiled else 'off'} ({why_compiled}); attention kernels: "
-        + ("explicit (MATH)" if backends else "PyTorch's choice")
+        f"torch.compile {'on' if compiled else 'off'} ({why_compiled}); attention in "
+        + ("fp32 (faster here at this head size)" if attention_in_fp32 else precision)
     )
 
     val_tokens = _validation_tokens(val_files, val_sequences) if val_files else None

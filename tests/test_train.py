@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file, load_model, save_model
-from torch.nn.attention import SDPBackend
 
 import smalltalk.train
 from smalltalk.checkpoint import WEIGHTS
@@ -25,10 +24,10 @@ from smalltalk.files import fingerprint
 from smalltalk.flops import training_flops
 from smalltalk.model import LM
 from smalltalk.runtime import (
-    EXPLICIT_ATTENTION_MAX_LEN,
-    attention_backends,
+    FP32_ATTENTION_MAX_HEAD_DIM,
     autocast_context,
     cpu_supports_bf16,
+    fp32_attention,
     resolve_compile,
     resolve_precision,
 )
@@ -227,14 +226,15 @@ def test_compile_auto_compiles_on_cuda_and_on_the_cpu_only_for_runs_it_pays_for(
         resolve_compile("yes", cpu, 1, threads=1, precision="fp32")
 
 
-def test_explicit_attention_only_where_it_was_measured_faster():
-    """On the CPU in bf16 at S <= 128, compiled or not; PyTorch's choice everywhere else."""
+def test_fp32_attention_only_where_it_was_measured_faster():
+    """On the CPU in bf16 with heads of at most 32; the step's precision everywhere else."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert attention_backends(cpu, 128, "bf16") == [SDPBackend.MATH]
-    assert attention_backends(cpu, EXPLICIT_ATTENTION_MAX_LEN, "bf16") == [SDPBackend.MATH]
-    assert attention_backends(cpu, EXPLICIT_ATTENTION_MAX_LEN + 1, "bf16") is None
-    assert attention_backends(cpu, 128, "fp32") is None
-    assert attention_backends(cuda, 128, "bf16") is None
+    assert fp32_attention(cpu, "bf16", head_dim=32)
+    assert fp32_attention(cpu, "bf16", head_dim=8)
+    assert fp32_attention(cpu, "bf16", head_dim=FP32_ATTENTION_MAX_HEAD_DIM)
+    assert not fp32_attention(cpu, "bf16", head_dim=64)
+    assert not fp32_attention(cpu, "fp32", head_dim=32)  # already fp32
+    assert not fp32_attention(cuda, "bf16", head_dim=32)
 
 
 # ---- fit ------------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def test_a_compiled_run_saves_the_plain_modules_names(
     summary = fit(TINY, settings, token_dir, out, role="expert")
     log = capsys.readouterr().err
     assert summary["compiled"] and "torch.compile on (compile: true in the config)" in log
-    assert "attention kernels: explicit (MATH)" in log  # compiled, CPU, bf16, S = 32
+    assert "attention in fp32" in log  # CPU, bf16, heads of 16
     for weights in (out / "model.safetensors", out / "ckpt" / "step-00000001" / WEIGHTS):
         assert set(load_file(weights)) <= set(LM(TINY).state_dict())  # no `_orig_mod.` prefix
         load_model(LM(TINY), weights)  # strict: every name of the plain module, none extra
