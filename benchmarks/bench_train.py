@@ -5,29 +5,34 @@
                                      [--no-levers] [--rounds 5] [--repeats 1] [--steps 3]
                                      [--threads N]
 
-For each model, in one process, one batch (`demo`: the workflow's demo expert, sized and batched
-as `config.yaml` says; `--paper`: the paper's 335M expert at 32 x 1024 and 1.3B at 16 x 1024,
-Table 1, for a GPU), on as many threads as the workflow gives an expert job (`cluster:
-expert_train: cpus`, unless `--threads`):
+For each model, one batch (`demo`: the workflow's demo expert, sized and batched as `config.yaml`
+says; `--paper`: the paper's 335M expert at 32 x 1024 and 1.3B at 16 x 1024, Table 1, for a GPU),
+on as many threads as the workflow gives an expert job (`cluster: expert_train: cpus`, unless
+`--threads`):
 
 - step:       `train_step()` plus the learning-rate schedule, exactly as `fit()` calls them, as the
               workflow trains by default: precision auto (bf16 on CUDA and on CPUs with native
               bf16, else fp32), compile auto (`resolve_compile`, decided for a job of the demo
-              expert's `--job-steps`), attention in fp32 where `fp32_attention` says and
-              fused AdamW;
+              expert's `--job-steps`), attention in fp32 where `fp32_attention` says, fused
+              AdamW; on the CPU with glibc in a process of its own that keeps freed memory, as
+              `fit()` makes a training job's (`keep_freed_memory`), while every other contender
+              runs in this process at the allocator's defaults;
 - bare:       forward, backward, clip, AdamW step, zero_grad on the same model, precision and
-              compilation: the least a training step does;
+              compilation, in this process: the least a training step does; `vs bare` compares
+              it with the step run beside it here;
 - eager fp32: the same loop left at PyTorch's defaults: the plain module, float32 (no TF32),
               `torch.optim.AdamW` unfused; `speedup over eager fp32` = its time / step's;
 - levers:     (not with `--no-levers`) the way from eager fp32 to the step one setting at a time,
               each a model of its own: + fused AdamW, + bf16 autocast, + torch.compile, + fp32
-              attention, as far as the step uses them; each printed as a speedup over eager fp32;
+              attention, + freed memory kept, as far as the step uses them; each printed as a
+              speedup over eager fp32;
 - peak:       one n³ matmul in the step's precision (n = 8192 on CUDA, 2048 on the CPU): the most
               this processor does in this run; MFU = Eq. 10's FLOPs per step / step time, as a
               share of that peak and, for a GPU in NOMINAL_BF16_FLOPS, of its data-sheet peak;
 - fit():      the whole `fit()` loop (data stream from Parquet, metrics, log) for `--steps`,
               timed by its own metrics rows, `--repeats` times, each paired with `--steps` bare
-              steps run right after it (none by default with `--paper`: a second model).
+              steps run right after it, in a process of its own (none by default with `--paper`:
+              a second model).
 
 These are called in turn, one call each per round for `--rounds` rounds (order rotated), after
 two untimed calls each (compiling), and per-call times are kept: on a machine other jobs share,
@@ -40,8 +45,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
+import platform
 import statistics
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +64,7 @@ from smalltalk.model import LM
 from smalltalk.runtime import (
     autocast_context,
     fp32_attention,
+    keep_freed_memory,
     resolve_compile,
     resolve_precision,
 )
@@ -153,14 +162,14 @@ LEVERS = [
 
 
 def lever_ladder(step: Setting) -> list[tuple[str, Setting]]:
-    """From eager fp32 towards `step` one lever at a time, each rung adding one that `step` uses;
-    the last rung, `step`'s own settings, is left out: the step itself is timed."""
+    """From eager fp32 to `step` one lever at a time, each rung adding one that `step` uses; the
+    last rung has `step`'s own settings."""
     rungs, setting = [], Setting()
     for label, field in LEVERS:
         if getattr(step, field) != getattr(setting, field):
             setting = dataclasses.replace(setting, **{field: getattr(step, field)})
             rungs.append((label, setting))
-    return rungs[:-1]
+    return rungs
 
 
 def loop_step(model_config, setting: Setting, config: TrainConfig, device, batch):
@@ -193,28 +202,35 @@ def loop_step(model_config, setting: Setting, config: TrainConfig, device, batch
     return step, trained, optimizer
 
 
-def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
+def workflow_steps(name: str, args, device: torch.device):
+    """The workflow's default settings for preset `name`, and its step two ways, on one model:
+    (settings, `fit()`'s step, the bare step). The batch is the same in every process."""
     model_config, batch, seq_len = preset_model(name)
     precision = resolve_precision(args.precision, device)
-    autocast = autocast_context(device, precision)
     step_flops = train_step_flops(model_config, batch, seq_len)  # Eq. 10
     compiled, why = resolve_compile(
         args.compile, device, args.job_steps * step_flops, torch.get_num_threads(), precision
     )
     attention_in_fp32 = fp32_attention(device, precision, model_config.head_dim)
-    setting = Setting(True, precision, compiled, attention_in_fp32)
     config = TrainConfig(
         steps=args.steps + 1, batch_size=batch, warmup_steps=1, ckpt_every=0, log_every=1,
         precision=precision, device=device.type, threads=args.threads, compile=compiled,
     )  # fmt: skip
-    tokens_per_step = batch * seq_len
-
-    inputs = torch.randint(0, model_config.vocab_size, (batch, seq_len), device=device)
-    targets = torch.randint(0, model_config.vocab_size, (batch, seq_len), device=device)
-    bare_step, trained, optimizer = loop_step(
-        model_config, setting, config, device, (inputs, targets)
+    settings = {
+        "model_config": model_config, "batch": batch, "seq_len": seq_len, "config": config,
+        "setting": Setting(True, precision, compiled, attention_in_fp32), "why compiled": why,
+        "step_flops": step_flops,
+    }  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    inputs, targets = (
+        torch.randint(0, model_config.vocab_size, (batch, seq_len), generator=generator).to(device)
+        for _ in range(2)
     )
-
+    settings["batch tensors"] = (inputs, targets)
+    bare_step, trained, optimizer = loop_step(
+        model_config, settings["setting"], config, device, (inputs, targets)
+    )
+    autocast = autocast_context(device, precision)
     step_index = 0
 
     def fit_step():
@@ -225,6 +241,85 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
             autocast=autocast,
         )  # fmt: skip
         step_index += 1
+
+    return settings, fit_step, bare_step
+
+
+def serve_step_with_memory_kept(connection, name: str, args, device: str) -> None:
+    """A child process's life: `fit()`'s step of preset `name` with freed memory kept, as a
+    training job runs it (`runtime.keep_freed_memory`, before anything is allocated), one step per
+    request until None. Built, compiled and warmed before it says it is ready."""
+    keep_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, step, _ = workflow_steps(name, args, torch.device(device))
+    step()
+    step()
+    connection.send("ready")
+    while connection.recv() is not None:
+        step()
+        connection.send("done")
+
+
+class StepWithMemoryKept:
+    """`fit()`'s step in a process of its own whose C allocator keeps freed memory, as a training
+    job's does: allocator settings hold for a whole process, and this one's contenders run at
+    glibc's defaults. Called, it runs one step there and waits for it (a pipe's round trip, tens
+    of microseconds, is timed with it)."""
+
+    def __init__(self, name: str, args, device: torch.device):
+        context = multiprocessing.get_context("spawn")  # a fresh allocator, not a fork of this one
+        self.connection, theirs = context.Pipe()
+        self.process = context.Process(
+            target=serve_step_with_memory_kept, args=(theirs, name, args, str(device)), daemon=True
+        )
+        self.process.start()
+        if self.connection.recv() != "ready":
+            raise RuntimeError("the kept-memory step's process failed to start")
+
+    def __call__(self) -> None:
+        self.connection.send(True)
+        self.connection.recv()
+
+    def close(self) -> None:
+        self.connection.send(None)
+        self.process.join()
+
+
+def fit_against_bare(name: str, args, device: str, workdir: Path) -> tuple[list, list]:
+    """`args.repeats` whole `fit()` runs of `args.steps` steps on preset `name`, each followed by
+    as many bare steps: (each fit() step's seconds, each run's median bare / median fit() step)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(device)
+    settings, _, bare_step = workflow_steps(name, args, device)
+    config, batch, seq_len = settings["config"], settings["batch"], settings["seq_len"]
+    data = workdir / name
+    data.mkdir(exist_ok=True)
+    write_tokens(
+        data / "0.parquet", batch * config.steps, seq_len, settings["model_config"].vocab_size
+    )
+    bare = with_matmul_precision(device, "high", bare_step)
+    bare()
+    fit_seconds, fit_ratios = [], []
+    for repeat in range(args.repeats):
+        out = workdir / f"{name}-fit-{repeat}"
+        fit(settings["model_config"], config, data, out, role="expert")
+        rows = pq.read_table(out / "metrics.parquet").column("tokens_per_s").to_pylist()
+        mine = [batch * seq_len / r for r in rows[1:]]  # the first row pays for start-up
+        paired = [timed(bare, device) for _ in range(args.steps)]
+        fit_seconds += mine
+        fit_ratios.append(statistics.median(paired) / statistics.median(mine))
+    return fit_seconds, fit_ratios
+
+
+def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
+    settings, fit_step, bare_step = workflow_steps(name, args, device)
+    model_config, batch, seq_len = settings["model_config"], settings["batch"], settings["seq_len"]
+    config, setting, step_flops = settings["config"], settings["setting"], settings["step_flops"]
+    inputs, targets = settings["batch tensors"]
+    precision, compiled = setting.precision, setting.compiled
+    tokens_per_step = batch * seq_len
 
     n = 8192 if device.type == "cuda" else 2048
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -240,27 +335,26 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
         calls["eager fp32"] = with_matmul_precision(device, "highest", eager_fp32_step)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
-    levers = lever_ladder(setting) if args.levers else []
+    rungs = lever_ladder(setting)
+    levers = rungs[:-1] if args.levers else []  # the last rung is the step, timed anyway
     for label, rung in levers:
         lever_step, *_ = loop_step(model_config, rung, config, device, (inputs, targets))
         calls[label] = with_matmul_precision(device, "high", lever_step)
+    kept = None
+    if device.type == "cpu" and platform.libc_ver()[0] == "glibc":  # what keep_freed_memory needs
+        kept = StepWithMemoryKept(name, args, device)
+        calls["step, memory kept"] = kept
     for call in calls.values():  # compiles; the interleaved rounds warm up once more
         call()
     seconds = interleaved(calls, args.rounds, device)
+    if kept is not None:
+        kept.close()
 
     fit_seconds, fit_ratios = [], []
-    if args.repeats:
-        data = workdir / name
-        data.mkdir(exist_ok=True)
-        write_tokens(data / "0.parquet", batch * config.steps, seq_len, model_config.vocab_size)
-    for repeat in range(args.repeats):
-        out = workdir / f"{name}-fit-{repeat}"
-        fit(model_config, config, data, out, role="expert")
-        rows = pq.read_table(out / "metrics.parquet").column("tokens_per_s").to_pylist()
-        mine = [tokens_per_step / r for r in rows[1:]]  # the first row pays for start-up
-        paired = [timed(calls["bare"], device) for _ in range(args.steps)]
-        fit_seconds += mine
-        fit_ratios.append(statistics.median(paired) / statistics.median(mine))
+    if args.repeats:  # in a process of its own: fit() keeps freed memory from then on
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs = pool.submit(fit_against_bare, name, args, str(device), workdir)
+            fit_seconds, fit_ratios = runs.result()
 
     def ratio(slow: str, fast: str) -> float | None:
         """Median over rounds of slow / fast: in each round the two saw the same machine."""
@@ -270,21 +364,27 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
         return statistics.median(s / f for s, f in pairs)
 
     median = {key: statistics.median(values) for key, values in seconds.items()}
+    ladder = [(label, ratio("eager fp32", label)) for label, _ in levers]
+    workflow = "step"  # the step as a training job runs it
+    if kept is not None:
+        ladder.append((rungs[-1][0] if rungs else "step", ratio("eager fp32", "step")))
+        workflow = "step, memory kept"
     return {
         "precision": precision,
         "compiled": compiled,
-        "why compiled": why,
+        "why compiled": settings["why compiled"],
         "tokens_per_step": tokens_per_step,
         "bare": tokens_per_step / median["bare"],
-        "step": tokens_per_step / median["step"],
+        "step": tokens_per_step / median[workflow],
         "step ratio": ratio("bare", "step"),
+        "memory kept": ratio("step", "step, memory kept") if kept is not None else None,
         "eager fp32": tokens_per_step / median["eager fp32"] if "eager fp32" in median else None,
-        "speedup": ratio("eager fp32", "step"),
-        "levers": [(label, ratio("eager fp32", label)) for label, _ in levers],
-        "attention": "fp32" if attention_in_fp32 else precision,
+        "speedup": ratio("eager fp32", workflow),
+        "levers": ladder,
+        "attention": "fp32" if setting.fp32_attention else precision,
         "fit()": tokens_per_step / statistics.median(fit_seconds) if fit_seconds else None,
         "fit() ratio": statistics.median(fit_ratios) if fit_ratios else None,
-        "achieved": step_flops / median["step"],
+        "achieved": step_flops / median[workflow],
         "peak": 2 * n**3 / median["peak"],
         "peak name": f"{n}^3 {'bf16' if dtype == torch.bfloat16 else 'fp32'} matmul",
     }
@@ -365,7 +465,8 @@ def main() -> None:
             )
             if r["levers"]:
                 ladder = [f"{label} {number(x, '.2f')}" for label, x in r["levers"]]
-                notes.append(f"  levers over eager fp32: {', '.join(ladder)}, step {speedup}")
+                last = "+ freed memory kept " if r["memory kept"] else "step "
+                notes.append(f"  levers over eager fp32: {', '.join(ladder)}, {last}{speedup}")
     print(
         f"device {device}, {torch.get_num_threads()} threads; medians of {args.rounds} "
         f"interleaved rounds (bare, step, eager fp32, levers, matmul peak) and of {args.repeats} "

@@ -58,6 +58,7 @@ from smalltalk.model import LM, counted_flops
 from smalltalk.runtime import (
     autocast_context,
     fp32_attention,
+    keep_freed_memory,
     peak_memory_bytes,
     resolve_compile,
     resolve_precision,
@@ -266,6 +267,7 @@ def fit(
     precision = resolve_precision(config.precision, device)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    memory_kept = device.type == "cpu" and keep_freed_memory()  # no page faults per step
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in fp32
     log = (lambda line: tqdm.write(line, file=sys.stderr)) if procs.is_main else (lambda _: None)
@@ -397,6 +399,7 @@ def fit(
     log(
         f"torch.compile {'on' if compiled else 'off'} ({why_compiled}); attention in "
         + ("fp32 (faster here at this head size)" if attention_in_fp32 else precision)
+        + ("; freed memory kept for reuse" if memory_kept else "")
     )
 
     val_tokens = _validation_tokens(val_files, val_sequences) if val_files else None
