@@ -216,6 +216,7 @@ class LM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for the next token at every position of idx (B, T), and, given targets (B, T),
         the mean cross-entropy over positions whose target is not -1 (Eq. 1 divided by its count).
+        With targets the logits come detached: gradients flow through the loss only.
 
         With a `cache`, idx continues the positions it holds: only the new tokens are computed,
         attending to the cached ones, and their keys and values are added to it (decoding).
@@ -239,7 +240,9 @@ class LM(nn.Module):
         loss = F.cross_entropy(
             logits.view(B * T, -1).float(), targets.reshape(B * T), ignore_index=-1
         )  # (B*T, V) against (B*T,), in fp32 even under bf16 autocast
-        return logits, loss
+        # Logits that required grad would make a compiled backward take a zero (B, T, V) gradient
+        # for them, filled and read every step: 4 % of a `demo-expert` step on the CPU.
+        return logits.detach(), loss
 
     def use_fp32_attention(self, enabled: bool) -> None:
         """Compute attention (rotary, scores, softmax, weighted values) in fp32 even under bf16

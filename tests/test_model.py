@@ -77,6 +77,7 @@ def test_loss_is_mean_cross_entropy_ignoring_minus_one():
     expected = -torch.log_softmax(logits[keep], dim=-1).gather(1, targets[keep][:, None]).mean()
     torch.testing.assert_close(loss, expected)
     assert model(idx)[1] is None
+    assert not logits.requires_grad and model(idx)[0].requires_grad  # trained through the loss
 
 
 def test_rejects_sequences_longer_than_seq_len():
