@@ -58,13 +58,13 @@ import pyarrow.parquet as pq
 import torch
 from timing import interleaved, timed
 
+from smalltalk.allocator import keep_freed_memory
 from smalltalk.config import PRESETS, load_config, model_config
 from smalltalk.flops import train_step_flops
 from smalltalk.model import LM
 from smalltalk.runtime import (
     autocast_context,
     fp32_attention,
-    keep_freed_memory,
     resolve_compile,
     resolve_precision,
 )
@@ -247,7 +247,7 @@ def workflow_steps(name: str, args, device: torch.device):
 
 def serve_step_with_memory_kept(connection, name: str, args, device: str) -> None:
     """A child process's life: `fit()`'s step of preset `name` with freed memory kept, as a
-    training job runs it (`runtime.keep_freed_memory`, before anything is allocated), one step per
+    training job runs it (`allocator.keep_freed_memory`, before anything is allocated), one step per
     request until None. Built, compiled and warmed before it says it is ready."""
     keep_freed_memory()
     if args.threads:

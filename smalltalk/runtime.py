@@ -4,9 +4,7 @@ it natively), whether to torch.compile, its place among torchrun's processes, it
 
 from __future__ import annotations
 
-import ctypes
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -139,28 +137,6 @@ def start_processes(device: str) -> Processes:
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
     return Processes(torch.distributed.get_rank(), world_size, local)
-
-
-# glibc's mallopt parameters (malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-
-
-def keep_freed_memory() -> bool:
-    """Make this process's C allocator keep the memory it frees for its next allocations, instead
-    of handing it back to the kernel; True where it could (glibc), False elsewhere.
-
-    A CPU training step allocates and frees the same large buffers every step (the logits, their
-    gradient: 16 MB each at the demo expert's 4096 x 1024). glibc serves blocks of 32 MB and more,
-    and by default many smaller ones, with a fresh mmap and returns them on free, so every step
-    pays a page fault per 4 KiB touched and the kernel's zeroing of it: 13-19 % of a compiled step
-    of `demo-expert` on a Xeon (KVM guest), where faults are dear. With no mmap (M_MMAP_MAX 0) and
-    no trimming of the heap's top, the pages stay mapped and are reused; the resident set stays at
-    its peak, which is what a job asks its memory for anyway. Same arithmetic, same results.
-    """
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)  # the C library this process already runs on
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def peak_memory_bytes(device: torch.device) -> int:

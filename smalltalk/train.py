@@ -38,6 +38,7 @@ import torch.distributed
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from smalltalk.allocator import keep_freed_memory
 from smalltalk.checkpoint import (
     STATE,
     WEIGHTS,
@@ -58,7 +59,6 @@ from smalltalk.model import LM, counted_flops
 from smalltalk.runtime import (
     autocast_context,
     fp32_attention,
-    keep_freed_memory,
     peak_memory_bytes,
     resolve_compile,
     resolve_precision,

@@ -8,10 +8,6 @@ import functools
 import gc
 import json
 import math
-import platform
-import resource
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -239,38 +235,6 @@ def test_fp32_attention_only_where_it_was_measured_faster():
     assert not fp32_attention(cpu, "bf16", head_dim=64)
     assert not fp32_attention(cpu, "fp32", head_dim=32)  # already fp32
     assert not fp32_attention(cuda, "bf16", head_dim=32)
-
-
-FAULTS_OF_REPEATED_ALLOCATIONS = """
-import resource, sys, torch
-from smalltalk.runtime import keep_freed_memory
-kept = sys.argv[1] == "keep" and keep_freed_memory()
-for _ in range(2):  # allocated once: the pages are new to the process either way
-    torch.ones(16 * 2**20)  # 64 MiB, above any threshold glibc would serve from its heap
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    torch.ones(16 * 2**20)
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(
-    sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator"
-)
-def test_kept_freed_memory_is_reused_without_page_faults():
-    """A training step's large buffers, freed and allocated again, fault their pages in once, not
-    every step; each mode in a fresh process, as the allocator's settings are the process's."""
-    faults = {}
-    for mode in ("default", "keep"):
-        out = subprocess.run(
-            [sys.executable, "-c", FAULTS_OF_REPEATED_ALLOCATIONS, mode],
-            capture_output=True, text=True, check=True,
-        ).stdout.split()  # fmt: skip
-        faults[mode] = int(out[1])
-        assert out[0] == str(mode == "keep")
-    pages = 10 * 64 * 2**20 // resource.getpagesize()
-    assert faults["default"] > pages / 512  # a fresh mapping each time (/ 512: 2 MiB huge pages)
-    assert faults["keep"] < faults["default"] / 10
 
 
 # ---- fit ------------------------------------------------------------------------------------

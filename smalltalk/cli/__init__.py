@@ -12,6 +12,7 @@ import logging
 import sys
 
 from smalltalk import __version__
+from smalltalk.allocator import keep_freed_memory
 from smalltalk.cli import data, evaluation, reports, serving, training
 from smalltalk.cli.registry import COMMANDS
 
@@ -48,6 +49,7 @@ def _message(error: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # large buffers reused, not faulted in again: smalltalk.allocator
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,0 +1,56 @@
+"""The process's C allocator keeps freed memory: large buffers allocated again are not faulted in
+again, in `fit()` and in every `smalltalk` command."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator"
+)
+
+# Page faults of twenty 64 MiB tensors allocated and freed in turn, after what argv[1] sets up:
+# "default" nothing, "keep" keep_freed_memory(), "cli" a smalltalk command run in this process.
+FAULTS_OF_REPEATED_ALLOCATIONS = """
+import resource, sys, torch
+from smalltalk.allocator import keep_freed_memory
+from smalltalk.cli import main
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+elif sys.argv[1] == "cli":
+    assert main(["check-config", "--config", sys.argv[2]]) == 0
+for _ in range(5):  # the first few take new pages whatever the allocator does
+    torch.ones(16 * 2**20)  # 64 MiB, above any threshold glibc would serve from its heap
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    torch.ones(16 * 2**20)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def faults(*args: str) -> int:
+    """Page faults of the allocations above in a fresh process: the allocator's settings are the
+    process's."""
+    run = subprocess.run(
+        [sys.executable, "-c", FAULTS_OF_REPEATED_ALLOCATIONS, *args],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return int(run.stdout.split()[-1])  # after what the command printed
+
+
+def test_freed_memory_is_reused_without_page_faults():
+    default, kept = faults("default"), faults("keep")
+    pages = 20 * 64 * 2**20 // resource.getpagesize()
+    assert default > pages / 512  # a fresh mapping each time (/ 512: 2 MiB huge pages)
+    assert kept < default / 10
+    # Every command keeps it; Python's own frees leave holes in the heap first, so a few of the
+    # large buffers still take new pages before they find a hole to reuse.
+    assert faults("cli", str(REPO / "config.yaml")) < default / 3
