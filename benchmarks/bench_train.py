@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing
-import platform
 import statistics
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -58,8 +57,8 @@ import pyarrow.parquet as pq
 import torch
 from timing import interleaved, timed
 
-from smalltalk.allocator import keep_freed_memory
-from smalltalk.config import PRESETS, load_config, model_config
+from smalltalk.allocator import ON_GLIBC, keep_freed_memory
+from smalltalk.config import PRESETS, ModelConfig, load_config, model_config
 from smalltalk.flops import train_step_flops
 from smalltalk.model import LM
 from smalltalk.runtime import (
@@ -202,9 +201,23 @@ def loop_step(model_config, setting: Setting, config: TrainConfig, device, batch
     return step, trained, optimizer
 
 
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What a preset's step trains on and how the workflow trains it."""
+
+    model_config: ModelConfig
+    batch: int
+    seq_len: int
+    config: TrainConfig
+    setting: Setting
+    why_compiled: str
+    step_flops: float
+    tensors: tuple[torch.Tensor, torch.Tensor]  # inputs, targets: the same in every process
+
+
 def workflow_steps(name: str, args, device: torch.device):
     """The workflow's default settings for preset `name`, and its step two ways, on one model:
-    (settings, `fit()`'s step, the bare step). The batch is the same in every process."""
+    (the workload, `fit()`'s step, the bare step)."""
     model_config, batch, seq_len = preset_model(name)
     precision = resolve_precision(args.precision, device)
     step_flops = train_step_flops(model_config, batch, seq_len)  # Eq. 10
@@ -216,19 +229,17 @@ def workflow_steps(name: str, args, device: torch.device):
         steps=args.steps + 1, batch_size=batch, warmup_steps=1, ckpt_every=0, log_every=1,
         precision=precision, device=device.type, threads=args.threads, compile=compiled,
     )  # fmt: skip
-    settings = {
-        "model_config": model_config, "batch": batch, "seq_len": seq_len, "config": config,
-        "setting": Setting(True, precision, compiled, attention_in_fp32), "why compiled": why,
-        "step_flops": step_flops,
-    }  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     inputs, targets = (
         torch.randint(0, model_config.vocab_size, (batch, seq_len), generator=generator).to(device)
         for _ in range(2)
     )
-    settings["batch tensors"] = (inputs, targets)
+    work = Workload(
+        model_config, batch, seq_len, config, Setting(True, precision, compiled, attention_in_fp32),
+        why, step_flops, (inputs, targets),
+    )  # fmt: skip
     bare_step, trained, optimizer = loop_step(
-        model_config, settings["setting"], config, device, (inputs, targets)
+        model_config, work.setting, config, device, work.tensors
     )
     autocast = autocast_context(device, precision)
     step_index = 0
@@ -242,7 +253,7 @@ def workflow_steps(name: str, args, device: torch.device):
         )  # fmt: skip
         step_index += 1
 
-    return settings, fit_step, bare_step
+    return work, fit_step, bare_step
 
 
 def serve_step_with_memory_kept(connection, name: str, args, device: str) -> None:
@@ -292,19 +303,17 @@ def fit_against_bare(name: str, args, device: str, workdir: Path) -> tuple[list,
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(device)
-    settings, _, bare_step = workflow_steps(name, args, device)
-    config, batch, seq_len = settings["config"], settings["batch"], settings["seq_len"]
+    work, _, bare_step = workflow_steps(name, args, device)
+    config, batch, seq_len = work.config, work.batch, work.seq_len
     data = workdir / name
     data.mkdir(exist_ok=True)
-    write_tokens(
-        data / "0.parquet", batch * config.steps, seq_len, settings["model_config"].vocab_size
-    )
+    write_tokens(data / "0.parquet", batch * config.steps, seq_len, work.model_config.vocab_size)
     bare = with_matmul_precision(device, "high", bare_step)
     bare()
     fit_seconds, fit_ratios = [], []
     for repeat in range(args.repeats):
         out = workdir / f"{name}-fit-{repeat}"
-        fit(settings["model_config"], config, data, out, role="expert")
+        fit(work.model_config, config, data, out, role="expert")
         rows = pq.read_table(out / "metrics.parquet").column("tokens_per_s").to_pylist()
         mine = [batch * seq_len / r for r in rows[1:]]  # the first row pays for start-up
         paired = [timed(bare, device) for _ in range(args.steps)]
@@ -314,12 +323,10 @@ def fit_against_bare(name: str, args, device: str, workdir: Path) -> tuple[list,
 
 
 def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
-    settings, fit_step, bare_step = workflow_steps(name, args, device)
-    model_config, batch, seq_len = settings["model_config"], settings["batch"], settings["seq_len"]
-    config, setting, step_flops = settings["config"], settings["setting"], settings["step_flops"]
-    inputs, targets = settings["batch tensors"]
+    work, fit_step, bare_step = workflow_steps(name, args, device)
+    model_config, config, setting = work.model_config, work.config, work.setting
     precision, compiled = setting.precision, setting.compiled
-    tokens_per_step = batch * seq_len
+    tokens_per_step = work.batch * work.seq_len
 
     n = 8192 if device.type == "cuda" else 2048
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -330,7 +337,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
         "peak": lambda: a @ b,
     }
     try:  # alone first: at the paper's sizes fp32 may not fit in memory beside the step's model
-        eager_fp32_step, *_ = loop_step(model_config, Setting(), config, device, (inputs, targets))
+        eager_fp32_step, *_ = loop_step(model_config, Setting(), config, device, work.tensors)
         eager_fp32_step()
         calls["eager fp32"] = with_matmul_precision(device, "highest", eager_fp32_step)
     except torch.OutOfMemoryError:
@@ -338,10 +345,10 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
     rungs = lever_ladder(setting)
     levers = rungs[:-1] if args.levers else []  # the last rung is the step, timed anyway
     for label, rung in levers:
-        lever_step, *_ = loop_step(model_config, rung, config, device, (inputs, targets))
+        lever_step, *_ = loop_step(model_config, rung, config, device, work.tensors)
         calls[label] = with_matmul_precision(device, "high", lever_step)
     kept = None
-    if device.type == "cpu" and platform.libc_ver()[0] == "glibc":  # what keep_freed_memory needs
+    if device.type == "cpu" and ON_GLIBC:  # where keep_freed_memory does anything
         kept = StepWithMemoryKept(name, args, device)
         calls["step, memory kept"] = kept
     for call in calls.values():  # compiles; the interleaved rounds warm up once more
@@ -372,7 +379,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
     return {
         "precision": precision,
         "compiled": compiled,
-        "why compiled": settings["why compiled"],
+        "why compiled": work.why_compiled,
         "tokens_per_step": tokens_per_step,
         "bare": tokens_per_step / median["bare"],
         "step": tokens_per_step / median[workflow],
@@ -384,7 +391,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
         "attention": "fp32" if setting.fp32_attention else precision,
         "fit()": tokens_per_step / statistics.median(fit_seconds) if fit_seconds else None,
         "fit() ratio": statistics.median(fit_ratios) if fit_ratios else None,
-        "achieved": step_flops / median[workflow],
+        "achieved": work.step_flops / median[workflow],
         "peak": 2 * n**3 / median["peak"],
         "peak name": f"{n}^3 {'bf16' if dtype == torch.bfloat16 else 'fp32'} matmul",
     }

@@ -7,6 +7,7 @@ import platform
 
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+ON_GLIBC = platform.libc_ver()[0] == "glibc"  # the only C library whose allocator this sets
 
 
 def keep_freed_memory() -> bool:
@@ -23,7 +24,7 @@ def keep_freed_memory() -> bool:
     results. On a 2-core Xeon (a KVM guest, where faults are dear) a shard job ran 1.2x as fast,
     the demo's training jobs 1.35-1.6x (README, Training speed).
     """
-    if platform.libc_ver()[0] != "glibc":
+    if not ON_GLIBC:
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

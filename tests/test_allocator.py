@@ -3,7 +3,6 @@ again, in `fit()` and in every `smalltalk` command."""
 
 from __future__ import annotations
 
-import platform
 import resource
 import subprocess
 import sys
@@ -11,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from smalltalk.allocator import ON_GLIBC
+
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
-    sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator"
-)
+pytestmark = pytest.mark.skipif(sys.platform != "linux" or not ON_GLIBC, reason="glibc's allocator")
 
 # Page faults of twenty 64 MiB tensors allocated and freed in turn, after what argv[1] sets up:
 # "default" nothing, "keep" keep_freed_memory(), "cli" a smalltalk command run in this process.
