@@ -13,10 +13,11 @@ on as many threads as the workflow gives an expert job (`cluster: expert_train: 
 - step:       `train_step()` plus the learning-rate schedule, exactly as `fit()` calls them, as the
               workflow trains by default: precision auto (bf16 on CUDA and on CPUs with native
               bf16, else fp32), compile auto (`resolve_compile`, decided for a job of the demo
-              expert's `--job-steps`), attention in fp32 where `fp32_attention` says, fused
-              AdamW; on the CPU with glibc in a process of its own that keeps freed memory, as
-              `fit()` makes a training job's (`keep_freed_memory`), while every other contender
-              runs in this process at the allocator's defaults;
+              expert's `--job-steps`), attention in fp32 where `fp32_attention` says, the loss
+              in chunks of positions where `loss_rows` says, fused AdamW; on the CPU with glibc
+              in a process of its own that keeps freed memory, as `fit()` makes a training job's
+              (`keep_freed_memory`), while every other contender runs in this process at the
+              allocator's defaults;
 - bare:       forward, backward, clip, AdamW step, zero_grad on the same model, precision and
               compilation, in this process: the least a training step does; `vs bare` compares
               it with the step run beside it here;
@@ -24,8 +25,8 @@ on as many threads as the workflow gives an expert job (`cluster: expert_train: 
               `torch.optim.AdamW` unfused; `speedup over eager fp32` = its time / step's;
 - levers:     (not with `--no-levers`) the way from eager fp32 to the step one setting at a time,
               each a model of its own: + fused AdamW, + bf16 autocast, + torch.compile, + fp32
-              attention, + freed memory kept, as far as the step uses them; each printed as a
-              speedup over eager fp32;
+              attention, + chunked loss, + freed memory kept, as far as the step uses them; each
+              printed as a speedup over eager fp32;
 - peak:       one n³ matmul in the step's precision (n = 8192 on CUDA, 2048 on the CPU): the most
               this processor does in this run; MFU = Eq. 10's FLOPs per step / step time, as a
               share of that peak and, for a GPU in NOMINAL_BF16_FLOPS, of its data-sheet peak;
@@ -64,6 +65,7 @@ from smalltalk.model import LM
 from smalltalk.runtime import (
     autocast_context,
     fp32_attention,
+    loss_rows,
     resolve_compile,
     resolve_precision,
 )
@@ -150,6 +152,7 @@ class Setting:
     precision: str = "fp32"
     compiled: bool = False
     fp32_attention: bool = False  # attention in fp32 under bf16 autocast
+    loss_rows: int | None = None  # the loss computed this many positions at a time
 
 
 LEVERS = [
@@ -157,6 +160,7 @@ LEVERS = [
     ("+ bf16 autocast", "precision"),
     ("+ torch.compile", "compiled"),
     ("+ fp32 attention", "fp32_attention"),
+    ("+ chunked loss", "loss_rows"),
 ]
 
 
@@ -178,6 +182,7 @@ def loop_step(model_config, setting: Setting, config: TrainConfig, device, batch
     torch.manual_seed(0)
     model = LM(model_config).to(device)
     model.use_fp32_attention(setting.fp32_attention)
+    model.use_chunked_loss(setting.loss_rows)
     if setting.fused:
         optimizer = model.configure_optimizer(
             config.lr, config.weight_decay, config.betas, device.type
@@ -235,7 +240,8 @@ def workflow_steps(name: str, args, device: torch.device):
         for _ in range(2)
     )
     work = Workload(
-        model_config, batch, seq_len, config, Setting(True, precision, compiled, attention_in_fp32),
+        model_config, batch, seq_len, config,
+        Setting(True, precision, compiled, attention_in_fp32, loss_rows(device)),
         why, step_flops, (inputs, targets),
     )  # fmt: skip
     bare_step, trained, optimizer = loop_step(
@@ -389,6 +395,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
         "speedup": ratio("eager fp32", workflow),
         "levers": ladder,
         "attention": "fp32" if setting.fp32_attention else precision,
+        "loss rows": setting.loss_rows,
         "fit()": tokens_per_step / statistics.median(fit_seconds) if fit_seconds else None,
         "fit() ratio": statistics.median(fit_ratios) if fit_ratios else None,
         "achieved": work.step_flops / median[workflow],
@@ -469,6 +476,7 @@ def main() -> None:
                 )  # fmt: skip
                 + f"; compile {'on' if r['compiled'] else 'off'} ({r['why compiled']}); "
                 f"attention {r['attention']}"
+                + (f"; loss in chunks of {r['loss rows']} positions" if r["loss rows"] else "")
             )
             if r["levers"]:
                 ladder = [f"{label} {number(x, '.2f')}" for label, x in r["levers"]]

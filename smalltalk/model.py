@@ -3,8 +3,8 @@
 A pre-norm, decoder-only Transformer with rotary positions (paper §3.1, App. A.1): RMSNorm, causal
 self-attention through `F.scaled_dot_product_attention`, a GELU MLP with FFW expansion 4, tied
 input/output embeddings and GPT-2's scaled residual initialisation. Read top to bottom: norm, rotary
-helpers, the KV cache for decoding, attention, MLP, block, `ModelConfig`, `LM`, then the paper's
-presets (Table 1).
+helpers, the KV cache for decoding, attention, MLP, block, the chunked loss, `LM`, then its FLOP
+count. The paper's sizes (Table 1) are `config.PRESETS`.
 """
 
 from __future__ import annotations
@@ -170,6 +170,53 @@ class Block(nn.Module):
         return x + self.mlp(self.norm_2(x))
 
 
+# ---- the loss --------------------------------------------------------------------------------
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits `hidden @ weight.T` against `targets` (-1: ignored), and its
+    gradient, `rows` positions at a time: the (N, V) logits are never held whole.
+
+    The forward pass computes the gradient as well, chunk by chunk, while a chunk's logits are still
+    in the cache: softmax minus one-hot, one (rows, V) block in fp32 that the two gradient matmuls
+    read at once. The backward pass only scales it by the incoming gradient. Matmuls run in `dtype`
+    (bf16 under autocast), the softmax and the gradients' sums in fp32, as autocast would.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows: int, dtype: torch.dtype):
+        # hidden (N, C) and weight (V, C) fp32, targets (N,); each position weighs 1 / (valid ones)
+        valid = targets != -1
+        scale = (valid / valid.sum()).unsqueeze(1)  # (N, 1)
+        targets = targets.clamp_min(0).unsqueeze(1)  # (N, 1): ignored rows weigh 0
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight)
+        target_logprob = torch.empty_like(scale)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.size(0), rows):
+                chunk = slice(start, start + rows)
+                h = hidden[chunk]
+                logprobs = torch.log_softmax((h.to(dtype) @ w.T).float(), dim=-1)  # (rows, V)
+                target_logprob[chunk] = logprobs.gather(1, targets[chunk])
+                # d loss / d logits = (softmax - one-hot) * scale; the scale is applied to the
+                # (rows, C) sides of the matmuls, not to the (rows, V) block
+                grad = (
+                    logprobs.exp_()
+                    .scatter_add_(1, targets[chunk], torch.full_like(target_logprob[chunk], -1.0))
+                    .to(dtype)
+                )
+                grad_hidden[chunk] = (grad @ w).float() * scale[chunk]
+                grad_weight += (grad.T @ (h * scale[chunk]).to(dtype)).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return -(target_logprob * scale).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+
+
 # ---- the language model ---------------------------------------------------------------------
 
 
@@ -186,6 +233,7 @@ class LM(nn.Module):
         # 32000 x 96 table is stored once (untied it would be 7.5M), see PRESETS below. The
         # state dict names it twice; safetensors' save_model/load_model store it once.
         self.lm_head.weight = self.wte.weight
+        self.loss_rows: int | None = None  # see use_chunked_loss
         # Rotary tables are derived, not learned: kept out of the state dict (persistent=False).
         cos, sin = rotary_tables(config.head_dim, config.seq_len, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # (S, hs/2)
@@ -216,7 +264,8 @@ class LM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for the next token at every position of idx (B, T), and, given targets (B, T),
         the mean cross-entropy over positions whose target is not -1 (Eq. 1 divided by its count).
-        With targets the logits come detached: gradients flow through the loss only.
+        With targets the logits come detached, gradients flowing through the loss only, or, once
+        `use_chunked_loss` is set (training on the CPU), not at all: None.
 
         With a `cache`, idx continues the positions it holds: only the new tokens are computed,
         attending to the cached ones, and their keys and values are added to it (decoding).
@@ -234,7 +283,22 @@ class LM(nn.Module):
             x = block(x, cos, sin, cache, layer)  # (B, T, C)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        x = self.norm_f(x)
+        if targets is not None and self.loss_rows:
+            dtype = (
+                torch.get_autocast_dtype(x.device.type)
+                if torch.is_autocast_enabled(x.device.type)
+                else torch.float32
+            )
+            loss = ChunkedLinearCrossEntropy.apply(
+                x.reshape(B * T, -1).float(),
+                self.lm_head.weight,
+                targets.reshape(B * T),
+                self.loss_rows,
+                dtype,
+            )
+            return None, loss
+        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(
@@ -243,6 +307,12 @@ class LM(nn.Module):
         # Logits that required grad would make a compiled backward take a zero (B, T, V) gradient
         # for them, filled and read every step: 4 % of a `demo-expert` step on the CPU.
         return logits.detach(), loss
+
+    def use_chunked_loss(self, rows: int | None) -> None:
+        """Compute the training loss and its gradient `rows` positions at a time
+        (`ChunkedLinearCrossEntropy`); forward then returns no logits with targets. None: the
+        whole (B, T, V) logits and `F.cross_entropy`."""
+        self.loss_rows = rows
 
     def use_fp32_attention(self, enabled: bool) -> None:
         """Compute attention (rotary, scores, softmax, weighted values) in fp32 even under bf16

@@ -110,6 +110,21 @@ def fp32_attention(device: torch.device, precision: str, head_dim: int) -> bool:
     return device.type == "cpu" and precision == "bf16" and head_dim <= FP32_ATTENTION_MAX_HEAD_DIM
 
 
+# Positions whose training loss is computed at a time on the CPU (`LM.use_chunked_loss`). The
+# demo expert's step (d = 32, V = 1024, 32 x 128, bf16 and fp32 alike, Xeon with AMX) ran 1.25x
+# faster on 1 thread and 1.12x on 2, with 256 to 1024 rows alike: its loss, softmax and casts over
+# V = 1024 per position, was a third of the step. Where the model is wider the loss's share is
+# smaller: `demo-expert` (d = 128) 1.00-1.02x, eager or compiled, router-4.4m (d = 96, V = 32000)
+# 1.04-1.06x eager; slower nowhere. Not used on CUDA, where it was not measured.
+CPU_LOSS_ROWS = 512
+
+
+def loss_rows(device: torch.device) -> int | None:
+    """How many positions at a time a training run computes its loss and the loss's gradient over:
+    CPU_LOSS_ROWS on the CPU; None (the whole batch's logits at once) on a GPU."""
+    return CPU_LOSS_ROWS if device.type == "cpu" else None
+
+
 @dataclass(frozen=True, slots=True)
 class Processes:
     """This process's place among the data-parallel processes started by torchrun."""

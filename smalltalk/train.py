@@ -59,6 +59,7 @@ from smalltalk.model import LM, counted_flops
 from smalltalk.runtime import (
     autocast_context,
     fp32_attention,
+    loss_rows,
     peak_memory_bytes,
     resolve_compile,
     resolve_precision,
@@ -377,6 +378,8 @@ def fit(
     resolved["compiled"] = compiled
     attention_in_fp32 = fp32_attention(device, precision, model_config.head_dim)
     model.use_fp32_attention(attention_in_fp32)
+    model.use_chunked_loss(loss_rows(device))
+    resolved["loss_rows"] = model.loss_rows
     train_model = torch.compile(model) if compiled else model  # checkpoints save `model`
     if procs.world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -399,6 +402,7 @@ def fit(
     log(
         f"torch.compile {'on' if compiled else 'off'} ({why_compiled}); attention in "
         + ("fp32 (faster here at this head size)" if attention_in_fp32 else precision)
+        + (f"; loss in chunks of {model.loss_rows} positions" if model.loss_rows else "")
         + ("; freed memory kept for reuse" if memory_kept else "")
     )
 

@@ -4,6 +4,8 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, load_model, save_model
 
 from smalltalk.config import PRESETS, ModelConfig
@@ -216,6 +218,71 @@ def test_fp32_attention_runs_attention_in_fp32_under_bf16_autocast(monkeypatch):
         torch.testing.assert_close(loss, reference_loss, rtol=1e-2, atol=1e-2)
         for a, b in zip(grads, reference_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=5e-2, atol=2e-3)
+
+
+# ---- the chunked loss -----------------------------------------------------------------------
+
+
+def loss_and_grads(model: LM, idx, targets, scale: float = 1.0, bf16: bool = False):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits, loss = model(idx, targets)
+    (loss * scale).backward()  # as train_step does with micro-batches
+    return logits, loss.detach(), [p.grad for p in model.parameters()]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    seq_len=st.integers(1, 24),
+    rows=st.integers(1, 80),
+    ignored=st.floats(0.0, 0.9),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_loss_equals_cross_entropy_of_the_whole_logits(batch, seq_len, rows, ignored, seed):
+    """Whatever the chunk (smaller than, dividing or beyond the batch's positions) and however many
+    targets are -1: the same loss and the same gradients as F.cross_entropy over all logits."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 256, (batch, seq_len), generator=g)
+    targets = torch.randint(0, 256, (batch, seq_len), generator=g)
+    targets[torch.rand(batch, seq_len, generator=g) < ignored] = -1
+    targets.view(-1)[0] = 7  # at least one counted position: else both are 0 / 0
+    whole = tiny_model(seed=seed)
+    chunked = tiny_model(seed=seed)
+    chunked.use_chunked_loss(rows)
+    _, loss, grads = loss_and_grads(whole, idx, targets, scale=0.5)
+    logits, chunked_loss, chunked_grads = loss_and_grads(chunked, idx, targets, scale=0.5)
+    assert logits is None  # never held whole
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(chunked_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_fp32_to_bf16_rounding():
+    idx = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(2))
+    _, reference_loss, reference_grads = loss_and_grads(tiny_model(), idx[:, :-1], idx[:, 1:])
+    for rows in (None, 40):
+        model = tiny_model()
+        model.use_chunked_loss(rows)
+        _, loss, grads = loss_and_grads(model, idx[:, :-1], idx[:, 1:], bf16=True)
+        torch.testing.assert_close(loss, reference_loss, rtol=1e-2, atol=1e-2)
+        for a, b in zip(grads, reference_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=5e-2, atol=2e-3)
+    assert tiny_model()(idx)[0].shape == (4, 33, 256)  # without targets: logits, chunked or not
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile's imports
+def test_chunked_loss_compiles_to_the_same_loss_and_gradients():
+    idx = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(3))
+    eager, compiled = tiny_model(), tiny_model()
+    eager.use_chunked_loss(5)
+    compiled.use_chunked_loss(5)
+    _, loss, grads = loss_and_grads(eager, idx[:, :-1], idx[:, 1:])
+    _, compiled_loss, compiled_grads = loss_and_grads(
+        torch.compile(compiled), idx[:, :-1], idx[:, 1:]
+    )
+    torch.testing.assert_close(compiled_loss, loss)
+    for a, b in zip(compiled_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_optimizer_decays_matrices_only():

@@ -24,10 +24,12 @@ from smalltalk.files import fingerprint
 from smalltalk.flops import training_flops
 from smalltalk.model import LM
 from smalltalk.runtime import (
+    CPU_LOSS_ROWS,
     FP32_ATTENTION_MAX_HEAD_DIM,
     autocast_context,
     cpu_supports_bf16,
     fp32_attention,
+    loss_rows,
     resolve_compile,
     resolve_precision,
 )
@@ -237,6 +239,11 @@ def test_fp32_attention_only_where_it_was_measured_faster():
     assert not fp32_attention(cuda, "bf16", head_dim=32)
 
 
+def test_the_loss_is_chunked_on_the_cpu_only():
+    assert loss_rows(torch.device("cpu")) == CPU_LOSS_ROWS
+    assert loss_rows(torch.device("cuda")) is None
+
+
 # ---- fit ------------------------------------------------------------------------------------
 
 
@@ -281,6 +288,7 @@ def test_a_compiled_run_saves_the_plain_modules_names(
     log = capsys.readouterr().err
     assert summary["compiled"] and "torch.compile on (compile: true in the config)" in log
     assert "attention in fp32" in log  # CPU, bf16, heads of 16
+    assert f"loss in chunks of {CPU_LOSS_ROWS} positions" in log  # through Dynamo too
     for weights in (out / "model.safetensors", out / "ckpt" / "step-00000001" / WEIGHTS):
         assert set(load_file(weights)) <= set(LM(TINY).state_dict())  # no `_orig_mod.` prefix
         load_model(LM(TINY), weights)  # strict: every name of the plain module, none extra
@@ -289,8 +297,8 @@ def test_a_compiled_run_saves_the_plain_modules_names(
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_run_compiled_by_inductor_learns_as_the_eager_run_does(token_dir: Path, tmp_path: Path):
-    """The real compiler, explicit attention and fused AdamW included, in bf16 (emulated where
-    the processor has no bf16): the same losses as eager, to bf16's precision."""
+    """The real compiler, fp32 attention, the chunked loss and fused AdamW included, in bf16
+    (emulated where the processor has no bf16): the same losses as eager, to bf16's precision."""
     losses = {}
     for compiled in (False, True):
         out = tmp_path / f"compiled-{compiled}"
