@@ -15,18 +15,16 @@ on as many threads as the workflow gives an expert job (`cluster: expert_train: 
               bf16, else fp32), compile auto (`resolve_compile`, decided for a job of the demo
               expert's `--job-steps`), attention in fp32 where `fp32_attention` says, the loss
               in chunks of positions where `loss_rows` says, fused AdamW; on the CPU with glibc
-              in a process of its own that keeps freed memory, as `fit()` makes a training job's
-              (`keep_freed_memory`), while every other contender runs in this process at the
-              allocator's defaults;
-- bare:       forward, backward, clip, AdamW step, zero_grad on the same model, precision and
-              compilation, in this process: the least a training step does; `vs bare` compares
-              it with the step run beside it here;
+              timed twice: at the allocator's defaults, and keeping freed memory as `fit()` makes
+              a training job's (`keep_freed_memory`), the one `speedup` is taken of;
+- bare:       forward, backward, clip, AdamW step, zero_grad, with the step's precision and
+              compilation: the least a training step does; `vs bare` compares the step with it;
 - eager fp32: the same loop left at PyTorch's defaults: the plain module, float32 (no TF32),
               `torch.optim.AdamW` unfused; `speedup over eager fp32` = its time / step's;
-- levers:     (not with `--no-levers`) the way from eager fp32 to the step one setting at a time,
-              each a model of its own: + fused AdamW, + bf16 autocast, + torch.compile, + fp32
-              attention, + chunked loss, + freed memory kept, as far as the step uses them; each
-              printed as a speedup over eager fp32;
+- levers:     (not with `--no-levers`) the way from eager fp32 to the step one setting at a time:
+              + fused AdamW, + bf16 autocast, + torch.compile, + fp32 attention, + chunked loss,
+              + freed memory kept, as far as the step uses them; each printed as a speedup over
+              eager fp32;
 - peak:       one n³ matmul in the step's precision (n = 8192 on CUDA, 2048 on the CPU): the most
               this processor does in this run; MFU = Eq. 10's FLOPs per step / step time, as a
               share of that peak and, for a GPU in NOMINAL_BF16_FLOPS, of its data-sheet peak;
@@ -35,7 +33,10 @@ on as many threads as the workflow gives an expert job (`cluster: expert_train: 
               steps run right after it, in a process of its own (none by default with `--paper`:
               a second model).
 
-These are called in turn, one call each per round for `--rounds` rounds (order rotated), after
+Each of these is a model of its own; on the CPU each runs in a process of its own too, as a
+training job or a user's script would (an allocator's state is a whole process's:
+`ContenderProcess`).
+They are called in turn, one call each per round for `--rounds` rounds (order shuffled), after
 two untimed calls each (compiling), and per-call times are kept: on a machine other jobs share,
 each then sees the same share of the cores, and medians shrug off the bursts when it sees none.
 Goals: step and fit() within 5% of bare (ratio >= 0.95); on the CPU, the demo expert's step at
@@ -220,9 +221,8 @@ class Workload:
     tensors: tuple[torch.Tensor, torch.Tensor]  # inputs, targets: the same in every process
 
 
-def workflow_steps(name: str, args, device: torch.device):
-    """The workflow's default settings for preset `name`, and its step two ways, on one model:
-    (the workload, `fit()`'s step, the bare step)."""
+def workload(name: str, args, device: torch.device) -> Workload:
+    """Preset `name`'s batch and the workflow's default settings for it."""
     model_config, batch, seq_len = preset_model(name)
     precision = resolve_precision(args.precision, device)
     step_flops = train_step_flops(model_config, batch, seq_len)  # Eq. 10
@@ -239,37 +239,47 @@ def workflow_steps(name: str, args, device: torch.device):
         torch.randint(0, model_config.vocab_size, (batch, seq_len), generator=generator).to(device)
         for _ in range(2)
     )
-    work = Workload(
+    return Workload(
         model_config, batch, seq_len, config,
         Setting(True, precision, compiled, attention_in_fp32, loss_rows(device)),
         why, step_flops, (inputs, targets),
     )  # fmt: skip
-    bare_step, trained, optimizer = loop_step(
-        model_config, work.setting, config, device, work.tensors
-    )
-    autocast = autocast_context(device, precision)
+
+
+def make_step(work: Workload, device: torch.device, setting: Setting | None):
+    """A step of a model of its own: the bare loop trained as `setting` says, or, for None,
+    `train_step()` plus the learning-rate schedule exactly as `fit()` calls them, with the
+    workflow's settings."""
+    if setting is not None:
+        return loop_step(work.model_config, setting, work.config, device, work.tensors)[0]
+    config = work.config
+    _, trained, optimizer = loop_step(work.model_config, work.setting, config, device, work.tensors)
+    autocast = autocast_context(device, work.setting.precision)
     step_index = 0
 
     def fit_step():
         nonlocal step_index
         lr = learning_rate(step_index % config.steps, config, "cosine", config.steps)
         train_step(
-            trained, optimizer, [(inputs, targets)], lr=lr, grad_clip=config.grad_clip,
+            trained, optimizer, [work.tensors], lr=lr, grad_clip=config.grad_clip,
             autocast=autocast,
         )  # fmt: skip
         step_index += 1
 
-    return work, fit_step, bare_step
+    return fit_step
 
 
-def serve_step_with_memory_kept(connection, name: str, args, device: str) -> None:
-    """A child process's life: `fit()`'s step of preset `name` with freed memory kept, as a
-    training job runs it (`allocator.keep_freed_memory`, before anything is allocated), one step per
-    request until None. Built, compiled and warmed before it says it is ready."""
-    keep_freed_memory()
+def serve_contender(connection, name: str, args, device: str, setting, keep_memory: bool) -> None:
+    """A child process's life: one contender's step (`make_step`) of preset `name`, one step per
+    request until None. With `keep_memory` its allocator keeps freed memory, as a training job's
+    does (`allocator.keep_freed_memory`, before anything is allocated). Built, compiled and
+    warmed before it says it is ready."""
+    if keep_memory:
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    _, step, _ = workflow_steps(name, args, torch.device(device))
+    device = torch.device(device)
+    step = make_step(workload(name, args, device), device, setting)
     step()
     step()
     connection.send("ready")
@@ -278,21 +288,26 @@ def serve_step_with_memory_kept(connection, name: str, args, device: str) -> Non
         connection.send("done")
 
 
-class StepWithMemoryKept:
-    """`fit()`'s step in a process of its own whose C allocator keeps freed memory, as a training
-    job's does: allocator settings hold for a whole process, and this one's contenders run at
-    glibc's defaults. Called, it runs one step there and waits for it (a pipe's round trip, tens
-    of microseconds, is timed with it)."""
+class ContenderProcess:
+    """A contender in a process of its own (spawned: a fresh C allocator). glibc adapts when it
+    maps and trims memory to what the process freed before, so contenders sharing a process
+    shape each other's speed: an eager fp32 loop ran at 61k or 89k tokens/s depending on what ran
+    beside it. Called, it runs one step there and waits for it (a pipe's round trip, tens of
+    microseconds, is timed with it)."""
 
-    def __init__(self, name: str, args, device: torch.device):
-        context = multiprocessing.get_context("spawn")  # a fresh allocator, not a fork of this one
+    def __init__(self, name: str, args, device: torch.device, setting, keep_memory=False):
+        context = multiprocessing.get_context("spawn")
         self.connection, theirs = context.Pipe()
         self.process = context.Process(
-            target=serve_step_with_memory_kept, args=(theirs, name, args, str(device)), daemon=True
+            target=serve_contender,
+            args=(theirs, name, args, str(device), setting, keep_memory),
+            daemon=True,
         )
         self.process.start()
+
+    def wait_until_ready(self) -> None:
         if self.connection.recv() != "ready":
-            raise RuntimeError("the kept-memory step's process failed to start")
+            raise RuntimeError("a contender's process failed to start")
 
     def __call__(self) -> None:
         self.connection.send(True)
@@ -309,7 +324,8 @@ def fit_against_bare(name: str, args, device: str, workdir: Path) -> tuple[list,
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(device)
-    work, _, bare_step = workflow_steps(name, args, device)
+    work = workload(name, args, device)
+    bare_step = make_step(work, device, work.setting)
     config, batch, seq_len = work.config, work.batch, work.seq_len
     data = workdir / name
     data.mkdir(exist_ok=True)
@@ -329,39 +345,44 @@ def fit_against_bare(name: str, args, device: str, workdir: Path) -> tuple[list,
 
 
 def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
-    work, fit_step, bare_step = workflow_steps(name, args, device)
-    model_config, config, setting = work.model_config, work.config, work.setting
+    work = workload(name, args, device)
+    setting = work.setting
     precision, compiled = setting.precision, setting.compiled
     tokens_per_step = work.batch * work.seq_len
+    rungs = lever_ladder(setting)
+    levers = rungs[:-1] if args.levers else []  # the last rung is the step, timed anyway
+    contenders = {"bare": setting, "step": None, "eager fp32": Setting(), **dict(levers)}
 
+    calls, processes = {}, []
+    if device.type == "cpu":  # each in a process of its own, started at once, compiling together
+        for label, contender in contenders.items():
+            calls[label] = ContenderProcess(name, args, device, contender)
+        if ON_GLIBC:  # where keep_freed_memory does anything
+            calls["step, memory kept"] = ContenderProcess(name, args, device, None, True)
+        processes = list(calls.values())
+        for process in processes:
+            process.wait_until_ready()
+    else:  # one process: a GPU's caching allocator serves them all alike
+        try:  # alone first: at the paper's sizes fp32 may not fit in memory beside the others
+            eager_fp32_step = make_step(work, device, Setting())
+            eager_fp32_step()
+            calls["eager fp32"] = with_matmul_precision(device, "highest", eager_fp32_step)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+        for label, contender in contenders.items():
+            if label != "eager fp32":
+                calls[label] = with_matmul_precision(
+                    device, "high", make_step(work, device, contender)
+                )
     n = 8192 if device.type == "cuda" else 2048
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    calls = {
-        "bare": with_matmul_precision(device, "high", bare_step),
-        "step": with_matmul_precision(device, "high", fit_step),
-        "peak": lambda: a @ b,
-    }
-    try:  # alone first: at the paper's sizes fp32 may not fit in memory beside the step's model
-        eager_fp32_step, *_ = loop_step(model_config, Setting(), config, device, work.tensors)
-        eager_fp32_step()
-        calls["eager fp32"] = with_matmul_precision(device, "highest", eager_fp32_step)
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-    rungs = lever_ladder(setting)
-    levers = rungs[:-1] if args.levers else []  # the last rung is the step, timed anyway
-    for label, rung in levers:
-        lever_step, *_ = loop_step(model_config, rung, config, device, work.tensors)
-        calls[label] = with_matmul_precision(device, "high", lever_step)
-    kept = None
-    if device.type == "cpu" and ON_GLIBC:  # where keep_freed_memory does anything
-        kept = StepWithMemoryKept(name, args, device)
-        calls["step, memory kept"] = kept
+    calls["peak"] = lambda: a @ b
     for call in calls.values():  # compiles; the interleaved rounds warm up once more
         call()
     seconds = interleaved(calls, args.rounds, device)
-    if kept is not None:
-        kept.close()
+    for process in processes:
+        process.close()
 
     fit_seconds, fit_ratios = [], []
     if args.repeats:  # in a process of its own: fit() keeps freed memory from then on
@@ -371,7 +392,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
 
     def ratio(slow: str, fast: str) -> float | None:
         """Median over rounds of slow / fast: in each round the two saw the same machine."""
-        if slow not in seconds:
+        if slow not in seconds or fast not in seconds:
             return None
         pairs = zip(seconds[slow], seconds[fast], strict=True)
         return statistics.median(s / f for s, f in pairs)
@@ -379,7 +400,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
     median = {key: statistics.median(values) for key, values in seconds.items()}
     ladder = [(label, ratio("eager fp32", label)) for label, _ in levers]
     workflow = "step"  # the step as a training job runs it
-    if kept is not None:
+    if "step, memory kept" in seconds:
         ladder.append((rungs[-1][0] if rungs else "step", ratio("eager fp32", "step")))
         workflow = "step, memory kept"
     return {
@@ -390,7 +411,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
         "bare": tokens_per_step / median["bare"],
         "step": tokens_per_step / median[workflow],
         "step ratio": ratio("bare", "step"),
-        "memory kept": ratio("step", "step, memory kept") if kept is not None else None,
+        "memory kept": ratio("step", "step, memory kept"),
         "eager fp32": tokens_per_step / median["eager fp32"] if "eager fp32" in median else None,
         "speedup": ratio("eager fp32", workflow),
         "levers": ladder,

@@ -3,6 +3,7 @@ contender alike (ratios are taken within one run)."""
 
 from __future__ import annotations
 
+import random
 import time
 
 import torch
@@ -20,15 +21,19 @@ def timed(call, device: torch.device | None = None) -> float:
 def interleaved(
     calls: dict, rounds: int, device: torch.device | None = None, warmup: bool = True
 ) -> dict[str, list[float]]:
-    """Seconds of each call per round, the calls taken in turn (order rotated each round), after
-    an untimed round in which kernels get chosen and allocator caches fill, unless `warmup` is
-    False."""
+    """Seconds of each call per round, the calls taken in turn, in an order shuffled each round
+    (seeded), after an untimed round in which kernels get chosen and allocator caches fill, unless
+    `warmup` is False.
+
+    Shuffled rather than rotated: a rotation keeps who follows whom, so a call that leaves the
+    processor slower for a while (a long AMX matmul lowers its clock; one that evicts the caches)
+    would always slow the same neighbour."""
     if warmup:
         for call in calls.values():
             call()
-    names = list(calls)
-    seconds = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    order = random.Random(0)
+    seconds = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name in order.sample(list(calls), len(calls)):
             seconds[name].append(timed(calls[name], device))
     return seconds
