@@ -253,8 +253,8 @@ def test_chunked_loss_equals_cross_entropy_of_the_whole_logits(batch, seq_len, r
     logits, chunked_loss, chunked_grads = loss_and_grads(chunked, idx, targets, scale=0.5)
     assert logits is None  # never held whole
     torch.testing.assert_close(chunked_loss, loss, rtol=1e-6, atol=1e-6)
-    for a, b in zip(chunked_grads, grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(chunked_grads, grads, strict=True):  # fp32 sums in another order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 def test_chunked_loss_under_bf16_autocast_matches_fp32_to_bf16_rounding():
