@@ -246,14 +246,13 @@ def workload(name: str, args, device: torch.device) -> Workload:
     )  # fmt: skip
 
 
-def make_step(work: Workload, device: torch.device, setting: Setting | None):
-    """A step of a model of its own: the bare loop trained as `setting` says, or, for None,
-    `train_step()` plus the learning-rate schedule exactly as `fit()` calls them, with the
-    workflow's settings."""
-    if setting is not None:
-        return loop_step(work.model_config, setting, work.config, device, work.tensors)[0]
+def workflow_steps(work: Workload, device: torch.device):
+    """The bare step and `fit()`'s step (`train_step()` plus the learning-rate schedule exactly as
+    `fit()` calls them) of one model trained with the workflow's settings: (bare, fit_step)."""
     config = work.config
-    _, trained, optimizer = loop_step(work.model_config, work.setting, config, device, work.tensors)
+    bare_step, trained, optimizer = loop_step(
+        work.model_config, work.setting, config, device, work.tensors
+    )
     autocast = autocast_context(device, work.setting.precision)
     step_index = 0
 
@@ -266,7 +265,15 @@ def make_step(work: Workload, device: torch.device, setting: Setting | None):
         )  # fmt: skip
         step_index += 1
 
-    return fit_step
+    return bare_step, fit_step
+
+
+def make_step(work: Workload, device: torch.device, setting: Setting | None):
+    """A step of a model of its own: the bare loop trained as `setting` says, or, for None,
+    `fit()`'s step with the workflow's settings."""
+    if setting is not None:
+        return loop_step(work.model_config, setting, work.config, device, work.tensors)[0]
+    return workflow_steps(work, device)[1]
 
 
 def serve_contender(connection, name: str, args, device: str, setting, keep_memory: bool) -> None:
@@ -369,11 +376,12 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
             calls["eager fp32"] = with_matmul_precision(device, "highest", eager_fp32_step)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
-        for label, contender in contenders.items():
-            if label != "eager fp32":
-                calls[label] = with_matmul_precision(
-                    device, "high", make_step(work, device, contender)
-                )
+        # bare and step share a model, as at the paper's sizes a third might not fit
+        bare_step, fit_step = workflow_steps(work, device)
+        calls["bare"] = with_matmul_precision(device, "high", bare_step)
+        calls["step"] = with_matmul_precision(device, "high", fit_step)
+        for label, contender in levers:
+            calls[label] = with_matmul_precision(device, "high", make_step(work, device, contender))
     n = 8192 if device.type == "cuda" else 2048
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
