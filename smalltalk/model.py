@@ -178,9 +178,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     gradient, `rows` positions at a time: the (N, V) logits are never held whole.
 
     The forward pass computes the gradient as well, chunk by chunk, while a chunk's logits are still
-    in the cache: softmax minus one-hot, one (rows, V) block in fp32 that the two gradient matmuls
-    read at once. The backward pass only scales it by the incoming gradient. Matmuls run in `dtype`
-    (bf16 under autocast), the softmax and the gradients' sums in fp32, as autocast would.
+    in the cache: softmax minus one-hot, one (rows, V) block made in fp32 and cast once to `dtype`
+    for both gradient matmuls. The backward pass only scales the two gradients by the incoming
+    one. Matmuls run in `dtype` (bf16 under autocast), the softmax and the gradients' sums in
+    fp32, as autocast would.
     """
 
     @staticmethod

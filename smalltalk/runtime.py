@@ -114,8 +114,9 @@ def fp32_attention(device: torch.device, precision: str, head_dim: int) -> bool:
 # demo expert's step (d = 32, V = 1024, 32 x 128, bf16 and fp32 alike, Xeon with AMX) ran 1.25x
 # faster on 1 thread and 1.12x on 2, with 256 to 1024 rows alike: its loss, softmax and casts over
 # V = 1024 per position, was a third of the step. Where the model is wider the loss's share is
-# smaller: `demo-expert` (d = 128) 1.00-1.02x, eager or compiled, router-4.4m (d = 96, V = 32000)
-# 1.04-1.06x eager; slower nowhere. Not used on CUDA, where it was not measured.
+# smaller: `demo-expert` (d = 128, V = 4096) 1.10x eager and 0.97-1.03x compiled, router-4.4m
+# (d = 96, V = 32000) 1.04-1.06x eager and 0.98-1.03x compiled; slower nowhere beyond noise. Not
+# used on CUDA, where it was not measured.
 CPU_LOSS_ROWS = 512
 
 
