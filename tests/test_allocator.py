@@ -26,7 +26,7 @@ if sys.argv[1] == "keep":
     assert keep_freed_memory()
 elif sys.argv[1] == "cli":
     assert main(["check-config", "--config", sys.argv[2]]) == 0
-for _ in range(5):  # the first few take new pages whatever the allocator does
+for _ in range(20):  # the first ones take new pages whatever the allocator does (test below)
     torch.ones(16 * 2**20)  # 64 MiB, above any threshold glibc would serve from its heap
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):
@@ -50,6 +50,9 @@ def test_freed_memory_is_reused_without_page_faults():
     pages = 20 * 64 * 2**20 // resource.getpagesize()
     assert default > pages / 512  # a fresh mapping each time (/ 512: 2 MiB huge pages)
     assert kept < default / 10
-    # Every command keeps it; Python's own frees leave holes in the heap first, so a few of the
-    # large buffers still take new pages before they find a hole to reuse.
-    assert faults("cli", str(REPO / "config.yaml")) < default / 3
+    # Every command keeps it. After a command the heap has small live objects between its holes,
+    # and posix_memalign asks for the size plus its alignment, a little more than the hole the
+    # buffer before left: so the first large buffers extend the heap (fresh pages) until a hole has
+    # merged with freed neighbours into one large enough, and from then on that hole is reused.
+    # After check-config that took up to 9 buffers in 35 runs; the 20 warm-up ones leave room.
+    assert faults("cli", str(REPO / "config.yaml")) < default / 10
