@@ -52,7 +52,7 @@ def autocast_context(device: torch.device, precision: str):
 # `demo-expert` preset's; in fp32 20% and 14% on the Xeon, 9% on the EPYC. An eager step does
 # about 16 GFLOP/s (Eq. 10) per thread at the demo's sizes on the EPYC (30-90 on the Xeon). So
 # compiling pays once a run would take over ~50 s / 0.3 = 170 s eager in bf16, 550 s in fp32: none
-# of the demo's jobs (its longest, each half of the dense baseline, ~140 s), a router round never.
+# of the demo's jobs (its longest, each half of the dense baseline, ~160 s), a router round never.
 # The choice is a rule on the planned FLOPs, not a timing, so the same config trains the same way
 # on the same machine.
 CPU_COMPILE_SECONDS = 50.0
