@@ -35,6 +35,31 @@ def test_shipped_configs_validate(path):
     TokenizerConfig.from_config(config)
 
 
+@pytest.mark.parametrize(
+    "overlay", sorted((REPO / "benchmarks" / "study").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_every_study_overlay_validates_over_the_shipped_config(overlay):
+    """benchmarks/study/run.sh runs each overlay over config.yaml (--configfile, merged key by
+    key): it validates, and it changes the settings it names and no other."""
+
+    def leaves(node, path=()):
+        if isinstance(node, dict):
+            return {
+                k: v for key, child in node.items() for k, v in leaves(child, (*path, key)).items()
+            }
+        return {path: node}
+
+    shipped, changes = (
+        load_config(REPO / "config.yaml"),
+        leaves(yaml.safe_load(overlay.read_text())),
+    )
+    config = leaves(load_config(REPO / "config.yaml", overlay))
+    assert {key: config[key] for key in changes} == changes
+    assert {k: v for k, v in config.items() if k not in changes} == {
+        k: v for k, v in leaves(shipped).items() if k not in changes
+    }
+
+
 def test_defaults_are_filled():
     config = load_config(REPO / "config.yaml")
     assert config["fields"] == {"text": "text", "id": "id", "source": "source"}
