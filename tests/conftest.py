@@ -14,15 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
-
-# Under CI the property tests draw the same examples every run, from a seed of each test's own:
-# a build that must land fails only for a change it carries, and a red one reproduces. Elsewhere
-# they search afresh each run, where a new counterexample is found by someone who can look at it.
-settings.register_profile("ci", derandomize=True, print_blob=True)
-settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 DOMAINS = {
     "bible": "and the lord spake unto moses saying thou shalt not israel king".split(),
