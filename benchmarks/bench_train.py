@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import multiprocessing
 import statistics
 import tempfile
@@ -181,7 +182,8 @@ def loop_step(model_config, setting: Setting, config: TrainConfig, device, batch
     clip, AdamW step, zero_grad, the least a training step does; with the model as it is called
     (compiled or not) and its optimizer."""
     torch.manual_seed(0)
-    model = LM(model_config).to(device)
+    with torch.device(device):  # built where it trains: a 1.3B model on one CPU thread is slow
+        model = LM(model_config)
     model.use_fp32_attention(setting.fp32_attention)
     model.use_chunked_loss(setting.loss_rows)
     if setting.fused:
@@ -351,7 +353,28 @@ def fit_against_bare(name: str, args, device: str, workdir: Path) -> tuple[list,
     return fit_seconds, fit_ratios
 
 
+def eager_fp32_alone(work: Workload, device: torch.device, rounds: int) -> dict:
+    """On a GPU, eager fp32 timed by itself before the other contenders are built, then freed: at
+    the paper's sizes its activations alone nearly fill an 80 GB card. {} if it does not fit."""
+    seconds, step = {}, None
+    try:
+        step = with_matmul_precision(device, "highest", make_step(work, device, Setting()))
+        seconds = interleaved({"eager fp32": step}, rounds, device)
+    except torch.OutOfMemoryError:
+        pass  # the traceback, holding the model, goes with this block
+    step = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    return seconds
+
+
 def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
+    # A fresh Dynamo: the previous preset's graphs go, and its other batch size does not make
+    # this one compile for dynamic shapes.
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     work = workload(name, args, device)
     setting = work.setting
     precision, compiled = setting.precision, setting.compiled
@@ -360,7 +383,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
     levers = rungs[:-1] if args.levers else []  # the last rung is the step, timed anyway
     contenders = {"bare": setting, "step": None, "eager fp32": Setting(), **dict(levers)}
 
-    calls, processes = {}, []
+    calls, processes, eager_seconds = {}, [], {}
     if device.type == "cpu":  # each in a process of its own, started at once, compiling together
         for label, contender in contenders.items():
             calls[label] = ContenderProcess(name, args, device, contender)
@@ -370,12 +393,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
         for process in processes:
             process.wait_until_ready()
     else:  # one process: a GPU's caching allocator serves them all alike
-        try:  # alone first: at the paper's sizes fp32 may not fit in memory beside the others
-            eager_fp32_step = make_step(work, device, Setting())
-            eager_fp32_step()
-            calls["eager fp32"] = with_matmul_precision(device, "highest", eager_fp32_step)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
+        eager_seconds = eager_fp32_alone(work, device, args.rounds)
         # bare and step share a model, as at the paper's sizes a third might not fit
         bare_step, fit_step = workflow_steps(work, device)
         calls["bare"] = with_matmul_precision(device, "high", bare_step)
@@ -388,9 +406,13 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
     calls["peak"] = lambda: a @ b
     for call in calls.values():  # compiles; the interleaved rounds warm up once more
         call()
-    seconds = interleaved(calls, args.rounds, device)
+    seconds = eager_seconds | interleaved(calls, args.rounds, device)
     for process in processes:
         process.close()
+    calls.clear()  # fit() below gets the memory; on a GPU, the paper's models fill it
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     fit_seconds, fit_ratios = [], []
     if args.repeats:  # in a process of its own: fit() keeps freed memory from then on
@@ -399,7 +421,8 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
             fit_seconds, fit_ratios = runs.result()
 
     def ratio(slow: str, fast: str) -> float | None:
-        """Median over rounds of slow / fast: in each round the two saw the same machine."""
+        """Median over rounds of slow / fast: in each round the two saw the same machine (on a
+        GPU, eager fp32's rounds come before the others', on a machine of its own)."""
         if slow not in seconds or fast not in seconds:
             return None
         pairs = zip(seconds[slow], seconds[fast], strict=True)
@@ -477,14 +500,29 @@ def main() -> None:
         ("fit() tok/s", ">11"), ("vs bare", ">7"), (unit, ">8"), ("of peak", ">8"),
     ] + ([("of nominal", ">10")] if nominal else [])  # fmt: skip
     header = " ".join(f"{title:{align}}" for title, align in columns)
-    lines, notes = [header, "-" * len(header)], []
+    notes = []
+    # Each row as soon as its preset is done: a later, larger one may not fit in memory.
+    print(
+        f"device {device}, {torch.get_num_threads()} threads; medians of {args.rounds} "
+        f"interleaved rounds (bare, step, eager fp32, levers, matmul peak) and of {args.repeats} "
+        f"fit() runs of {args.steps} steps, each paired with {args.steps} bare steps",
+        header,
+        "-" * len(header),
+        sep="\n",
+        flush=True,
+    )
 
     def number(value, spec):
         return "-" if value is None else format(value, spec)
 
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.presets:
-            r = bench_preset(name, args, device, Path(workdir))
+            try:
+                r = bench_preset(name, args, device, Path(workdir))
+            except torch.OutOfMemoryError as error:
+                print(f"{name:<12} out of memory", flush=True)
+                notes.append(f"{name}: out of memory: {str(error).splitlines()[0]}")
+                continue
             cells = [
                 name, r["precision"], "yes" if r["compiled"] else "no",
                 f"{r['tokens_per_step']:,}", f"{r['step']:,.0f}", number(r["step ratio"], ".3f"),
@@ -492,7 +530,8 @@ def main() -> None:
                 number(r["fit()"], ",.0f"), number(r["fit() ratio"], ".3f"),
                 f"{r['achieved'] / scale:.1f}", f"{r['achieved'] / r['peak']:.1%}",
             ] + ([f"{r['achieved'] / nominal[1]:.1%}"] if nominal else [])  # fmt: skip
-            lines.append(" ".join(f"{c:{a}}" for c, (_, a) in zip(cells, columns, strict=True)))
+            row = " ".join(f"{c:{a}}" for c, (_, a) in zip(cells, columns, strict=True))
+            print(row, flush=True)
             speedup = number(r["speedup"], ".2f") if r["speedup"] else "- (out of memory)"
             notes.append(
                 f"{name}: speedup over eager fp32: {speedup}; {r['achieved'] / r['peak']:.1%} of "
@@ -511,12 +550,7 @@ def main() -> None:
                 ladder = [f"{label} {number(x, '.2f')}" for label, x in r["levers"]]
                 last = "+ freed memory kept " if r["memory kept"] else "step "
                 notes.append(f"  levers over eager fp32: {', '.join(ladder)}, {last}{speedup}")
-    print(
-        f"device {device}, {torch.get_num_threads()} threads; medians of {args.rounds} "
-        f"interleaved rounds (bare, step, eager fp32, levers, matmul peak) and of {args.repeats} "
-        f"fit() runs of {args.steps} steps, each paired with {args.steps} bare steps"
-    )
-    print("\n".join(lines + [""] + notes))
+    print("", *notes, sep="\n")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,13 @@ import torch
 
 
 def timed(call, device: torch.device | None = None) -> float:
-    """Seconds of one call; on CUDA, until its kernels have finished."""
+    """Seconds of one call; on CUDA, from an idle GPU until its kernels have finished."""
+    on_cuda = device is not None and device.type == "cuda"
+    if on_cuda:  # or the clock would also run for work queued before
+        torch.cuda.synchronize()
     start = time.perf_counter()
     call()
-    if device is not None and device.type == "cuda":
+    if on_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
 

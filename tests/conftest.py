@@ -3,6 +3,7 @@ a tiny trained mixture laid out as the workflow lays out a results directory."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -55,26 +56,49 @@ def write_parquet(path: Path, rows: dict) -> Path:
     return path
 
 
-_cuda_present: list[bool] = []  # whether this machine has a CUDA GPU, asked once
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    """What a CUDA test needs to see the GPU again: whether there is one, and what hiding it
+    replaced."""
+
+    present: bool
+    is_available: object
+    visible_devices: str | None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gpu_hidden():
+    """No GPU for the whole session, session- and module-scoped fixtures included (built before
+    any test's own fixtures), nor for the jobs they start (Snakemake's, torchrun's). The tests
+    compare with float32 references computed on the CPU, or with a second run bit for bit; on a
+    CUDA machine the code under test would pick the GPU (device 'auto') and bf16 (precision
+    'auto'), whose rounding differs, and CUDA kernels need not give the same bits twice."""
+    import torch
+
+    # Asked before hiding it: CUDA reads CUDA_VISIBLE_DEVICES once per process, when it starts.
+    gpu = Gpu(
+        torch.cuda.is_available(), torch.cuda.is_available, os.environ.get("CUDA_VISIBLE_DEVICES")
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        patch.setenv("CUDA_VISIBLE_DEVICES", "")
+        yield gpu
 
 
 @pytest.fixture(autouse=True)
-def cpu_unless_marked_cuda(request, monkeypatch):
-    """Every test runs as on a machine without a GPU, unless it is marked `cuda` (and is then
-    skipped without one). The tests compare with float32 references computed on the CPU, or with
-    a second run bit for bit; on a CUDA machine the code under test would pick the GPU (device
-    'auto') and bf16 (precision 'auto'), whose rounding differs, and CUDA kernels need not give
-    the same bits twice. The jobs a test starts (Snakemake's, torchrun's) see no GPU either."""
+def gpu_only_where_marked_cuda(request, monkeypatch, gpu_hidden):
+    """A test marked `cuda` sees the GPU again, and is skipped on a machine without one."""
     import torch
 
-    if not _cuda_present:  # before any test hides the GPU, which CUDA reads once per process
-        _cuda_present.append(torch.cuda.is_available())
-    if request.node.get_closest_marker("cuda"):
-        if not _cuda_present[0]:
-            pytest.skip("needs a CUDA GPU")
+    if not request.node.get_closest_marker("cuda"):
         return
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    if not gpu_hidden.present:
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", gpu_hidden.is_available)
+    if gpu_hidden.visible_devices is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", gpu_hidden.visible_devices)
 
 
 @pytest.fixture

@@ -30,8 +30,10 @@ from smalltalk.checkpoint import (
     load_weights,
     read_metadata,
     read_state,
+    rng_state,
     save_checkpoint,
     save_weights,
+    set_rng_state,
 )
 from smalltalk.config import TrainConfig
 from smalltalk.model import LM
@@ -75,6 +77,20 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path: Path):
     assert after[2] == expected[2]
     # The state holds only what the safe unpickler admits.
     torch.load(path / STATE, weights_only=True)
+
+
+def test_a_run_saved_on_more_gpus_than_it_resumes_on_restores_the_ones_it_sees(monkeypatch):
+    """torchrun's ranks each save every visible GPU's generator; resumed where fewer are visible,
+    the others' states are skipped, not an invalid device."""
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.__setitem__(i, s))
+    state = rng_state()
+    saved = [torch.full((16,), fill, dtype=torch.uint8) for fill in range(4)]  # four GPUs
+    set_rng_state(state | {"cuda": saved})
+    assert sorted(restored) == [0, 1]
+    assert all(torch.equal(restored[i], saved[i]) for i in (0, 1))
 
 
 def test_only_complete_checkpoints_count_and_the_last_k_are_kept(tmp_path: Path):

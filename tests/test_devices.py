@@ -96,3 +96,16 @@ def test_the_pool_is_the_visible_gpus():
     assert gpu_pool({"CUDA_VISIBLE_DEVICES": "2, 5"}) == ["2", "5"]
     assert gpu_pool({"CUDA_VISIBLE_DEVICES": ""}) == []
     assert gpu_pool({"SMALLTALK_GPUS": "2", "CUDA_VISIBLE_DEVICES": ""}) == ["0", "1"]
+
+
+@pytest.fixture(scope="module")
+def seen_from_a_module_fixture():
+    import torch
+
+    return torch.cuda.is_available(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_fixtures_wider_than_a_test_see_no_gpu_either(seen_from_a_module_fixture):
+    """conftest hides the GPU for the whole session: a module's fixture, built before the test's
+    own fixtures, must not train on it, nor the jobs it starts."""
+    assert seen_from_a_module_fixture == (False, "")
