@@ -35,7 +35,9 @@ on as many threads as the workflow gives an expert job (`cluster: expert_train: 
 
 Each of these is a model of its own; on the CPU each runs in a process of its own too, as a
 training job or a user's script would (an allocator's state is a whole process's:
-`ContenderProcess`).
+`ContenderProcess`). On a GPU they share one process, but eager fp32 runs its rounds alone first
+and is freed before the others are built (at the paper's sizes it would not fit beside them),
+and each preset starts from a fresh Dynamo.
 They are called in turn, one call each per round for `--rounds` rounds (order shuffled), after
 two untimed calls each (compiling), and per-call times are kept: on a machine other jobs share,
 each then sees the same share of the cores, and medians shrug off the bursts when it sees none.
