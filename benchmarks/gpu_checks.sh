@@ -12,8 +12,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-results/gpu-checks}
 python=${PYTHON:-python}
-mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# Without a GPU the benchmark would train the 1.3B model on the CPU for hours.
+if ! "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_checks.sh: $python sees no CUDA GPU" >&2
+    exit 2
+fi
+mkdir -p "$out"
 
 nvidia-smi -L 2>&1 | tee "$out/gpu.txt"
 "$python" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" \
