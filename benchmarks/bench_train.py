@@ -355,6 +355,14 @@ def fit_against_bare(name: str, args, device: str, workdir: Path) -> tuple[list,
     return fit_seconds, fit_ratios
 
 
+def release_memory(device: torch.device) -> None:
+    """Give what dropped models held back: cycles collected, and on a GPU the caching allocator's
+    free blocks returned, so the next, larger model finds the card's memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def eager_fp32_alone(work: Workload, device: torch.device, rounds: int) -> dict:
     """On a GPU, eager fp32 timed by itself before the other contenders are built, then freed: at
     the paper's sizes its activations alone nearly fill an 80 GB card. {} if it does not fit."""
@@ -365,8 +373,7 @@ def eager_fp32_alone(work: Workload, device: torch.device, rounds: int) -> dict:
     except torch.OutOfMemoryError:
         pass  # the traceback, holding the model, goes with this block
     step = None
-    gc.collect()
-    torch.cuda.empty_cache()
+    release_memory(device)
     return seconds
 
 
@@ -374,9 +381,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
     # A fresh Dynamo: the previous preset's graphs go, and its other batch size does not make
     # this one compile for dynamic shapes.
     torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(device)
     work = workload(name, args, device)
     setting = work.setting
     precision, compiled = setting.precision, setting.compiled
@@ -412,9 +417,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
     for process in processes:
         process.close()
     calls.clear()  # fit() below gets the memory; on a GPU, the paper's models fill it
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(device)
 
     fit_seconds, fit_ratios = [], []
     if args.repeats:  # in a process of its own: fit() keeps freed memory from then on
