@@ -377,19 +377,13 @@ def eager_fp32_alone(work: Workload, device: torch.device, rounds: int) -> dict:
     return seconds
 
 
-def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
-    # A fresh Dynamo: the previous preset's graphs go, and its other batch size does not make
-    # this one compile for dynamic shapes.
-    torch._dynamo.reset()
-    release_memory(device)
-    work = workload(name, args, device)
-    setting = work.setting
-    precision, compiled = setting.precision, setting.compiled
-    tokens_per_step = work.batch * work.seq_len
-    rungs = lever_ladder(setting)
-    levers = rungs[:-1] if args.levers else []  # the last rung is the step, timed anyway
-    contenders = {"bare": setting, "step": None, "eager fp32": Setting(), **dict(levers)}
-
+def timed_contenders(
+    name: str, args, work: Workload, levers: list, device: torch.device, peak: tuple
+) -> dict[str, list[float]]:
+    """Seconds per round of each contender of preset `name` (the bare step, the workflow's step,
+    eager fp32, the levers, an (n, dtype) matmul for the peak), interleaved. Everything they
+    hold, models, optimizers and matrices, is only referenced from here and goes on return."""
+    contenders = {"bare": work.setting, "step": None, "eager fp32": Setting(), **dict(levers)}
     calls, processes, eager_seconds = {}, [], {}
     if device.type == "cpu":  # each in a process of its own, started at once, compiling together
         for label, contender in contenders.items():
@@ -407,8 +401,7 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
         calls["step"] = with_matmul_precision(device, "high", fit_step)
         for label, contender in levers:
             calls[label] = with_matmul_precision(device, "high", make_step(work, device, contender))
-    n = 8192 if device.type == "cuda" else 2048
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n, dtype = peak
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     calls["peak"] = lambda: a @ b
     for call in calls.values():  # compiles; the interleaved rounds warm up once more
@@ -416,8 +409,24 @@ def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
     seconds = eager_seconds | interleaved(calls, args.rounds, device)
     for process in processes:
         process.close()
-    calls.clear()  # fit() below gets the memory; on a GPU, the paper's models fill it
+    return seconds
+
+
+def bench_preset(name: str, args, device: torch.device, workdir: Path) -> dict:
+    # A fresh Dynamo: the previous preset's graphs go, and its other batch size does not make
+    # this one compile for dynamic shapes.
+    torch._dynamo.reset()
     release_memory(device)
+    work = workload(name, args, device)
+    setting = work.setting
+    precision, compiled = setting.precision, setting.compiled
+    tokens_per_step = work.batch * work.seq_len
+    rungs = lever_ladder(setting)
+    levers = rungs[:-1] if args.levers else []  # the last rung is the step, timed anyway
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    seconds = timed_contenders(name, args, work, levers, device, (n, dtype))
+    release_memory(device)  # what they held, for fit() below: on a GPU the paper's models fill it
 
     fit_seconds, fit_ratios = [], []
     if args.repeats:  # in a process of its own: fit() keeps freed memory from then on
