@@ -38,6 +38,8 @@ EVAL_PARTS = {
 
 ROUNDS = range(config["routing"]["rounds"] + 1)  # r = 0 (random), 1..T at most
 EXPERTS = range(config["routing"]["n_experts"])
+# Dense baselines on the mixture's whole training budget, beside the equal-token one.
+BASELINES = list(config["training"]["baselines"])
 GROWN_EXPERTS = range(len(EXPERTS), len(EXPERTS) + len(config["grow"]))
 ALL_EXPERTS = range(len(EXPERTS) + len(GROWN_EXPERTS))
 # smalltalk trains router LMs by EM; the baselines are fitted once on the EM sample instead.
@@ -292,7 +294,35 @@ def get_expert_score_files(wildcards):
 def get_scored_weights(wildcards):
     if wildcards.model == "dense":
         return get_dense("model.safetensors")
+    if wildcards.model in BASELINES:
+        return R(f"baselines/{wildcards.model}/model.safetensors")
     return R(f"experts/{wildcards.model}/model.safetensors")
+
+
+def get_scored_architecture(wildcards):
+    """models.dense_large for the larger dense baseline, models.expert for every other model."""
+    return "dense_large" if wildcards.model == "dense_large" else "expert"
+
+
+def get_baseline_score_files(wildcards):
+    """A part's scores by each dense baseline on the mixture's budget, `BASELINES`' order."""
+    return expand(
+        R("eval/{split}/scores/{model}/{part}.parquet"),
+        split=wildcards.split,
+        model=BASELINES,
+        part=wildcards.part,
+    )
+
+
+def get_baseline_scores_flag(wildcards, input):
+    """--baseline-scores NAME=FILE ..., each argument shell-quoted by `{params.baselines:q}`."""
+    pairs = [f"{name}={path}" for name, path in zip(BASELINES, input.baselines)]
+    return ["--baseline-scores", *pairs] if pairs else []
+
+
+def get_baseline_summaries_flag(wildcards, input):
+    pairs = [f"{name}={path}" for name, path in zip(BASELINES, input.baselines)]
+    return ["--baseline-summaries", *pairs] if pairs else []
 
 
 BEFORE_GROWING = "-".join(
@@ -393,6 +423,7 @@ def get_final_outputs():
         *get_all_routers(),
         *get_expert_models(),
         get_dense("model.safetensors"),
+        *expand(R("baselines/{baseline}/model.safetensors"), baseline=BASELINES),
         *get_token_files(SPLITS, ALL_CHUNKS),
         R("tokens/summary.tsv"),
         *(

@@ -43,7 +43,7 @@ rule score_eval_part:
     benchmark:
         R("benchmarks/eval/{split}/scores/{model}/{part}.tsv")
     wildcard_constraints:
-        model=r"e\d+|dense",
+        model=r"e\d+|dense|dense_compute|dense_large",
     conda:
         get_conda_env("evaluate")
     threads: get_cluster_threads("evaluate")
@@ -53,10 +53,12 @@ rule score_eval_part:
         **rerun_when(batch_size="eval/batch_size", prefix_len="routing/prefix_len"),
         config=CONFIG_FILE,
         launcher=get_launcher(),
+        architecture=get_scored_architecture,
     shell:
         "{params.launcher:q} -m smalltalk score-part --config {params.config:q} "
         "--tokens {input.tokens:q} --tokenizer {input.tokenizer:q} --weights {input.weights:q} "
-        "--out {output:q} --threads {threads} > {log:q} 2>&1"
+        "--architecture {params.architecture:q} --out {output:q} --threads {threads} "
+        "> {log:q} 2>&1"
 
 
 # No model loaded: routing, oracle and top-k mixture from the routes and scores.
@@ -66,6 +68,7 @@ rule evaluate_part:
         routes=get_route_files,
         experts=get_expert_score_files,
         dense=R("eval/{split}/scores/dense/{part}.parquet"),
+        baselines=get_baseline_score_files,
     output:
         R("eval/{split}/{part}.parquet"),
     log:
@@ -83,10 +86,12 @@ rule evaluate_part:
         **rerun_when(topk="eval/topk", temperature="eval/temperature"),
         config=CONFIG_FILE,
         experts=[],
+        baselines=get_baseline_scores_flag,
     shell:
         "python -m smalltalk merge-part --config {params.config:q} --tokens {input.tokens:q} "
         "--routes {input.routes:q} --expert-scores {input.experts:q} "
-        "--dense-scores {input.dense:q} {params.experts:q} --out {output:q} > {log:q} 2>&1"
+        "--dense-scores {input.dense:q} {params.baselines:q} {params.experts:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 # The rows of a subset of the experts (`{kept}`: indices joined by "-", e.g. 0-2) from the same
@@ -102,6 +107,7 @@ use rule evaluate_part as evaluate_part_subset with:
         **rerun_when(topk="eval/topk", temperature="eval/temperature"),
         config=CONFIG_FILE,
         experts=get_subset_flag,
+        baselines=get_baseline_scores_flag,
 
 
 rule aggregate_eval:
@@ -204,6 +210,7 @@ rule flops_ledger:
         shard_scores=expand(R("segmentation/scores/{chunk}.parquet"), chunk=CHUNKS),
         experts=expand(R("experts/e{e}/summary.json"), e=EXPERTS),
         dense=get_dense("summary.json"),
+        baselines=expand(R("baselines/{baseline}/summary.json"), baseline=BASELINES),
         tokenizer=get_tokenizer_model,
     output:
         flops=R("ledger/flops.parquet"),
@@ -221,10 +228,11 @@ rule flops_ledger:
         runtime=10,
     params:
         config=CONFIG_FILE,
+        baselines=get_baseline_summaries_flag,
     shell:
         "python -m smalltalk ledger-flops --config {params.config:q} "
         "--tokenizer {input.tokenizer:q} --router-summaries {input.routers:q} "
         "--em-scores {input.em_scores:q} --shard-scores {input.shard_scores:q} "
         "--expert-summaries {input.experts:q} "
-        "--dense-summary {input.dense:q} --out {output.flops:q} --paper-out {output.paper:q} "
-        "> {log:q} 2>&1"
+        "--dense-summary {input.dense:q} {params.baselines:q} --out {output.flops:q} "
+        "--paper-out {output.paper:q} > {log:q} 2>&1"

@@ -134,3 +134,80 @@ rule train_trunk:
         "{params.launcher:q} -m smalltalk train --config {params.config:q} --role dense "
         "--stop-at {params.steps} --tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} "
         "--val {input.val:q} --threads {params.process_threads:q} {input.shards:q} > {log:q} 2>&1"
+
+
+# The dense baselines given the mixture's whole training budget (training.baselines): once the
+# routers have scored every train sequence, what they spent is known, and so the steps of each.
+rule baseline_budget:
+    input:
+        routers=get_router_summaries,
+        em_scores=get_em_scores,
+        shard_scores=expand(R("segmentation/scores/{chunk}.parquet"), chunk=CHUNKS),
+        tokenizer=get_tokenizer_model,
+    output:
+        R("baselines/budget.json"),
+    log:
+        R("logs/baselines/budget.log"),
+    benchmark:
+        R("benchmarks/baselines/budget.tsv")
+    conda:
+        "../envs/smalltalk.yaml"
+    threads: 1
+    resources:
+        **get_cluster_resources(),
+        mem_mb=1000,
+        runtime=10,
+    params:
+        **rerun_when(
+            training="training/expert",
+            scale="training/dense_scale",
+            baselines="training/baselines",
+            models="models",
+        ),
+        config=CONFIG_FILE,
+    shell:
+        "python -m smalltalk baseline-budget --config {params.config:q} "
+        "--tokenizer {input.tokenizer:q} --router-summaries {input.routers:q} "
+        "--em-scores {input.em_scores:q} --shard-scores {input.shard_scores:q} "
+        "--out {output:q} > {log:q} 2>&1"
+
+
+# From scratch on all shards at the dense batch, the steps that budget gives.
+rule train_baseline:
+    input:
+        shards=get_shard_files(),
+        val=R("eval/val/all.parquet"),
+        tokenizer=get_tokenizer_model,
+        budget=R("baselines/budget.json"),
+    output:
+        weights=R("baselines/{baseline}/model.safetensors"),
+        summary=R("baselines/{baseline}/summary.json"),
+        metrics=R("baselines/{baseline}/metrics.parquet"),
+    log:
+        R("logs/baselines/{baseline}.log"),
+    benchmark:
+        R("benchmarks/baselines/{baseline}.tsv")
+    wildcard_constraints:
+        baseline="dense_compute|dense_large",
+    priority: 1
+    conda:
+        get_conda_env("dense_train")
+    threads: get_cluster_threads("dense_train")
+    resources:
+        **get_cluster_resources("dense_train"),
+    params:
+        **rerun_when(
+            seed="seed",
+            training="training/expert",
+            scale="training/dense_scale",
+            models="models",
+        ),
+        config=CONFIG_FILE,
+        launcher=get_launcher(data_parallel=True),
+        process_threads=get_process_threads,
+        out_dir=get_model_dir,
+    shell:
+        "{params.launcher:q} -m smalltalk train --config {params.config:q} --role dense "
+        "--baseline {wildcards.baseline:q} --budget {input.budget:q} "
+        "--tokenizer {input.tokenizer:q} --out-dir {params.out_dir:q} --val {input.val:q} "
+        "--threads {params.process_threads:q} {input.shards:q} > {log:q} 2>&1"

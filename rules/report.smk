@@ -5,6 +5,9 @@ rule plot_perplexity_vs_flops:
     input:
         experts=expand(R("experts/e{e}/metrics.parquet"), e=EXPERTS),
         dense=get_dense("metrics.parquet"),
+        baselines=expand(R("baselines/{baseline}/metrics.parquet"), baseline=BASELINES),
+        ledger=R("ledger/flops.parquet"),
+        overall=R("eval/summary/overall.parquet"),
     output:
         report(
             R("report/perplexity_vs_flops.png"),
@@ -22,9 +25,14 @@ rule plot_perplexity_vs_flops:
         **get_cluster_resources(),
         mem_mb=1000,
         runtime=10,
+    params:
+        baselines=lambda wildcards, input: [
+            f"{name}={path}" for name, path in zip(BASELINES, input.baselines)
+        ],
     shell:
         "python -m smalltalk plot perplexity_vs_flops --experts {input.experts:q} "
-        "--dense {input.dense:q} --out {output:q} > {log:q} 2>&1"
+        "--dense {input.dense:q} --baselines {params.baselines:q} --ledger {input.ledger:q} "
+        "--overall {input.overall:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_expert_load:

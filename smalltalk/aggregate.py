@@ -119,6 +119,12 @@ RATIO_INTERVALS = {
 }
 
 
+BASELINE_NAMES = {"dense_compute": "compute-matched dense", "dense_large": "larger dense"}
+"""The further dense baselines an evaluation may score (`training.baselines`): the mixture's
+ratio to each gets columns of its own, suffixed _{baseline} (ppl_dense_compute,
+ratio_dense_compute, ratio_dense_compute_ci_low, ..., verdict_dense_compute)."""
+
+
 def aggregate(
     eval_files: Sequence[str | os.PathLike], out_dir: str | os.PathLike
 ) -> dict[str, pa.Table]:
@@ -128,11 +134,16 @@ def aggregate(
     # One thread: floating-point sums in a fixed order, so a rerun writes identical files.
     con = duckdb.connect(config={"threads": 1})
     con.read_parquet([str(path) for path in eval_files]).create_view("per_sequence")
+    columns = set(con.sql("SELECT * FROM per_sequence LIMIT 0").columns)
+    baselines = [name for name in BASELINE_NAMES if f"nll_{name}" in columns]
     tables = {}
     for name, query in AGGREGATES.items():
         tables[name] = pa.table(con.sql(query))
         if name in RATIO_INTERVALS:
-            tables[name] = _with_ratio_intervals(con, tables[name], *RATIO_INTERVALS[name])
+            keys, models = RATIO_INTERVALS[name]
+            tables[name] = _with_ratio_intervals(con, tables[name], keys, models)
+            for baseline in baselines:
+                tables[name] = _with_baseline(con, tables[name], keys, baseline)
         con.register(name, tables[name])  # later queries may read it
         write_parquet_atomically(tables[name], Path(out_dir) / f"{name}.parquet")
     con.close()
@@ -147,19 +158,48 @@ _RATIO_COLUMNS = {
 }
 
 
+def _with_baseline(
+    con: duckdb.DuckDBPyConnection, table: pa.Table, keys: Sequence[str], baseline: str
+) -> pa.Table:
+    """`table` with the baseline's perplexity per group (ppl_{baseline}) and the mixture's ratio
+    to it, with its paired-bootstrap interval and verdict (ratio_{baseline}, ...)."""
+    groups = ", ".join(keys)
+    ppl = pa.table(
+        con.sql(
+            f"SELECT {groups}, exp(sum(nll_{baseline}) / sum(n_tokens)) AS ppl "
+            f"FROM per_sequence GROUP BY {groups}"
+        )
+    ).to_pylist()
+    by_group = {tuple(row[key] for key in keys): row["ppl"] for row in ppl}
+    column = [by_group[tuple(row[key] for key in keys)] for row in table.select(keys).to_pylist()]
+    table = table.append_column(f"ppl_{baseline}", pa.array(column, pa.float64()))
+    return _with_ratio_intervals(
+        con,
+        table,
+        keys,
+        {f"_{baseline}": ("nll_expert", "mixture")},
+        baseline=f"nll_{baseline}",
+        baseline_name=BASELINE_NAMES[baseline],
+    )
+
+
 def _with_ratio_intervals(
     con: duckdb.DuckDBPyConnection,
     table: pa.Table,
     keys: Sequence[str],
     models: dict[str, tuple[str, str]],
+    *,
+    baseline: str = "nll_dense",
+    baseline_name: str = "dense",
 ) -> pa.Table:
-    """`table` (one row per group of `keys`) with, per model, its perplexity ratio to dense over
-    the group's test sequences, the paired-bootstrap interval and the verdict in words."""
+    """`table` (one row per group of `keys`) with, per model, its perplexity ratio to the
+    `baseline` column's model over the group's test sequences, the paired-bootstrap interval and
+    the verdict in words."""
     nll_columns = [column for column, _ in models.values()]
     # Sequences in a fixed order (the resamples index into it), whatever the files' order.
-    order = ", ".join([*keys, "seq_id", *nll_columns, "nll_dense", "n_tokens"])
+    order = ", ".join([*keys, "seq_id", *nll_columns, baseline, "n_tokens"])
     rows = con.sql(
-        f"SELECT {', '.join(keys)}, {', '.join(nll_columns)}, nll_dense, n_tokens "
+        f"SELECT {', '.join(keys)}, {', '.join(nll_columns)}, {baseline}, n_tokens "
         f"FROM per_sequence ORDER BY {order}"
     ).fetchnumpy()
     new = {column.format(suffix): [] for suffix in models for column in _RATIO_COLUMNS}
@@ -167,11 +207,12 @@ def _with_ratio_intervals(
         at = np.logical_and.reduce([rows[key] == value for key, value in group.items()])
         cis = bootstrap_ratio(
             np.column_stack([rows[column][at] for column in nll_columns]),
-            rows["nll_dense"][at],
+            rows[baseline][at],
             rows["n_tokens"][at],
         )
         for (suffix, (_, name)), ci in zip(models.items(), cis, strict=True):
-            for column, value in zip(_RATIO_COLUMNS, [*ci, verdict(*ci, a=name)], strict=True):
+            words = verdict(*ci, a=name, b=baseline_name)
+            for column, value in zip(_RATIO_COLUMNS, [*ci, words], strict=True):
                 new[column.format(suffix)].append(value)
     for suffix in models:
         for column, kind in _RATIO_COLUMNS.items():

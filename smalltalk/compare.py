@@ -25,14 +25,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from smalltalk.aggregate import BASELINE_NAMES
 from smalltalk.files import write_parquet_atomically, write_text_atomically
 from smalltalk.stats import MIN_SEEDS, seed_spread, verdict
 
 PathLike = str | os.PathLike
 
 
-def _flops(ledger: dict, component: str) -> float:
-    return float(ledger["flops"][ledger["component"].index(component)])
+def _flops(ledger: dict, component: str, phase: str = "training") -> float | None:
+    """A ledger row's FLOPs; None where the run's ledger has no such row."""
+    for row_phase, name, value in zip(
+        ledger["phase"], ledger["component"], ledger["flops"], strict=True
+    ):
+        if row_phase == phase and name == component:
+            return float(value)
+    return None
 
 
 def _router_name(config: dict) -> str:
@@ -57,6 +64,22 @@ RATIO_COLUMNS = [
     *("ratio_topk", "ratio_topk_ci_low", "ratio_topk_ci_high", "verdict_topk"),
 ]
 """What `compare_runs` takes from each run's overall aggregate: ratios to dense, CIs, verdicts."""
+
+BASELINE_COLUMNS = {
+    baseline: [
+        f"ppl_{baseline}",
+        *(f"ratio_{baseline}{end}" for end in ("", "_ci_low", "_ci_high")),
+        f"verdict_{baseline}",
+    ]
+    for baseline in BASELINE_NAMES
+}
+"""The same against each dense baseline on the mixture's whole budget, where the run has it
+(None where it has not)."""
+
+BASELINE_FLOPS = {
+    "dense_compute": "dense, compute-matched (Eq. 10)",
+    "dense_large": "dense, larger (Eq. 10)",
+}
 
 
 def group_of(run: str) -> str:
@@ -139,6 +162,21 @@ def compare_runs(
                     "mixture_train_flops": mixture_flops,
                     "dense_train_flops": dense_flops,
                     "flops_ratio": mixture_flops / dense_flops,
+                    **{
+                        column: row.get(column)
+                        for columns in BASELINE_COLUMNS.values()
+                        for column in columns
+                    },
+                    **{
+                        f"{baseline}_train_flops": _flops(ledger, component)
+                        for baseline, component in BASELINE_FLOPS.items()
+                    },
+                    "mixture_inference_flops": _flops(
+                        ledger, "mixture total", "inference per sequence"
+                    ),
+                    "dense_large_inference_flops": _flops(
+                        ledger, BASELINE_FLOPS["dense_large"], "inference per sequence"
+                    ),
                 }
             )
     if not rows:
@@ -148,12 +186,15 @@ def compare_runs(
     return table
 
 
-def seed_summary(table: pa.Table) -> pa.Table:
-    """One row per (group of two or more runs, M̂): the seeds' mixture/dense ratios as mean,
-    std, min and max, a t interval of the mean (NaN below `MIN_SEEDS` seeds) and its verdict."""
+def seed_summary(table: pa.Table, baseline: str = "dense") -> pa.Table:
+    """One row per (group of two or more runs, M̂): the seeds' mixture/`baseline` ratios
+    (dense, dense_compute or dense_large) as mean, std, min and max, a t interval of the mean
+    (NaN below `MIN_SEEDS` seeds) and its verdict."""
+    column = "ratio" if baseline == "dense" else f"ratio_{baseline}"
     runs: dict[tuple, dict[str, float]] = {}
     for row in table.to_pylist():
-        runs.setdefault((row["group"], row["prefix_len"]), {})[row["run"]] = row["ratio"]
+        if row.get(column) is not None:
+            runs.setdefault((row["group"], row["prefix_len"]), {})[row["run"]] = row[column]
     rows = []
     for (group, prefix_len), ratios in runs.items():
         if len(ratios) < 2:
@@ -170,7 +211,9 @@ def seed_summary(table: pa.Table) -> pa.Table:
                 "ratio_max": spread.max,
                 "ratio_ci_low": spread.low,
                 "ratio_ci_high": spread.high,
-                "verdict": verdict(spread.mean, spread.low, spread.high)
+                "verdict": verdict(
+                    spread.mean, spread.low, spread.high, b=BASELINE_NAMES.get(baseline, "dense")
+                )
                 if spread.seeds >= MIN_SEEDS
                 else f"fewer than {MIN_SEEDS} seeds",
             }
@@ -195,7 +238,10 @@ SEED_SCHEMA = pa.schema(
 
 
 def ratio_with_ci(row: Mapping, suffix: str = "") -> str:
-    """0.968 [0.951, 0.985]: a row's ratio{suffix} and its 95 % interval, as tables print them."""
+    """0.968 [0.951, 0.985]: a row's ratio{suffix} and its 95 % interval, as tables print them;
+    "-" where the run has no such ratio (a baseline it did not train)."""
+    if row.get(f"ratio{suffix}") is None:
+        return "-"
     low, high = row[f"ratio{suffix}_ci_low"], row[f"ratio{suffix}_ci_high"]
     return f"{row[f'ratio{suffix}']:.3f} [{low:.3f}, {high:.3f}]"
 
@@ -207,23 +253,36 @@ def markdown(table: pa.Table, out: PathLike) -> Path:
     lines = [
         f"| run | method | E | router | {split} ppl mixture | {split} ppl dense | {split} gain "
         "| mixture/dense (95 % CI) | verdict | top-k | top-k/dense (95 % CI) | val gain (curves) "
-        "| mixture/dense FLOPs |",
-        "|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| mixture/dense FLOPs | mixture/compute-matched dense (95 % CI) | verdict "
+        "| mixture/larger dense (95 % CI) | larger dense/mixture inference FLOPs |",
+        "|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     at_m = [row for row in table.to_pylist() if row["prefix_len"] == row["train_prefix_len"]]
     for row in at_m:
+        large = row.get("dense_large_inference_flops")
+        inference = f"{large / row['mixture_inference_flops']:.2f}" if large else "-"
         lines.append(
             f"| {row['run']} | {row['method']} | {row['n_experts']} | {row['router']} "
             f"| {row['ppl_mixture']:.2f} | {row['ppl_dense']:.2f} | {100 * row['gain']:+.1f}% "
             f"| {ratio_with_ci(row)} | {row['verdict']} "
             f"| {row['ppl_topk']:.2f} | {ratio_with_ci(row, '_topk')} "
-            f"| {100 * row['val_gain']:+.1f}% | {row['flops_ratio']:.3f} |"
+            f"| {100 * row['val_gain']:+.1f}% | {row['flops_ratio']:.3f} "
+            f"| {ratio_with_ci(row, '_dense_compute')} | {row.get('verdict_dense_compute') or '-'} "
+            f"| {ratio_with_ci(row, '_dense_large')} | {inference} |"
         )
-    groups = seed_summary(pa.Table.from_pylist(at_m, schema=table.schema)).to_pylist()
+    at_m_table = pa.Table.from_pylist(at_m, schema=table.schema)
+    for baseline, title in [("dense", "dense"), *BASELINE_NAMES.items()]:
+        lines += _seed_lines(seed_summary(at_m_table, baseline).to_pylist(), title)
+    return write_text_atomically("\n".join(lines) + "\n", out)
+
+
+def _seed_lines(groups: list[dict], baseline: str) -> list[str]:
+    """The seed-summary table of one baseline, in Markdown; nothing without seed groups."""
+    lines = []
     if groups:
         lines += [
             "",
-            "Over seeds (runs named RECIPE@SEED), mixture/dense perplexity ratio at M̂ = M:",
+            f"Over seeds (runs named RECIPE@SEED), mixture/{baseline} perplexity ratio at M̂ = M:",
             "",
             "| recipe | seeds | mean ratio | std | min-max | 95 % CI over seeds | verdict |",
             "|---|---:|---:|---:|---|---|---|",
@@ -239,7 +298,7 @@ def markdown(table: pa.Table, out: PathLike) -> Path:
                 f"| {row['ratio_std']:.3f} | {row['ratio_min']:.3f}-{row['ratio_max']:.3f} "
                 f"| {interval} | {row['verdict']} |"
             )
-    return write_text_atomically("\n".join(lines) + "\n", out)
+    return lines
 
 
 def comparison_figure(table: PathLike, runs: Mapping[str, PathLike], out: PathLike) -> Path:

@@ -59,7 +59,7 @@ def semantic_errors(config: dict[str, Any]) -> list[str]:
         if not math.isfinite(value)
     ]
     errors += _split_errors(config.get("splits", {}))
-    for role in ("router", "expert"):
+    for role in ("router", "expert", "dense_large"):
         errors += _model_errors(config, role)
     errors += _routing_errors(config)
     errors += _branch_errors(config.get("training", {}))
@@ -533,8 +533,12 @@ def write_resolved_config(config: dict[str, Any], path: str | Path) -> Path:
 
 
 def model_config(config: dict[str, Any], role: str, *, vocab_size: int):
-    """The ModelConfig of a role ('router' or 'expert'; the dense baseline is an expert): its
-    preset, the config's overrides, V from the tokenizer and S from seq_len."""
+    """The ModelConfig of a role ('router', 'expert' or 'dense_large'; the dense baselines are
+    experts): its preset, the config's overrides, V from the tokenizer and S from seq_len.
+    `models.dense_large: null` is the expert at twice its width (the paper's 335M -> 1.3B)."""
+    if role == "dense_large" and config["models"].get("dense_large") is None:
+        expert = model_config(config, "expert", vocab_size=vocab_size)
+        return dataclasses.replace(expert, n_embd=2 * expert.n_embd)
     section = dict(config["models"][role])
     preset = PRESETS[section.pop("preset")]
     return dataclasses.replace(preset, vocab_size=vocab_size, seq_len=config["seq_len"], **section)

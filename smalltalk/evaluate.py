@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,10 +131,12 @@ def merge_scores(
     topk: int,
     temperature: float,
     expert_ids: Sequence[int] | None = None,
+    baselines: Mapping[str, SequenceScores] | None = None,
 ) -> pa.Table:
     """The `EVAL_SCHEMA` rows of n sequences of S + 1 tokens (`table`: seq_id, source) from
     the routers' costs (n, P, E), each expert's scores and the dense model's. `expert_ids` names
-    the E experts in the rows (default 0..E-1): a subset of a mixture keeps its indices."""
+    the E experts in the rows (default 0..E-1): a subset of a mixture keeps its indices.
+    `baselines` adds a column nll_{name} per further dense baseline (`training.baselines`)."""
     n, n_prefixes, n_experts = router_nll.shape
     expert_ids = np.arange(n_experts) if expert_ids is None else np.asarray(expert_ids)
     routed = route(router_nll.reshape(n * n_prefixes, n_experts)).reshape(n, n_prefixes)
@@ -155,6 +157,7 @@ def merge_scores(
     per_row = np.repeat(np.arange(n), n_prefixes)  # (n*P,) sequence of each output row
     router_values = pa.array(router_nll.reshape(-1), pa.float32())  # (n*P*E,)
     offsets = pa.array(np.arange(0, n * n_prefixes + 1, dtype=np.int32) * n_experts)
+    baselines = baselines or {}
     return pa.table(
         {
             "seq_id": table.column("seq_id").take(per_row),
@@ -171,9 +174,16 @@ def merge_scores(
             "oracle_expert": expert_ids[oracle][per_row].astype(np.int16),
             "nll_oracle": nll_after[np.arange(n), oracle][per_row],
             "nll_topk": nll_topk.reshape(-1),
+            **{f"nll_{name}": scores.nll_after[per_row] for name, scores in baselines.items()},
         },
-        schema=EVAL_SCHEMA,
+        schema=eval_schema(baselines),
     )
+
+
+def eval_schema(baselines: Sequence[str] = ()) -> pa.Schema:
+    """`EVAL_SCHEMA` and a column nll_{name} per further dense baseline: the summed NLL of the
+    same tokens as nll_dense."""
+    return pa.schema([*EVAL_SCHEMA, *(pa.field(f"nll_{name}", pa.float64()) for name in baselines)])
 
 
 def read_tokens(paths: Sequence[str | os.PathLike], columns: list[str]) -> pa.Table:
@@ -315,9 +325,11 @@ def merge_part(
     out: str | os.PathLike,
     experts: Sequence[int] | None = None,
     slice_rows: int = SLICE_ROWS,
+    baseline_scores: Mapping[str, str | os.PathLike] | None = None,
 ) -> pa.Table:
     """The `EVAL_SCHEMA` rows of the token files from their `route_part` files (routers in
-    expert order) and `score_part` files (expert e's at position e, then the dense model's).
+    expert order) and `score_part` files (expert e's at position e, then the dense model's, then
+    each further dense baseline's of `baseline_scores`, a column nll_{name} each).
 
     `experts` keeps a subset of the mixture (its routers and experts, by index; default all):
     the rows of the mixture before it grew, or after some experts retired. A top-k larger than
@@ -335,8 +347,9 @@ def merge_part(
         )
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    baseline_scores = dict(baseline_scores or {})
     scores, train_prefix_lens = [], set()
-    for path in [*(expert_scores[e] for e in kept), dense_scores]:
+    for path in [*(expert_scores[e] for e in kept), dense_scores, *baseline_scores.values()]:
         ids, train_prefix_len, part = read_scores(path)
         train_prefix_lens.add(train_prefix_len)
         if not np.array_equal(ids, seq_ids):
@@ -352,21 +365,25 @@ def merge_part(
     # T = S + 1 - max(M, 1) tokens after the prefix, so S follows from the log-probs' width.
     seq_len = scores[0].logprobs_after.shape[1] + max(train_prefix_lens.pop(), 1) - 1
     router_nll = router_nll[:, :, kept]
+    baseline_parts = dict(zip(baseline_scores, scores[len(kept) + 1 :], strict=True))
     slices = [
         merge_scores(
             table.slice(start, slice_rows),
             router_nll[start : start + slice_rows],
-            [_rows(part, start, slice_rows) for part in scores[:-1]],
-            _rows(scores[-1], start, slice_rows),
+            [_rows(part, start, slice_rows) for part in scores[: len(kept)]],
+            _rows(scores[len(kept)], start, slice_rows),
             prefix_lens=prefix_lens,
             seq_len=seq_len,
             topk=min(topk, len(kept)),
             temperature=temperature,
             expert_ids=kept,
+            baselines={
+                name: _rows(part, start, slice_rows) for name, part in baseline_parts.items()
+            },
         )
         for start in range(0, table.num_rows, slice_rows)
     ]
-    result = pa.concat_tables(slices) if slices else EVAL_SCHEMA.empty_table()
+    result = pa.concat_tables(slices) if slices else eval_schema(baseline_scores).empty_table()
     write_parquet_atomically(result, out)
     return result
 

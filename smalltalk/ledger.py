@@ -18,11 +18,37 @@ import pyarrow.parquet as pq
 
 from smalltalk import flops
 from smalltalk.config import ModelConfig
-from smalltalk.files import write_parquet_atomically
+from smalltalk.files import write_parquet_atomically, write_text_atomically
 
 
 def _summary(path: str | os.PathLike) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def routing_flops(
+    *,
+    router_config: ModelConfig,
+    router_summaries: Sequence[str | os.PathLike],
+    em_score_files: Sequence[str | os.PathLike],
+    shard_score_files: Sequence[str | os.PathLike],
+    n_experts: int,
+    prefix_len: int,
+    routing_method: str = "smalltalk",
+) -> dict[str, int | float]:
+    """What the routers add to the experts' training (Eq. 13, 14 and 16), from what the run
+    really did: the routers' job summaries and the number of sequences each scoring pass read."""
+    learned = routing_method == "smalltalk"
+    score_one = flops.inference_flops(router_config, prefix_len)  # Eq. 11 at S = M
+    em_scored = sum(pq.read_metadata(path).num_rows for path in em_score_files)
+    shard_scored = sum(pq.read_metadata(path).num_rows for path in shard_score_files)
+    return {
+        "routers: training (Eq. 13)": sum(_summary(path)["flops"] for path in router_summaries),
+        # Eq. 14: every router scores its round's block.
+        "routers: scoring during EM (Eq. 14)": em_scored * score_one,
+        "routers: scoring for sharding (Eq. 16)": (
+            shard_scored * n_experts * score_one if learned else 0
+        ),
+    }
 
 
 def flops_ledger(
@@ -38,22 +64,28 @@ def flops_ledger(
     prefix_len: int,
     out: str | os.PathLike,
     routing_method: str = "smalltalk",
+    baseline_summaries: dict[str, str | os.PathLike] | None = None,
+    baseline_configs: dict[str, ModelConfig] | None = None,
 ) -> pa.Table:
-    """One row per cost of the mixture and of the dense baseline, in FLOPs and as a share of
-    the dense model's training; then inference per sequence, with and without routing.
+    """One row per cost of the mixture and of the dense baselines, in FLOPs and as a share of
+    the equal-token dense model's training; then inference per sequence, with and without
+    routing, and of every dense baseline of another size.
 
     The baseline routing methods run no LM: their routing FLOPs count as zero (TF-IDF and a
     k-means distance cost a negligible fraction of one LM forward pass)."""
     learned = routing_method == "smalltalk"
     experts = sum(_summary(path)["flops"] for path in expert_summaries)
     dense = _summary(dense_summary)["flops"]
-    router_training = sum(_summary(path)["flops"] for path in router_summaries)
-    score_one = flops.inference_flops(router_config, prefix_len)  # Eq. 11 at S = M
-    em_scored = sum(pq.read_metadata(path).num_rows for path in em_score_files)
-    shard_scored = sum(pq.read_metadata(path).num_rows for path in shard_score_files)
-    em_scoring = em_scored * score_one  # Eq. 14: every router scores its round's block
-    shard_scoring = shard_scored * n_experts * score_one if learned else 0  # Eq. 16
-    routers = router_training + em_scoring + shard_scoring
+    routing_costs = routing_flops(
+        router_config=router_config,
+        router_summaries=router_summaries,
+        em_score_files=em_score_files,
+        shard_score_files=shard_score_files,
+        n_experts=n_experts,
+        prefix_len=prefix_len,
+        routing_method=routing_method,
+    )
+    routers = sum(routing_costs.values())
     expert_inference = flops.inference_flops(expert_config, expert_config.seq_len)
     routing = flops.routing_inference_flops(router_config, n_experts, prefix_len) if learned else 0
     routing_name = (
@@ -61,16 +93,28 @@ def flops_ledger(
         if learned
         else f"routing: {routing_method} (no LM)"
     )
+    baseline_summaries = baseline_summaries or {}
+    baseline_configs = baseline_configs or {}
     rows = [
         ("training", "experts (Eq. 15)", experts),
-        ("training", "routers: training (Eq. 13)", router_training),
-        ("training", "routers: scoring during EM (Eq. 14)", em_scoring),
-        ("training", "routers: scoring for sharding (Eq. 16)", shard_scoring),
+        *(("training", name, value) for name, value in routing_costs.items()),
         ("training", "mixture total (Eq. 12)", experts + routers),
         ("training", "dense baseline (Eq. 10)", dense),
+        *(
+            ("training", BASELINE_LEDGER_NAMES[name], _summary(path)["flops"])
+            for name, path in baseline_summaries.items()
+        ),
         ("inference per sequence", "one expert or the dense model (Eq. 11)", expert_inference),
         ("inference per sequence", routing_name, routing),
         ("inference per sequence", "mixture total", expert_inference + routing),
+        *(
+            (
+                "inference per sequence",
+                BASELINE_LEDGER_NAMES[name],
+                flops.inference_flops(model, model.seq_len),
+            )
+            for name, model in baseline_configs.items()
+        ),
     ]
     table = pa.table(
         {
@@ -85,6 +129,48 @@ def flops_ledger(
     )
     write_parquet_atomically(table, out)
     return table
+
+
+BASELINE_LEDGER_NAMES = {
+    "dense_compute": "dense, compute-matched (Eq. 10)",
+    "dense_large": "dense, larger (Eq. 10)",
+}
+"""The ledger's row of each dense baseline trained on the mixture's whole budget."""
+
+
+def baseline_budget(
+    *,
+    expert_config: ModelConfig,
+    planned_experts: float,
+    planned_dense: float,
+    routing_costs: dict[str, int | float],
+    baselines: dict[str, tuple[ModelConfig, int]],
+    out: str | os.PathLike,
+) -> dict:
+    """The steps of each dense baseline that gets the mixture's whole training budget: the
+    experts' planned FLOPs (Eq. 15) plus what the routers spent (Eq. 13, 14, 16), divided by one
+    step of that model at its batch (`baselines`: name -> (model, batch)), rounded up so the
+    baseline never gets less than the mixture spent. Written as JSON for the training jobs."""
+    mixture = planned_experts + sum(routing_costs.values())
+    budget = {
+        "mixture_flops": float(mixture),
+        "experts_flops": float(planned_experts),
+        "dense_flops": float(planned_dense),
+        "routing_flops": {name: float(value) for name, value in routing_costs.items()},
+        "baselines": {},
+    }
+    for name, (model, batch) in baselines.items():
+        step = flops.train_step_flops(model, batch, model.seq_len)
+        steps = math.ceil(mixture / step)
+        budget["baselines"][name] = {
+            "steps": steps,
+            "batch_size": batch,
+            "flops": float(steps * step),
+            "flops_per_token_vs_expert": flops.forward_flops(model, 1, model.seq_len)
+            / flops.forward_flops(expert_config, 1, expert_config.seq_len),
+        }
+    write_text_atomically(json.dumps(budget, indent=2) + "\n", out)
+    return budget
 
 
 def paper_table3_table(out: str | os.PathLike) -> pa.Table:

@@ -18,8 +18,9 @@ E = 2
 M = 32
 
 
-def make_run(root, ratio, low, high, *, topk=(0.95, 0.93, 0.97)):
-    """A finished run's files as `compare_runs` reads them, at M-hat = 16 and M = 32."""
+def make_run(root, ratio, low, high, *, topk=(0.95, 0.93, 0.97), compute=None):
+    """A finished run's files as `compare_runs` reads them, at M-hat = 16 and M = 32;
+    `compute` (ratio, low, high) adds a compute-matched dense baseline."""
     config = {
         "routing": {"method": "smalltalk", "n_experts": E, "prefix_len": M},
         "models": {"router": {"preset": "demo-router", "n_embd": 32, "n_layer": 2}},
@@ -48,14 +49,26 @@ def make_run(root, ratio, low, high, *, topk=(0.95, 0.93, 0.97)):
                 "verdict_topk": "top-k better",
             }
         )
+        if compute:
+            c, c_low, c_high = (value + shift for value in compute)
+            rows[-1] |= {
+                "ppl_dense_compute": 20.0 * r / c,
+                "ratio_dense_compute": c,
+                "ratio_dense_compute_ci_low": c_low,
+                "ratio_dense_compute_ci_high": c_high,
+                "verdict_dense_compute": verdict(c, c_low, c_high, b="compute-matched dense"),
+            }
     write(root / "eval/summary/overall.parquet", rows)
-    write(
-        root / "ledger/flops.parquet",
-        {
-            "component": ["mixture total (Eq. 12)", "dense baseline (Eq. 10)"],
-            "flops": [1.1e15, 1.0e15],
-        },
-    )
+    ledger = {
+        "phase": ["training", "training", "inference per sequence"],
+        "component": ["mixture total (Eq. 12)", "dense baseline (Eq. 10)", "mixture total"],
+        "flops": [1.1e15, 1.0e15, 1e9],
+    }
+    if compute:
+        ledger["phase"].append("training")
+        ledger["component"].append("dense, compute-matched (Eq. 10)")
+        ledger["flops"].append(1.1e15)
+    write(root / "ledger/flops.parquet", ledger)
     for e in range(E):
         metrics(
             root / f"experts/e{e}/metrics.parquet", scale=1.0, floor=3.0, batch_flops=1e9, val=True
@@ -115,6 +128,34 @@ def test_markdown_shows_intervals_verdicts_and_seeds(runs, tmp_path):
     (seeds,) = [line for line in lines if line.startswith("| smalltalk |")]
     assert "| 3 | 0.980 | 0.020 | 0.960-1.000 |" in seeds
     assert seeds.endswith("| no difference (CI contains 1) |")
+
+
+def test_ratios_to_the_compute_matched_dense_are_carried_and_summed_over_seeds(tmp_path):
+    runs = {
+        f"smalltalk@{seed}": make_run(
+            tmp_path / str(seed), 0.9, 0.89, 0.91, compute=(0.93 + seed / 100, 0.92, 0.99)
+        )
+        for seed in (1, 2, 3)
+    }
+    runs["tfidf"] = make_run(tmp_path / "tfidf", 1.01, 0.99, 1.03)  # no such baseline: "-"
+    table = compare.compare_runs(runs, tmp_path / "comparison.parquet")
+    at_m = {row["run"]: row for row in table.to_pylist() if row["prefix_len"] == M}
+    assert at_m["smalltalk@2"]["ratio_dense_compute"] == pytest.approx(0.95)
+    assert at_m["smalltalk@2"]["dense_compute_train_flops"] == 1.1e15
+    assert at_m["tfidf"]["ratio_dense_compute"] is None
+    (summary,) = [
+        row
+        for row in compare.seed_summary(table, "dense_compute").to_pylist()
+        if row["prefix_len"] == M
+    ]
+    assert summary["ratio_mean"] == pytest.approx(0.95) and summary["seeds"] == 3
+    assert summary["verdict"] == "mixture better"
+    text = compare.markdown(table, tmp_path / "comparison.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| smalltalk@1 "))
+    assert "| 0.940 [0.920, 0.990] | mixture better | - | - |" in row
+    tfidf = next(line for line in text.splitlines() if line.startswith("| tfidf "))
+    assert tfidf.endswith("| - | - | - | - |")
+    assert "mixture/compute-matched dense perplexity ratio at M̂ = M:" in text
 
 
 def test_markdown_without_seed_groups_is_one_table(runs, tmp_path):

@@ -15,6 +15,7 @@ from smalltalk.checkpoint import save_weights
 from smalltalk.config import ModelConfig
 from smalltalk.evaluate import (
     EVAL_SCHEMA,
+    eval_schema,
     evaluate_chunk,
     merge_part,
     route_part,
@@ -521,6 +522,66 @@ def test_verdict_says_which_model_is_better_and_when_neither_is(tmp_path):
     assert by_source["clear"]["ratio_ci_high"] == pytest.approx(np.exp(-0.2))
     assert by_source["noisy"]["verdict"] == "no difference (CI contains 1)"
     assert by_source["noisy"]["ratio_ci_low"] < 1 < by_source["noisy"]["ratio_ci_high"]
+
+
+def test_each_further_baseline_gets_its_own_ratio_interval_and_verdict(tmp_path):
+    """A column nll_{baseline} gives ppl_{baseline} and the mixture's ratio to it, beside (not
+    instead of) the ratio to the equal-token dense model."""
+    n, sequences = 10, 60
+    rng = np.random.default_rng(1)
+    mixture = 3.0 * n + rng.normal(0, 0.1, sequences) * n
+    rows = {
+        "seq_id": np.arange(sequences),
+        "source": ["a"] * sequences,
+        "prefix_len": np.full(sequences, 4),
+        "expert": np.zeros(sequences),
+        "router_nll": [[1.0]] * sequences,
+        "n_tokens": np.full(sequences, n),
+        "nll_expert": mixture,
+        "nll_dense": mixture + 0.3 * n,  # dense 0.3 nats worse per token
+        "n_tokens_full": np.full(sequences, n),
+        "nll_expert_full": mixture,
+        "nll_dense_full": mixture + 0.3 * n,
+        "oracle_expert": np.zeros(sequences),
+        "nll_oracle": mixture,
+        "nll_topk": mixture,
+        "nll_dense_compute": mixture + 0.1 * n,  # 0.1 nats worse: still a clear win
+        "nll_dense_large": mixture - 0.2 * n,  # 0.2 nats better
+    }
+    schema = eval_schema(["dense_compute", "dense_large"])
+    pq.write_table(pa.table(rows, schema=schema), tmp_path / "eval.parquet")
+    tables = aggregate([tmp_path / "eval.parquet"], tmp_path / "summary")
+    for name in ("overall", "per_source"):
+        (row,) = tables[name].to_pylist()
+        assert row["ratio"] == pytest.approx(np.exp(-0.3))
+        assert row["ratio_dense_compute"] == pytest.approx(np.exp(-0.1))
+        assert row["verdict_dense_compute"] == "mixture better"
+        assert row["ratio_dense_large"] == pytest.approx(np.exp(0.2))
+        assert row["verdict_dense_large"] == "larger dense better"
+        low, high = row["ratio_dense_large_ci_low"], row["ratio_dense_large_ci_high"]
+        assert low == pytest.approx(high)  # the same shift on every sequence: no spread
+        assert row["ppl_dense_compute"] == pytest.approx(row["ppl_mixture"] * np.exp(0.1))
+
+
+def test_a_baselines_scores_become_its_column(setup, evaluated, tmp_path):
+    """merge-part --baseline-scores NAME=FILE: the model's NLLs of the tokens after the prefix."""
+    score = tmp_path / "score-large.parquet"
+    score_part(
+        tokens_paths=[setup["chunks"][0]],
+        model_config=CONFIG,
+        weights=setup["experts"][1],  # any model of the architecture will do
+        train_prefix_len=M,
+        batch_size=4,
+        out=score,
+        device="cpu",
+    )
+    merged = evaluate_in_parts(setup, tmp_path, baseline_scores={"dense_large": score})
+    assert merged.schema == eval_schema(["dense_large"])
+    plain = evaluate_in_parts(setup, tmp_path / "plain")
+    assert merged.drop_columns(["nll_dense_large"]).equals(plain)
+    per_sequence = pq.read_table(score).column("nll_after").to_numpy()
+    expected = np.repeat(per_sequence, len(merged) // len(per_sequence))  # a row per M-hat
+    np.testing.assert_array_equal(columns(merged)["nll_dense_large"], expected)
 
 
 # ---- routed validation subsets ---------------------------------------------------------------

@@ -76,3 +76,67 @@ def test_steps_given_to_the_job_override_the_config():
     del config["training"]["expert"]["steps"]
     with pytest.raises(ValueError, match="training.expert.steps"):
         plan_job(config, "expert", 0, vocab_size=V)
+
+
+def test_baselines_get_the_mixtures_whole_budget_at_the_dense_batch(tmp_path):
+    """The budget's steps, rounded up, give each baseline at least the mixture's training FLOPs
+    and less than one step more; the larger one is the expert at twice its width by default."""
+    from smalltalk.flops import train_step_flops, training_flops
+    from smalltalk.ledger import baseline_budget
+    from smalltalk.plan import baseline_models, planned_training_flops
+
+    config = demo_config()
+    experts, dense = planned_training_flops(config, vocab_size=V)
+    assert experts == dense  # equal training FLOPs by design (§3.1)
+    models = baseline_models(config, vocab_size=V)
+    assert set(models) == {"dense_compute", "dense_large"}
+    expert = plan_job(config, "expert", 0, vocab_size=V).model
+    assert models["dense_compute"][0] == expert
+    assert models["dense_large"][0].n_embd == 2 * expert.n_embd
+    routing = {"routers: training (Eq. 13)": 0.02 * dense, "routers: scoring": 0.03 * dense}
+    budget = baseline_budget(
+        expert_config=expert,
+        planned_experts=experts,
+        planned_dense=dense,
+        routing_costs=routing,
+        baselines=models,
+        out=tmp_path / "budget.json",
+    )
+    mixture = budget["mixture_flops"]
+    assert mixture == pytest.approx(1.05 * dense)
+    for name, (model, batch) in models.items():
+        plan = plan_job(
+            config, "dense", None, vocab_size=V, baseline=name, budget=tmp_path / "budget.json"
+        )
+        assert plan.model == model and plan.training.batch_size == batch
+        assert plan.training.seed == config["seed"] + MODEL_SEED_OFFSET
+        spent = training_flops(model, plan.training.steps, batch, model.seq_len)
+        assert mixture <= spent < mixture + train_step_flops(model, batch, model.seq_len)
+    compute = plan_job(
+        config,
+        "dense",
+        None,
+        vocab_size=V,
+        baseline="dense_compute",
+        budget=tmp_path / "budget.json",
+    )
+    equal = plan_job(config, "dense", None, vocab_size=V)
+    assert compute.training.steps == -(-equal.training.steps * 105 // 100)  # 5 % more tokens
+
+
+def test_a_baseline_not_configured_or_without_its_budget_is_refused(tmp_path):
+    config = demo_config(baselines=["dense_compute"])
+    with pytest.raises(ValueError, match="not in training.baselines"):
+        plan_job(config, "dense", None, vocab_size=V, baseline="dense_large", budget="x")
+    with pytest.raises(ValueError, match="needs the budget file"):
+        plan_job(config, "dense", None, vocab_size=V, baseline="dense_compute")
+    (tmp_path / "b.json").write_text('{"baselines": {}}')
+    with pytest.raises(ValueError, match="no budget for baseline 'dense_compute'"):
+        plan_job(
+            config,
+            "dense",
+            None,
+            vocab_size=V,
+            baseline="dense_compute",
+            budget=tmp_path / "b.json",
+        )

@@ -18,6 +18,7 @@ from smalltalk.cli.registry import (
     arg,
     command,
     expert_list,
+    named_path,
 )
 
 TOKEN_FILES = arg("--tokens", nargs="+", required=True, help="token files, read in order")
@@ -128,6 +129,12 @@ def route_part(args: argparse.Namespace) -> int:
     TOKEN_FILES,
     TOKENIZER,
     arg("--weights", required=True, help="an expert's or the dense model's weights"),
+    arg(
+        "--architecture",
+        choices=["expert", "dense_large"],
+        default="expert",
+        help="models.expert (experts, the dense baselines) or models.dense_large",
+    ),
     arg("--out", required=True, help="the scores (Parquet)"),
     THREADS,
 )
@@ -139,7 +146,7 @@ def score_part(args: argparse.Namespace) -> int:
     set_torch_threads(args.threads)
     smalltalk.evaluate.score_part(
         tokens_paths=args.tokens,
-        model_config=model_config(config, "expert", vocab_size=vocab_size(args.tokenizer)),
+        model_config=model_config(config, args.architecture, vocab_size=vocab_size(args.tokenizer)),
         weights=args.weights,
         train_prefix_len=config["routing"]["prefix_len"],
         batch_size=config["eval"]["batch_size"],
@@ -156,6 +163,13 @@ def score_part(args: argparse.Namespace) -> int:
     arg("--routes", nargs="+", required=True, help="route-part files, expert order"),
     arg("--expert-scores", nargs="+", required=True, help="score-part files, e order"),
     arg("--dense-scores", required=True, help="the dense model's score-part file"),
+    arg(
+        "--baseline-scores",
+        nargs="*",
+        default=[],
+        type=named_path,
+        help="NAME=score-part file of each further dense baseline (a column nll_NAME each)",
+    ),
     arg(
         "--experts",
         type=expert_list,
@@ -177,6 +191,7 @@ def merge_part(args: argparse.Namespace) -> int:
         temperature=evaluation["temperature"],
         experts=args.experts,
         out=args.out,
+        baseline_scores=dict(args.baseline_scores),
     )
     return 0
 
@@ -232,15 +247,25 @@ def aggregate(args: argparse.Namespace) -> int:
     arg("--shard-scores", nargs="+", required=True, help="per-chunk shard scores"),
     arg("--expert-summaries", nargs="+", required=True, help="expert summary.json"),
     arg("--dense-summary", required=True, help="dense summary.json"),
+    arg(
+        "--baseline-summaries",
+        nargs="*",
+        default=[],
+        type=named_path,
+        help="NAME=summary.json of each dense baseline on the mixture's budget",
+    ),
     arg("--out", required=True, help="the run's FLOPs ledger (Parquet)"),
     arg("--paper-out", required=True, help="the paper's Table 3 (Parquet)"),
 )
 def ledger_flops(args: argparse.Namespace) -> int:
     from smalltalk.config import model_config
     from smalltalk.ledger import flops_ledger, paper_table3_table
+    from smalltalk.plan import baseline_models
 
     config = load_config(args.config)
     vocab = vocab_size(args.tokenizer)
+    baselines = dict(args.baseline_summaries)
+    models = baseline_models(config, vocab_size=vocab)
     table = flops_ledger(
         router_config=model_config(config, "router", vocab_size=vocab),
         expert_config=model_config(config, "expert", vocab_size=vocab),
@@ -253,9 +278,50 @@ def ledger_flops(args: argparse.Namespace) -> int:
         prefix_len=config["routing"]["prefix_len"],
         out=args.out,
         routing_method=config["routing"]["method"],
+        baseline_summaries=baselines,
+        baseline_configs={name: models[name][0] for name in baselines if name != "dense_compute"},
     )
     paper_table3_table(args.paper_out)
     show_table(table)
+    return 0
+
+
+@command(
+    "baseline-budget",
+    "the mixture's whole training FLOPs, and the steps of each dense baseline given them",
+    CONFIG,
+    TOKENIZER,
+    arg("--router-summaries", nargs="*", default=[], help="router summary.json"),
+    arg("--em-scores", nargs="*", default=[], help="EM score files"),
+    arg("--shard-scores", nargs="+", required=True, help="per-chunk shard scores"),
+    arg("--out", required=True, help="the budget (JSON)"),
+)
+def baseline_budget(args: argparse.Namespace) -> int:
+    import smalltalk.ledger
+    from smalltalk.config import model_config
+    from smalltalk.plan import baseline_models, planned_training_flops
+
+    config = load_config(args.config)
+    vocab = vocab_size(args.tokenizer)
+    experts, dense = planned_training_flops(config, vocab_size=vocab)
+    routing = smalltalk.ledger.routing_flops(
+        router_config=model_config(config, "router", vocab_size=vocab),
+        router_summaries=args.router_summaries,
+        em_score_files=args.em_scores,
+        shard_score_files=args.shard_scores,
+        n_experts=config["routing"]["n_experts"],
+        prefix_len=config["routing"]["prefix_len"],
+        routing_method=config["routing"]["method"],
+    )
+    budget = smalltalk.ledger.baseline_budget(
+        expert_config=model_config(config, "expert", vocab_size=vocab),
+        planned_experts=experts,
+        planned_dense=dense,
+        routing_costs=routing,
+        baselines=baseline_models(config, vocab_size=vocab),
+        out=args.out,
+    )
+    print(json.dumps(budget, indent=2))
     return 0
 
 

@@ -78,6 +78,14 @@ def expert_list(text: str) -> list[int]:
         ) from None
 
 
+def named_path(text: str) -> tuple[str, str]:
+    """NAME=PATH, e.g. dense_compute=results/dense_compute/summary.json."""
+    name, equals, path = text.partition("=")
+    if not (equals and name and path):
+        raise argparse.ArgumentTypeError(f"not NAME=PATH: {text!r}")
+    return name, path
+
+
 def temperature(text: str) -> float:
     """A finite number >= 0."""
     try:

@@ -107,7 +107,13 @@ def robustness(args: argparse.Namespace) -> int:
 # The flags each figure reads, as {its drawing function's parameter: the flag}; every figure
 # (`smalltalk.report.FIGURES`) also writes --out.
 PLOT_FLAGS = {
-    "perplexity_vs_flops": {"expert_metrics": "experts", "dense_metrics": "dense"},
+    "perplexity_vs_flops": {
+        "expert_metrics": "experts",
+        "dense_metrics": "dense",
+        "baseline_metrics": "baselines",
+        "ledger": "ledger",
+        "overall": "overall",
+    },
     "expert_load": {"train_check_json": "check", "eval_load": "load", "prefix_len": "prefix_len"},
     "segment_perplexity": {"per_segment": "per_segment", "prefix_len": "prefix_len"},
     "prefix_sensitivity": {"overall": "overall", "train_prefix_len": "prefix_len"},
@@ -126,6 +132,13 @@ PLOT_FLAGS = {
     arg("--out", required=True, help="the PNG to write"),
     arg("--experts", nargs="+", help="experts' metrics.parquet (perplexity_vs_flops)"),
     arg("--dense", help="the dense model's metrics.parquet (perplexity_vs_flops)"),
+    arg(
+        "--baselines",
+        nargs="*",
+        default=[],
+        help="NAME=metrics.parquet of each dense baseline on the mixture's budget",
+    ),
+    arg("--ledger", help="ledger/flops.parquet: what the routers spent (perplexity_vs_flops)"),
     arg("--check", help="segmentation/check.json (expert_load)"),
     arg("--load", help="eval/summary/load.parquet (expert_load)"),
     arg("--per-segment", help="eval/summary/per_segment.parquet"),

@@ -146,6 +146,12 @@ def em_final(args: argparse.Namespace) -> int:
         help="a checkpoint directory to go on from (weights, optimizer, step): BTM's branch point",
     ),
     arg("--stop-at", type=int, help="end after this step, leaving a checkpoint to branch from"),
+    arg(
+        "--baseline",
+        choices=["dense_compute", "dense_large"],
+        help="a dense baseline on the mixture's whole training budget (role dense)",
+    ),
+    arg("--budget", help="the baselines' budget (baseline-budget's JSON)"),
     TOKENIZER,
     arg("--out-dir", required=True, help="metrics, checkpoints and summary"),
     arg("--weights", help="final weights (default: OUT_DIR/model.safetensors)"),
@@ -169,6 +175,8 @@ def train(args: argparse.Namespace) -> int:
         data=args.data,
         steps=args.steps,
         threads=args.threads,
+        baseline=args.baseline,
+        budget=args.budget,
     )
     fit(
         plan.model,

@@ -80,22 +80,48 @@ def loss_curve(metrics: Sequence[PathLike], validation: bool | None = None) -> C
     return Curve(steps, flops, perplexity, use_validation)
 
 
+BASELINE_STYLES = {
+    "dense_compute": ("compute-matched dense", "#E69F00", "D"),
+    "dense_large": ("larger dense", "#D55E00", "^"),
+}
+"""Label, colour and marker of each dense baseline on the mixture's whole budget."""
+
+
 def perplexity_vs_flops(
-    expert_metrics: Sequence[PathLike], dense_metrics: PathLike, out: PathLike
+    expert_metrics: Sequence[PathLike],
+    dense_metrics: PathLike,
+    out: PathLike,
+    baseline_metrics: Sequence[str] = (),
+    ledger: PathLike | None = None,
+    overall: PathLike | None = None,
 ) -> Path:
-    """Paper Fig. 2: validation perplexity against cumulative training FLOPs, mixture vs dense."""
+    """Paper Fig. 2: validation perplexity against cumulative training FLOPs, mixture vs dense
+    and the dense baselines on the mixture's budget (`baseline_metrics`: NAME=metrics.parquet).
+    With the run's FLOPs `ledger`, the mixture's curve starts at what its routers spent; with the
+    test `overall` summary a second panel puts every model at its total training FLOPs, at its
+    test perplexity, with the paired-bootstrap 95 % interval of its ratio to the mixture."""
     mixture = loss_curve(expert_metrics)
     dense = loss_curve([dense_metrics])
-    if mixture.validation != dense.validation:  # compare like with like: both on training loss
+    baselines = {}
+    for item in baseline_metrics:
+        name, _, path = item.partition("=")
+        baselines[name] = loss_curve([path])
+    curves = [mixture, dense, *baselines.values()]
+    if len({curve.validation for curve in curves}) > 1:  # like with like: all on training loss
         mixture = loss_curve(expert_metrics, validation=False)
         dense = loss_curve([dense_metrics], validation=False)
+        baselines = {
+            name.partition("=")[0]: loss_curve([name.partition("=")[2]], validation=False)
+            for name in baseline_metrics
+        }
+    routing = _routing_flops(ledger) if ledger else 0.0
     split = "validation" if mixture.validation else "training"
     with styled():
-        fig = new_figure(7.0, 4.6)
-        ax = fig.add_subplot()
+        fig = new_figure(12.5 if overall else 7.0, 4.6)
+        ax, *final = fig.subplots(1, 2 if overall else 1, squeeze=False)[0]
         n = len(expert_metrics)
         ax.plot(
-            mixture.flops,
+            mixture.flops + routing,
             mixture.perplexity,
             marker="o",
             color=MIXTURE,
@@ -107,16 +133,114 @@ def perplexity_vs_flops(
             marker="s",
             linestyle="--",
             color=DENSE,
-            label=f"dense baseline (final {dense.perplexity[-1]:.2f})",
+            label=f"dense, equal tokens (final {dense.perplexity[-1]:.2f})",
         )
+        for name, curve in baselines.items():
+            label, colour, marker = BASELINE_STYLES.get(name, (name, DENSE, "x"))
+            ax.plot(
+                curve.flops,
+                curve.perplexity,
+                marker=marker,
+                markersize=4,
+                linestyle=":",
+                color=colour,
+                label=f"{label} (final {curve.perplexity[-1]:.2f})",
+            )
         ax.set_xscale("log")
-        scale_y(ax, np.concatenate([mixture.perplexity, dense.perplexity]))
-        ax.set_xlabel("cumulative training FLOPs (mixture: sum over experts; log scale)")
+        scale_y(
+            ax,
+            np.concatenate(
+                [mixture.perplexity, dense.perplexity, *(c.perplexity for c in baselines.values())]
+            ),
+        )
+        where = "routers' FLOPs, then the sum over experts" if ledger else "sum over experts"
+        ax.set_xlabel(f"cumulative training FLOPs (mixture: {where}; log scale)")
         ax.set_ylabel(f"{split} perplexity")
         gain = signed_percent(mixture.perplexity[-1] / dense.perplexity[-1])
         title = f"{split.capitalize()} perplexity vs training cost (paper Fig. 2)"
         if split == "training":
             title += "\nno validation losses logged: training losses shown"
         ax.set_title(title)
-        ax.legend(title=f"at the end: mixture {gain} vs dense", loc="upper right")
+        ax.legend(title=f"at the end: mixture {gain} vs dense", loc="upper right", fontsize=8)
+        if overall:
+            _final_points(final[0], overall, ledger)
         return save(fig, out)
+
+
+def _routing_flops(ledger: PathLike) -> float:
+    """What the routers spent before the experts trained (Eq. 13 + 14 + 16), from the ledger."""
+    rows = read_columns(ledger, ["phase", "component", "flops"])
+    routers = [
+        value
+        for phase, name, value in zip(rows["phase"], rows["component"], rows["flops"], strict=True)
+        if phase == "training" and str(name).startswith("routers:")
+    ]
+    return float(sum(routers))
+
+
+def _final_points(ax, overall: PathLike, ledger: PathLike | None) -> None:
+    """Every model at its total training FLOPs and its test perplexity at M-hat = M. A baseline's
+    bar is the 95 % paired-bootstrap interval of the mixture's ratio to it, turned into its own
+    perplexity (ppl_mixture / ratio bounds): its distance from the mixture, sequences resampled."""
+    rows = read_columns(overall, ["prefix_len", "ppl_mixture", "ppl_dense"])
+    at = int(np.argmax(rows["prefix_len"]))  # M: the largest swept prefix
+    costs = {}
+    if ledger:
+        table = read_columns(ledger, ["phase", "component", "flops"])
+        costs = {
+            str(name): float(value)
+            for phase, name, value in zip(
+                table["phase"], table["component"], table["flops"], strict=True
+            )
+            if phase == "training"
+        }
+    mixture_ppl = float(rows["ppl_mixture"][at])
+    points = [
+        ("mixture", MIXTURE, "o", costs.get("mixture total (Eq. 12)"), mixture_ppl, ""),
+        (
+            "dense, equal tokens",
+            DENSE,
+            "s",
+            costs.get("dense baseline (Eq. 10)"),
+            float(rows["ppl_dense"][at]),
+            "",
+        ),
+    ]
+    ledger_rows = {
+        "dense_compute": "dense, compute-matched (Eq. 10)",
+        "dense_large": "dense, larger (Eq. 10)",
+    }
+    for name, (label, colour, marker) in BASELINE_STYLES.items():
+        if f"ppl_{name}" in rows:
+            points.append(
+                (
+                    label,
+                    colour,
+                    marker,
+                    costs.get(ledger_rows[name]),
+                    float(rows[f"ppl_{name}"][at]),
+                    name,
+                )
+            )
+    for label, colour, marker, cost, ppl, name in points:
+        if cost is None:
+            continue
+        error = None
+        if name and f"ratio_{name}_ci_low" in rows:
+            low, high = rows[f"ratio_{name}_ci_low"][at], rows[f"ratio_{name}_ci_high"][at]
+            error = [[max(ppl - mixture_ppl / high, 0)], [max(mixture_ppl / low - ppl, 0)]]
+        ax.errorbar(
+            [cost],
+            [ppl],
+            yerr=error,
+            marker=marker,
+            color=colour,
+            capsize=3,
+            linestyle="none",
+            label=f"{label}: {ppl:.2f}",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("total training FLOPs (mixture: routers included)")
+    ax.set_ylabel("test perplexity (M\u0302 = M)")
+    ax.set_title("Every model at its whole training cost")
+    ax.legend(loc="upper right", fontsize=8)
