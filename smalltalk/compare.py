@@ -246,11 +246,13 @@ def ratio_with_ci(row: Mapping, suffix: str = "") -> str:
     return f"{row[f'ratio{suffix}']:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def markdown(table: pa.Table, out: PathLike) -> Path:
+def markdown(table: pa.Table, out: PathLike, head: str | None = None) -> Path:
     """The rows at each run's training prefix M as a Markdown table (for the README), and, when
-    runs are grouped by seed, their spread over seeds below it."""
+    runs are grouped by seed, their spread over seeds below it; `head` (a record's provenance)
+    comes first."""
     split = table.column("split")[0].as_py() if len(table) else "test"
-    lines = [
+    lines = [head] if head else []
+    lines += [
         f"| run | method | E | router | {split} ppl mixture | {split} ppl dense | {split} gain "
         "| mixture/dense (95 % CI) | verdict | top-k | top-k/dense (95 % CI) | val gain (curves) "
         "| mixture/dense FLOPs | mixture/compute-matched dense (95 % CI) | verdict "
@@ -322,12 +324,18 @@ def comparison_figure(table: PathLike, runs: Mapping[str, PathLike], out: PathLi
         bars, sweep, curves = fig.subplots(1, 3)
         at_m = columns["prefix_len"] == columns["train_prefix_len"]
         first = [int(np.flatnonzero(at_m & (columns["run"] == name))[0]) for name in names]
-        gains = columns["gain"][first].astype(float)
+        # The headline where every run has it: the gain at equal total compute, routers
+        # included (the compute-matched dense baseline); else at equal expert FLOPs.
+        ratio, against = "ratio", "dense at equal expert FLOPs"
+        compute = columns.get("ratio_dense_compute")
+        if compute is not None and np.isfinite(compute[first].astype(float)).all():
+            ratio, against = "ratio_dense_compute", "compute-matched dense"
+        gains = 1 - columns[ratio][first].astype(float)
         # gain = 1 - ratio, so the ratio's interval [low, high] is [1 - high, 1 - low] in gain.
         errors = np.stack(
             [
-                gains - (1 - columns["ratio_ci_high"][first]),
-                (1 - columns["ratio_ci_low"][first]) - gains,
+                gains - (1 - columns[f"{ratio}_ci_high"][first].astype(float)),
+                (1 - columns[f"{ratio}_ci_low"][first].astype(float)) - gains,
             ]
         ).clip(min=0)  # (2, runs); the clip drops rounding below zero, which matplotlib refuses
         bars.barh(
@@ -340,7 +348,7 @@ def comparison_figure(table: PathLike, runs: Mapping[str, PathLike], out: PathLi
         bars.axvline(0, color=DENSE, linestyle="--", linewidth=1.0)
         bars.invert_yaxis()
         percent(bars, "x", decimals=1)
-        bars.set_xlabel(f"{split} perplexity gain over dense at equal FLOPs (M\u0302 = M; 95 % CI)")
+        bars.set_xlabel(f"{split} perplexity gain over {against} (M\u0302 = M; 95 % CI)")
         bars.set_title("Gain over the dense baseline")
         for i, name in enumerate(names):
             mine = columns["run"] == name

@@ -202,3 +202,24 @@ def test_validation_split_is_compared_from_its_own_summary_and_labelled(runs, tm
     assert "| val ppl mixture |" in compare.markdown(table, tmp_path / "val.md").read_text()
     with pytest.raises(FileNotFoundError, match="no val evaluation"):
         compare.compare_runs({"t": runs["tfidf"]}, tmp_path / "none.parquet", split="val")
+
+
+def test_a_stamped_record_names_its_command_commit_processor_and_precision(runs, tmp_path):
+    import subprocess
+
+    from smalltalk.provenance import REPO
+
+    out = tmp_path / "record.md"
+    args = [f"--run={name}={path}" for name, path in runs.items()]
+    main(["compare", *args, "--out", str(tmp_path / "c.parquet"), "--markdown", str(out)])
+    assert not out.read_text().startswith("Made by")
+    main(
+        ["compare", *args, "--out", str(tmp_path / "c.parquet"), "--markdown", str(out), "--stamp"]
+    )
+    head = out.read_text().splitlines()[:2]
+    assert head[0].startswith("Made by `smalltalk ") and "--stamp" in head[0]
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    assert head[1].startswith(f"Commit {commit}") and "; processor " in head[1]
+    assert "; precision unknown; " in head[1]  # these runs have no expert summaries

@@ -170,6 +170,24 @@ def test_tiny_config_end_to_end(tmp_path):
         assert row["ratio_ci_low"] <= row["ratio"] <= row["ratio_ci_high"]
         assert row["verdict"] in verdicts
         assert row["verdict_topk"].replace("top-k", "mixture") in verdicts
+    # The dense baselines on the mixture's whole training FLOPs, routers included: at least
+    # that much, and less than one more step; the mixture's ratio to each, in words too.
+    ledger = pq.read_table(results / "ledger" / "flops.parquet").to_pylist()
+    costs = {row["component"]: row["flops"] for row in ledger if row["phase"] == "training"}
+    mixture = costs["mixture total (Eq. 12)"]
+    assert mixture > costs["experts (Eq. 15)"] == costs["dense baseline (Eq. 10)"]
+    budget = json.loads((results / "baselines" / "budget.json").read_text())
+    assert budget["mixture_flops"] == pytest.approx(mixture)
+    for name, component in [
+        ("dense_compute", "dense, compute-matched (Eq. 10)"),
+        ("dense_large", "dense, larger (Eq. 10)"),
+    ]:
+        steps = budget["baselines"][name]["steps"]
+        assert costs[component] * (steps - 1) / steps < mixture <= costs[component]
+        for row in overall:
+            assert row[f"ratio_{name}_ci_low"] <= row[f"ratio_{name}"]
+            assert row[f"ratio_{name}"] <= row[f"ratio_{name}_ci_high"]
+            assert row[f"verdict_{name}"].endswith(("better", "(CI contains 1)"))
     # The trained mixture answers an offline lm-eval task, next to the dense baseline.
     harness = pq.read_table(results / "harness" / "scores.parquet").to_pylist()
     assert {row["model"] for row in harness if row["metric"] == "acc"} == {"mixture", "dense"}
@@ -246,8 +264,9 @@ def test_tiny_config_end_to_end(tmp_path):
     counts = job_counts(plan.stdout)
     assert counts["train_expert"] == counts["train_grown_router"] == 1
     assert not {"train_router", "shard_chunk", "train_dense"} & set(counts)
-    # The new expert scores the old part; every model scores the new corpus's part.
-    assert counts["score_eval_part"] == 1 + 4 and counts["route_eval_part"] == 1 + 3
+    # The new expert scores the old part; every model scores the new corpus's part: 3 experts,
+    # the dense model and the 2 dense baselines on the mixture's budget.
+    assert counts["score_eval_part"] == 1 + 6 and counts["route_eval_part"] == 1 + 3
     snakemake(tmp_path, "--cores", "2", "--configfile", str(TINY), str(grow))
     for path, state in untouched.items():
         assert (path.stat().st_mtime_ns, path.read_bytes()) == state, path

@@ -48,7 +48,9 @@ def _message(error: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as given, for the records a command stamps
     keep_freed_memory()  # large buffers reused, not faulted in again: smalltalk.allocator
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

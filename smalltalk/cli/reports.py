@@ -64,6 +64,11 @@ def flops(args: argparse.Namespace) -> int:
     ),
     arg("--seeds", help="mean and spread of each RECIPE's ratios over seeds"),
     arg("--markdown", help="the rows at M-hat = M as a Markdown table"),
+    arg(
+        "--stamp",
+        action="store_true",
+        help="head the Markdown with the command, commit, processor, precision and date",
+    ),
     arg("--figure", help="the comparison figure (.png)"),
     arg("--html", help="the table as an HTML fragment for the report"),
 )
@@ -79,7 +84,15 @@ def compare(args: argparse.Namespace) -> int:
         write_parquet_atomically(smalltalk.compare.seed_summary(table), args.seeds)
         html_tables["Mixture/dense perplexity ratio over seeds (runs RECIPE@SEED)"] = args.seeds
     if args.markdown:
-        smalltalk.compare.markdown(table, args.markdown)
+        head = None
+        if args.stamp:
+            import shlex
+
+            from smalltalk.provenance import stamp
+
+            command = shlex.join(["smalltalk", *args.argv])
+            head = f"Made by `{command}`.\n{stamp(runs.values())}\n"
+        smalltalk.compare.markdown(table, args.markdown, head=head)
     if args.figure:
         smalltalk.compare.comparison_figure(args.out, runs, args.figure)
     if args.html:
