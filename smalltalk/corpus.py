@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from smalltalk.unicode import unicode_problem
+
 UNKNOWN_SOURCE = "unknown"
 ZSTD_MAX_FRAME_HEADER = 18
 ZSTD_SKIPPABLE_MAGIC = 0x184D2A50  # low 4 bits free
@@ -147,6 +149,16 @@ def _truncated_or_corrupt(error: object) -> str:
     return f"truncated or corrupt compressed data ({error})"
 
 
+def _not_unicode(fields: dict[str, object]) -> str | None:
+    """Why one of a record's strings is not valid Unicode, naming the field, or None. JSON can
+    spell a lone surrogate ("\\ud800"), which no tokenizer, Parquet file or UTF-8 codec takes."""
+    for name, value in fields.items():
+        problem = unicode_problem(value) if isinstance(value, str) else None
+        if problem is not None:
+            return f"field '{name}' is not valid Unicode ({problem})"
+    return None
+
+
 def _json_lines(
     path: Path,
     doc_key: str,
@@ -203,6 +215,10 @@ def _json_lines(
                 continue
             doc_id = record.get(id_field, record.get("doc_id"))
             source = record.get(source_field)
+            problem = _not_unicode({text_field: text, id_field: doc_id, source_field: source})
+            if problem is not None:
+                _report(BadRecordError(path, line_no, problem), on_bad_record)
+                continue
             if not isinstance(source, str) or not source:
                 source = _meta_source(record.get("meta")) or default_source
             yield Document(
@@ -234,6 +250,15 @@ def _parquet(
             on_bad_record,
         )
         return
+    text_type = parquet.schema_arrow.field(text_field).type
+    if not _holds_strings(text_type):
+        _report(
+            BadRecordError(
+                path, None, f"text column '{text_field}' holds {text_type}, not strings"
+            ),
+            on_bad_record,
+        )
+        return
     columns = [name for name in (text_field, id_field, source_field) if name in names]
     if parquet.metadata.num_rows == 0:
         _report(BadRecordError(path, None, "file is empty (no records)"), on_bad_record)
@@ -252,11 +277,26 @@ def _parquet(
                     on_bad_record,
                 )
                 continue
+            problem = _not_unicode({text_field: text, id_field: doc_id, source_field: source})
+            if problem is not None:
+                _report(BadRecordError(path, row, problem), on_bad_record)
+                continue
             yield Document(
                 id=str(doc_id) if doc_id is not None else f"{doc_key}/{row - 1}",
                 text=text,
                 source=source if isinstance(source, str) and source else UNKNOWN_SOURCE,
             )
+
+
+def _holds_strings(column: pa.DataType) -> bool:
+    """Whether a column's values read as Python strings (a dictionary of strings does too)."""
+    if pa.types.is_dictionary(column):
+        column = column.value_type
+    return (
+        pa.types.is_string(column)
+        or pa.types.is_large_string(column)
+        or pa.types.is_string_view(column)
+    )
 
 
 def _report(error: BadRecordError, on_bad_record: OnBadRecord) -> None:

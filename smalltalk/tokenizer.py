@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from smalltalk.config import DataConfig, TokenizerConfig
+from smalltalk.config import ConfigError, DataConfig, TokenizerConfig, load_schema
 from smalltalk.corpus import BadRecordError
 from smalltalk.data import read_corpus_file, split_of
 from smalltalk.files import write_bytes_atomically
@@ -20,6 +21,10 @@ log = logging.getLogger(__name__)
 # SentencePiece reads one sentence per line; longer lines are cut so none is dropped.
 MAX_SENTENCE_BYTES = 8192
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+# How SentencePiece says that the sample has fewer distinct merges than the vocabulary asks for.
+VOCAB_TOO_HIGH = re.compile(
+    r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)"
+)
 
 
 def sample_files(files: list[str], count: int) -> list[str]:
@@ -97,10 +102,14 @@ def train_tokenizer(
     # SentencePiece turns an error raised by the iterator into "INTERNAL: BadRecordError"
     # inside its own traceback; keep the error to raise it as the readers do.
     failures: list[Exception] = []
+    given = 0  # sentences handed to SentencePiece
 
     def sentences() -> Iterator[str]:
+        nonlocal given
         try:
-            yield from sample_sentences(files, data, tokenizer)
+            for sentence in sample_sentences(files, data, tokenizer):
+                given += 1
+                yield sentence
         except Exception as error:
             failures.append(error)
             raise
@@ -108,16 +117,52 @@ def train_tokenizer(
     try:
         _train(spm, sentences(), tokenizer, model, threads)
     except RuntimeError as error:
-        too_small = "Vocabulary size is smaller than required_chars" in str(error)
-        if too_small and not failures:
+        if failures:
+            raise failures[0] from None  # raised here, out of SentencePiece's error
+        # SentencePiece's own words for these are an assertion in its C++ ("[!sentences_
+        # .empty()]", "Vocabulary size too high"); say what is wrong with the config or the data.
+        if given == 0:
+            sampled = _names(sample_files(sorted(files), tokenizer.sample_files))
+            raise ValueError(
+                f"the tokenizer sample holds no text: the train-split documents of the files "
+                f"sampled ({sampled}) are empty or whitespace only"
+            ) from None
+        if "Vocabulary size is smaller than required_chars" in str(error):
             raise ValueError(
                 f"tokenizer.vocab_size={tokenizer.vocab_size} is too small for this corpus: "
                 "it must hold 256 byte pieces, 3 specials and every character within "
                 f"tokenizer.character_coverage={tokenizer.character_coverage} "
                 f"(SentencePiece: {error})"
             ) from None
-        if not failures:
-            raise
-    if failures:  # raised here, out of SentencePiece's error
+        too_high = VOCAB_TOO_HIGH.search(str(error))
+        if too_high is not None:
+            raise ConfigError(_vocab_too_high(int(too_high[2]), tokenizer)) from None
+        raise
+    if failures:
         raise failures[0]
     return write_bytes_atomically(model.getvalue(), out_model)
+
+
+def _vocab_too_high(largest: int, tokenizer: TokenizerConfig) -> str:
+    """What to do when the sample supports at most `largest` pieces, fewer than asked."""
+    schema = load_schema()["properties"]["tokenizer"]["properties"]["vocab_size"]
+    said = (
+        f"tokenizer.vocab_size: {tokenizer.vocab_size} pieces are more than the tokenizer "
+        f"sample supports: at most {largest} can be learned from it"
+    )
+    if largest < schema["minimum"]:
+        return (
+            f"{said}, fewer than the smallest vocabulary allowed ({schema['minimum']}); give "
+            "the tokenizer more text (more inputs, tokenizer.sample_bytes, "
+            "tokenizer.sample_files)"
+        )
+    return (
+        f"{said}; set tokenizer.vocab_size to {largest} or less, or give the tokenizer more text "
+        "(tokenizer.sample_bytes, tokenizer.sample_files)"
+    )
+
+
+def _names(paths: list[str], shown: int = 5) -> str:
+    """The first `shown` paths, then how many more."""
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more

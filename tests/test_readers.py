@@ -7,6 +7,7 @@ import json
 import tracemalloc
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import zstandard
 from conftest import json_lines, make_records, write_jsonl, write_parquet
@@ -146,6 +147,14 @@ def bad_input_cases(tmp_path: Path) -> dict[str, tuple[Path, int | None]]:
     path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     cases["not UTF-8"] = (path, 2)
 
+    path = tmp_path / "surrogate.jsonl"  # valid JSON, but no UTF-8 encodes U+D800
+    path.write_bytes(b'{"text": "ok"}\n{"text": "ok"}\n{"text": "a\\ud800b"}\n')
+    cases["lone surrogate"] = (path, 3)
+
+    path = tmp_path / "surrogate-id.jsonl"
+    path.write_bytes(b'{"text": "ok", "id": "\\udc80"}\n')
+    cases["lone surrogate in the id"] = (path, 1)
+
     path = tmp_path / "empty.jsonl.zst"
     path.write_bytes(b"")
     cases["empty file"] = (path, None)
@@ -162,6 +171,8 @@ CASES = [
     "invalid JSON",
     "no text",
     "not UTF-8",
+    "lone surrogate",
+    "lone surrogate in the id",
     "empty file",
     "missing path",
 ]
@@ -228,6 +239,29 @@ def test_parquet_null_text_and_missing_column(tmp_path):
     path = write_parquet(tmp_path / "nocol.parquet", {"body": ["a"]})
     with pytest.raises(BadRecordError, match="no text column 'text'"):
         read_all(path)
+
+
+def test_a_lone_surrogate_is_a_bad_record_naming_its_field_and_position(tmp_path):
+    path, _ = bad_input_cases(tmp_path)["lone surrogate"]
+    with pytest.raises(BadRecordError) as raised:
+        read_all(path)
+    assert str(raised.value) == (
+        f"{path}, line 3: field 'text' is not valid Unicode (lone surrogate U+D800 at position 1)"
+    )
+
+
+def test_a_parquet_text_column_of_another_type_is_named_with_its_type(tmp_path):
+    path = write_parquet(tmp_path / "numbers.parquet", {"text": [1, 2, 3]})
+    with pytest.raises(BadRecordError) as raised:
+        read_all(path)
+    assert str(raised.value) == f"{path}: text column 'text' holds int64, not strings"
+    skipped = []
+    assert read_all(path, on_bad_record=skipped.append) == []
+    assert [str(error) for error in skipped] == [str(raised.value)]
+    path = write_parquet(
+        tmp_path / "labels.parquet", {"text": pa.array(["a", "b"]).dictionary_encode()}
+    )
+    assert [d.text for d in read_all(path)] == ["a", "b"]  # a dictionary of strings reads as text
 
 
 def test_unsupported_suffix_is_named(tmp_path):

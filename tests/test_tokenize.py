@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -409,6 +410,74 @@ def test_a_bad_record_stops_tokenizer_training_with_its_file_and_line(tmp_path, 
     assert f"smalltalk train-tokenizer: error: {bad}, line 1: invalid JSON" in stderr
     assert "Traceback" not in stderr and "INTERNAL" not in stderr
     assert not out.parent.exists()
+
+
+def train_tokenizer_command(tmp_path, capsys, **tokenizer) -> tuple[int, str, Path]:
+    """`smalltalk train-tokenizer` on tmp_path/corpus with `write_config`'s config, the
+    tokenizer section updated: its status, stderr and the model it was to write."""
+    config = write_config(tmp_path)
+    values = yaml.safe_load(config.read_text())
+    values["tokenizer"] |= tokenizer
+    config.write_text(yaml.safe_dump(values))
+    out = tmp_path / "trained" / "spm.model"
+    status = cli.main(["train-tokenizer", "--config", str(config), "--out", str(out)])
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr and "INTERNAL" not in stderr
+    return status, stderr, out
+
+
+def test_a_corpus_of_whitespace_only_documents_is_said_to_hold_no_text(tmp_path, capsys):
+    files = [tmp_path / "corpus" / f"part-{i}.jsonl.zst" for i in range(2)]
+    files[0].parent.mkdir()
+    for path in files:
+        write_jsonl(path, [{"text": " \n\t  \n"}] * 40 + [{"text": ""}])
+    status, stderr, out = train_tokenizer_command(tmp_path, capsys)
+    assert status == 1
+    assert (
+        "smalltalk train-tokenizer: error: the tokenizer sample holds no text: the train-split "
+        f"documents of the files sampled ({files[0]}, {files[1]}) are empty or whitespace only"
+    ) in stderr
+    assert not out.parent.exists()
+
+
+def test_a_vocabulary_the_sample_cannot_fill_names_the_key_and_the_largest_that_works(
+    tmp_path, capsys
+):
+    (tmp_path / "corpus").mkdir()
+    write_jsonl(tmp_path / "corpus" / "small.jsonl.zst", make_records(20, max_words=10))
+    status, stderr, out = train_tokenizer_command(tmp_path, capsys, vocab_size=1000)
+    assert status == 1
+    said = re.search(
+        r"smalltalk train-tokenizer: error: tokenizer\.vocab_size: 1000 pieces are more than the "
+        r"tokenizer sample supports: at most (\d+) can be learned from it; set "
+        r"tokenizer\.vocab_size to \1 or less",
+        stderr,
+    )
+    assert said, stderr
+    assert not out.parent.exists()
+    status, stderr, out = train_tokenizer_command(tmp_path, capsys, vocab_size=int(said[1]))
+    assert status == 0 and out.is_file()  # the size it names works
+
+
+def test_a_lone_surrogate_is_a_bad_record_to_the_tokenizer_and_to_tokenize(
+    tmp_path, corpus, tokenizer_model, capsys
+):
+    bad = corpus[0]
+    records = make_records(200)
+    records[4]["text"] = "caf\udce9 au lait"  # json.dumps writes it as the valid JSON "\\udce9"
+    write_jsonl(bad, records)
+    message = (
+        f"{bad}, line 5: field 'text' is not valid Unicode (lone surrogate U+DCE9 at position 3)"
+    )
+    status, stderr, out = train_tokenizer_command(tmp_path, capsys)
+    assert status == 1
+    assert f"smalltalk train-tokenizer: error: {message}" in stderr
+    assert not out.parent.exists()
+    out_dir = tmp_path / "tokens"
+    assert cli.main(tokenize_command(tmp_path, tokenizer_model, out_dir)) == 1
+    stderr = capsys.readouterr().err
+    assert f"smalltalk tokenize: error: {message}" in stderr and "Traceback" not in stderr
+    assert not [path for path in out_dir.rglob("*") if path.is_file()]
 
 
 def test_the_token_summary_counts_bad_records_once_not_on_every_split(tmp_path):
