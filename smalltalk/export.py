@@ -100,9 +100,18 @@ def _files_to_copy(source: MixtureFiles, kept: Sequence[int], dense: bool) -> li
 
 
 def _check_destination(out: Path, sources: Sequence[Path], force: bool) -> None:
+    """Refuse an `out` that holds what the export reads (the results directory, or a tokenizer or
+    dense baseline it shares with other runs), or that lies inside the results directory: with
+    `force`, replacing `results/tokens` would delete the run's own files, and even a new folder
+    there would be taken for part of the run. `sources[0]` is the results directory."""
     for path in sources:
         if path == out or out in path.parents:
             raise ValueError(f"{out}: holds {path}, which the export reads; choose another --out")
+    if sources[0] in out.parents:
+        raise ValueError(
+            f"{out}: inside the results directory {sources[0]}, which the export reads; "
+            "choose another --out"
+        )
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:

@@ -221,6 +221,24 @@ def test_an_export_never_overwrites_unless_forced_and_leaves_nothing_when_it_fai
     assert (run / "config.yaml").is_file()
 
 
+def test_an_export_inside_the_results_directory_is_refused_and_deletes_nothing(
+    run, tmp_path, capsys
+):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("shards"))
+    (copy / "tokens" / "stray").mkdir()  # an empty folder of the run: replaced without --force
+    before = sorted(path.relative_to(copy) for path in copy.rglob("*"))
+    for out in ("tokens", "tokens/stray", "experts", "new-folder"):
+        args = ["export", "--results", str(copy), "--out", str(copy / out), "--force"]
+        assert cli.main(args) == 1
+        error = capsys.readouterr().err
+        assert error.startswith(f"smalltalk export: error: {copy.resolve() / out}: ")
+        assert error.endswith("which the export reads; choose another --out\n")
+        if out != "experts":  # which holds the weights it reads, and says so
+            assert f": inside the results directory {copy.resolve()}, which" in error
+    assert sorted(path.relative_to(copy) for path in copy.rglob("*")) == before
+
+
 def test_load_runs_no_code_from_an_export(exported, tmp_path):
     planted = tmp_path / "planted"
     shutil.copytree(exported, planted)
