@@ -495,6 +495,67 @@ def test_texts_that_are_not_utf8_or_missing_are_refused(results, tmp_path, capsy
 
 
 @pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"text": 5}', '"text" is 5, not a string'),
+        ('{"text": null}', '"text" is null, not a string'),
+        ('{"nottext": "a"}', "a JSON object without a \"text\" field (its keys: 'nottext')"),
+        ('{"text": "caf\\udce9"}', "not valid Unicode (lone surrogate U+DCE9 at position 3)"),
+    ],
+    ids=["number", "null", "missing", "lone surrogate"],
+)
+def test_a_json_line_without_a_text_string_is_refused_naming_the_file_and_line(
+    results, tmp_path, capsys, line, message
+):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(f'{{"text": "fine"}}\n\n{line}\n')
+    for command in ("route", "score", "generate", "explain"):
+        assert cli.main([command, "--results", str(results), "--file", str(texts)]) == 1
+        printed = capsys.readouterr()
+        assert printed.err == f"smalltalk {command}: error: {texts}, line 3: {message}\n"
+        assert printed.out == ""
+
+
+def test_a_line_that_is_not_a_json_object_is_a_text_as_it_stands(results, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    lines = ["{not JSON, but code}", "5", '["a list"]', '"a string"']
+    texts.write_text("\n".join(lines) + "\n")
+    routed = run_cli(capsys, "route", "--results", str(results), "--json", "--file", str(texts))
+    assert [r["text"] for r in routed] == lines
+
+
+def test_a_text_that_is_not_valid_unicode_is_refused_by_the_mixture(results):
+    loaded = smalltalk.load(results)
+    bad = "caf\ud800"
+    for call in (loaded.route, loaded.score):
+        with pytest.raises(ValueError, match=r"^text 2 is not valid Unicode \(lone surrogate "):
+            call([TEXTS[0], bad])
+        with pytest.raises(
+            ValueError, match=r"^text is not valid Unicode \(lone surrogate U\+D800 "
+        ):
+            call(bad)
+    with pytest.raises(ValueError, match=r"^prompt is not valid Unicode \(.* at position 3\)$"):
+        loaded.generate(bad, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"^text is not valid Unicode"):
+        explain(loaded, bad)
+
+
+def test_a_seed_torch_cannot_take_is_refused_naming_it(results, capsys):
+    for seed, message in (
+        ("99999999999999999999999", "must be at most 2**64 - 1"),
+        ("-1", "must be at least 0"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["generate", "--results", str(results), "--seed", seed, TEXTS[0]])
+        assert exited.value.code == 2
+        assert f"argument --seed: {message}, got {seed}" in capsys.readouterr().err
+    loaded = smalltalk.load(results)
+    with pytest.raises(ValueError, match=r"seed must lie in \[0, 2\*\*64 - 1\], got -1"):
+        loaded.generate(TEXTS[0], max_new_tokens=2, seed=-1)
+    loaded.generate(TEXTS[0], max_new_tokens=2, seed=2**64 - 1)  # the largest torch takes
+
+
+@pytest.mark.parametrize(
     "option",
     [
         ["--temperature", "nan"],

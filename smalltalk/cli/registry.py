@@ -68,6 +68,14 @@ def int_at_least(low: int):
     return parse
 
 
+def seed(text: str) -> int:
+    """An integer in [0, 2**64 - 1], the seeds torch.Generator takes (`serve.MAX_SEED`)."""
+    value = int_at_least(0)(text)
+    if value > 2**64 - 1:
+        raise argparse.ArgumentTypeError(f"must be at most 2**64 - 1, got {value}")
+    return value
+
+
 def expert_list(text: str) -> list[int]:
     """Expert indices separated by commas, e.g. 0,2 (checked on loading)."""
     try:
@@ -120,7 +128,11 @@ def serving_flags(texts: str = "texts") -> tuple[Arg, ...]:
     """The flags of every command that loads a trained mixture and reads texts (or prompts)."""
     return (
         arg("texts", nargs="*", help=f"{texts} (default: --file, else stdin)"),
-        arg("--file", help=f"{texts}, one per line or JSON lines with a 'text' field (-: stdin)"),
+        arg(
+            "--file",
+            help=f"{texts}, one per line, or JSON objects with a string 'text' field, one per "
+            "line (-: stdin)",
+        ),
         RESULTS,
         EXPERTS,
         arg(

@@ -18,6 +18,7 @@ from smalltalk.cli.registry import (
     command,
     expert_list,
     int_at_least,
+    seed,
     serving_flags,
     temperature,
 )
@@ -70,7 +71,7 @@ def route(args: argparse.Namespace) -> int:
     ),
     arg("--temperature", type=temperature, default=1.0, help="0: greedy (default: 1.0)"),
     arg("--top-k", type=int_at_least(1), help="sample from the k likeliest tokens only"),
-    arg("--seed", type=int, help="sampling seed (reproducible output)"),
+    arg("--seed", type=seed, help="sampling seed, 0 to 2**64 - 1 (reproducible output)"),
     arg("--stop", action="append", default=[], help="stop at this string (repeatable)"),
 )
 def generate(args: argparse.Namespace) -> int:

@@ -47,9 +47,11 @@ from smalltalk.serve.decoding import (
 )
 from smalltalk.serve.experts import DEFAULT_MAX_EXPERTS, ExpertCache
 from smalltalk.serve.results import Generation, Routing, Score
+from smalltalk.unicode import check_texts, check_unicode
 
 MAX_NEW_TOKENS = 1 << 16  # the longest generation asked for at once, as long as the longest S
 SCORE_BATCH = 16  # requests per forward pass in `Mixture.loglikelihoods`
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator takes (it wraps negative ones)
 
 
 class Mixture:
@@ -109,8 +111,17 @@ class Mixture:
     # -- text
 
     def encode(self, text: str) -> list[int]:
-        """Token ids, as the workflow tokenized every document."""
+        """Token ids, as the workflow tokenized every document. A text that is not valid Unicode
+        (a lone surrogate) is a ValueError, as it was a bad record in the corpus."""
+        check_unicode(text)
         return self.tokenizer.encode(text)
+
+    def _encode_all(self, texts: str | Sequence[str]) -> list[list[int]]:
+        """`encode` for a text or a list of them; a bad one is named by its place in the list."""
+        if isinstance(texts, str):
+            return [self.encode(texts)]
+        check_texts(texts)
+        return [self.encode(text) for text in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
@@ -163,11 +174,8 @@ class Mixture:
     ) -> Routing | list[Routing]:
         """Route each text by its first `prefix_tokens` tokens (default M, `routing.prefix_len`):
         the expert whose router gives them the lowest mean NLL (Eq. 4, 8)."""
-        single = isinstance(texts, str)
-        routings = self.route_ids(
-            [self.encode(t) for t in ([texts] if single else texts)], prefix_tokens
-        )
-        return routings[0] if single else routings
+        routings = self.route_ids(self._encode_all(texts), prefix_tokens)
+        return routings[0] if isinstance(texts, str) else routings
 
     def route_ids(
         self, sequences: Sequence[Sequence[int]], prefix_tokens: int | None = None
@@ -239,7 +247,7 @@ class Mixture:
         mixture log sum_e w_e p_e(x_t), or (`dense`) under the dense baseline, for comparison.
         Texts are taken expert by expert, so each expert is loaded once."""
         single = isinstance(texts, str)
-        sequences = [self.encode(t) for t in ([texts] if single else texts)]
+        sequences = self._encode_all(texts)
         routings = self.route_ids(sequences, prefix_tokens)
         scores: list[Score | None] = [None] * len(sequences)
         for i in sorted(range(len(sequences)), key=lambda i: routings[i].expert):
@@ -341,7 +349,8 @@ class Mixture:
         of the `stop` strings, which is cut off. `use_cache=False` recomputes every step: the same
         tokens, slower.
         """
-        _check_sampling(max_new_tokens, temperature, top_k)
+        _check_sampling(max_new_tokens, temperature, top_k, seed)
+        check_unicode(prompt, "prompt")
         ids = self.encode(prompt)
         routing = self.route_ids([ids], prefix_tokens)[0]
         if dense:
@@ -415,13 +424,17 @@ def _read_tokenizer(path: Path):
         raise ValueError(f"{path}: not a SentencePiece model ({error})") from None
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
+def _check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int | None, seed: int | None
+) -> None:
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise ValueError(f"max_new_tokens must lie in [1, {MAX_NEW_TOKENS}], got {max_new_tokens}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must lie in [0, 2**64 - 1], got {seed}")
 
 
 def _text_id(tokens: np.ndarray) -> int:

@@ -7,17 +7,21 @@ import json
 import sys
 from collections.abc import Iterable, Sequence
 
+from smalltalk.unicode import unicode_problem
+
 
 def read_texts(arguments: Sequence[str], file: str | None) -> list[str]:
     """Texts from `arguments`, then from `file` (`-`: stdin); from stdin when neither is given.
-    A file holds one text per line, or JSON lines with a "text" field (texts with newlines).
-    Every text must be UTF-8, and there must be at least one."""
+
+    A file holds one text per line; a line that parses as a JSON object is a record whose "text"
+    field (a string) is the text, so texts may hold newlines. A record without a string "text"
+    is an error naming the file and line, not a text. Any other line, one that starts with "{"
+    but is not valid JSON included, is a text as it stands. Blank lines are skipped. Every text
+    must be UTF-8 (valid Unicode: JSON's "\\ud800" is not), and there must be at least one."""
     texts = list(arguments)
     for position, text in enumerate(texts, 1):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
-            raise ValueError(f"text argument {position}: not UTF-8 text") from None
+        if unicode_problem(text) is not None:  # bytes that are not UTF-8 arrive as surrogates
+            raise ValueError(f"text argument {position}: not UTF-8 text")
     if file is not None and str(file) != "-":
         try:
             with open(file, encoding="utf-8") as lines:
@@ -41,19 +45,35 @@ def _stdin() -> list[str]:
 
 def _read(lines: Iterable[str], source: str) -> list[str]:
     try:
-        return [_text_of(line) for line in lines if line.strip()]
+        return [
+            _text_of(line, source, number) for number, line in enumerate(lines, 1) if line.strip()
+        ]
     except UnicodeDecodeError as error:
         raise ValueError(f"{source}: not UTF-8 text ({error.reason})") from None
 
 
-def _text_of(line: str) -> str:
+def _text_of(line: str, source: str, number: int) -> str:
     """A line's text: the "text" field of a JSON object, or the line itself."""
     line = line.rstrip("\n")
+    text = line
     if line.startswith("{"):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            return line
-        if isinstance(record, dict) and isinstance(record.get("text"), str):
-            return record["text"]
-    return line
+            record = None  # a text that starts with "{", such as code
+        if isinstance(record, dict):
+            if "text" not in record:
+                keys = ", ".join(map(repr, record)) or "none"
+                raise ValueError(
+                    f'{source}, line {number}: a JSON object without a "text" field (its keys: '
+                    f"{keys})"
+                )
+            text = record["text"]
+            if not isinstance(text, str):
+                raise ValueError(
+                    f'{source}, line {number}: "text" is {json.dumps(text)[:40]}, not a string'
+                )
+    problem = unicode_problem(text)  # JSON's escapes can spell a lone surrogate
+    if problem is not None:
+        raise ValueError(f"{source}, line {number}: not valid Unicode ({problem})")
+    return text
