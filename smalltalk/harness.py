@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tempfile
@@ -340,8 +341,13 @@ def run_lm_eval(
     with _workflow_tasks(results) as own_tasks:
         paths = [own_tasks, *(str(path) for path in include_paths)]
         manager = TaskManager(include_path=paths, include_defaults=False)
+        own = sorted(manager.task_index)
         if any(task not in manager.all_tasks for task in tasks):
             manager = TaskManager(include_path=paths)
+        # lm-eval would raise a KeyError from deep inside simple_evaluate, after the models load.
+        unknown = [task for task in tasks if not _is_task(manager, task)]
+        if unknown:
+            raise ValueError(_unknown_tasks(unknown, own, sorted(manager.task_index)))
         for name in models:
             lm = SmallTalkLM(
                 results=str(results),
@@ -368,6 +374,29 @@ def run_lm_eval(
             }
             rows += _metric_rows(name, output)
     return pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), raw
+
+
+def _is_task(manager, spec: str) -> bool:
+    """Whether lm-eval can run `spec`: a task, group or tag it knows, or a task YAML file."""
+    return spec in manager.task_index or (
+        Path(spec).suffix in (".yaml", ".yml") and Path(spec).is_file()
+    )
+
+
+def _unknown_tasks(unknown: Sequence[str], own: Sequence[str], known: Sequence[str]) -> str:
+    """Which tasks are unknown, which the run and --include-path give, and what is close."""
+    names = ", ".join(map(repr, unknown))
+    ours = (
+        f"the tasks of this run and --include-path are {', '.join(own)}"
+        if own
+        else f"this run has no tasks of its own ('smalltalk harness-task' builds {TASK_NAME})"
+    )
+    close = sorted({m for task in unknown for m in difflib.get_close_matches(task, known, n=3)})
+    near = f"; close to: {', '.join(close)}" if close else ""
+    return (
+        f"unknown lm-eval task{'s' if len(unknown) > 1 else ''} {names}: {ours}; lm-eval's own "
+        f"{len(known) - len(own)} tasks, groups and tags are listed by 'lm-eval ls tasks'{near}"
+    )
 
 
 @contextmanager

@@ -717,6 +717,19 @@ def test_lm_eval_runs_the_local_task_offline(results, tmp_path, capsys):
     assert "mixture  continuation_choice" in capsys.readouterr().out
 
 
+def test_lm_eval_names_an_unknown_task_and_the_tasks_there_are(results, tmp_path, capsys):
+    out = tmp_path / "scores.parquet"
+    args = ["lm-eval", "--results", str(results), "--tasks", "evil", "--out", str(out)]
+    assert cli.main(args) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(
+        "smalltalk lm-eval: error: unknown lm-eval task 'evil': the tasks of this run and "
+        "--include-path are continuation_choice; lm-eval's own "
+    )
+    assert "listed by 'lm-eval ls tasks'" in error and "Traceback" not in error
+    assert not out.exists()
+
+
 def test_lm_eval_never_imports_code_planted_in_the_results(results, tmp_path):
     planted = tmp_path / "results"
     shutil.copytree(results, planted)
