@@ -107,12 +107,14 @@ def run_rows(name: str, run: PathLike) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def markdown(rows: list[dict], command: str, stamp: str = "") -> str:
     """Every run, then each (corpus, recipe)'s spread over its seeds, with verdicts in words."""
     lines = [
         "# Robustness benchmark",
         "",
         f"Reproduce: `{command}`",
+        "",
+        stamp,
         "",
         "Test perplexity of the mixture over each dense baseline (dense: equal tokens; "
         "dense_compute: the experts' architecture on the mixture's whole training FLOPs, routers "
@@ -178,5 +180,7 @@ def write_results(
         ),
     )
     write_text_atomically(json.dumps(rows, indent=2) + "\n", json_path)
-    write_text_atomically(markdown(rows, command), markdown_path)
+    from smalltalk.provenance import stamp
+
+    write_text_atomically(markdown(rows, command, stamp(runs.values())), markdown_path)
     return rows

@@ -74,7 +74,7 @@ def test_rows_take_the_ratio_at_the_routing_prefix_the_final_nmi_and_the_summed_
     docs = [(row["baseline"], row["ratio"], row["flops_ratio"]) for row in rows[3:]]
     assert docs == [("dense", 1.05, 1.05), ("dense_compute", 0.9, 105 / 106)]
     text = (tmp_path / "r.md").read_text()
-    assert "`make it`" in text
+    assert "`make it`" in text and "; processor " in text
     assert (
         "| docs | default | 1 | 4 | dense | 1.050 [1.010, 1.090] | dense better | 1.050 | - |"
         in (text)
