@@ -16,6 +16,8 @@ to look at but never resumed, since running a finished job again means training 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import random
@@ -35,6 +37,18 @@ from smalltalk.files import atomic_path, naming_a_full_disk
 from smalltalk.model import LM, rotary_tables
 
 CHECKPOINT_DIR = re.compile(r"step-(\d{8})")
+# The fields of a ModelConfig that make a model what it is; no tensor's shape records n_head,
+# seq_len or rope_base, so they are compared with the config the weights file records.
+ARCHITECTURE = (
+    "vocab_size",
+    "seq_len",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "ffw_expansion",
+    "rope_base",
+)
+TIED = ("lm_head.weight", "wte.weight")  # one tensor, stored under one of these names
 WEIGHTS, STATE, FINISHED = "model.safetensors", "state.pt", "finished"
 METADATA_KEY = "smalltalk"  # our header entry, the only one
 
@@ -268,6 +282,90 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_architecture(config: ModelConfig, weights: str | os.PathLike) -> None:
+    """Refuse weights that are not those of `LM(config)`, reading the file's header only.
+
+    A results directory's or an export's config.yaml is what builds each model: one that says
+    `models.router.n_embd: 4000000` would have the model allocated (terabytes) before a weight
+    is read, and one that says `seq_len: 65536` would serve past the context the weights
+    learned. So every tensor's name and shape in the header are compared with those of the model
+    `config` builds on the meta device (which allocates nothing), and the architecture the file
+    records, where it does (training's `model_config` in the header, or the config.json of an
+    export's Hugging Face folder beside it), field by field."""
+    try:
+        with safe_open(weights, framework="pt") as file:
+            names = file.keys()  # a safe_open handle is no mapping: it cannot be iterated
+            stored = {name: list(file.get_slice(name).get_shape()) for name in names}
+            metadata = file.metadata() or {}
+    except SafetensorError as error:  # cut short, empty, not safetensors
+        raise ValueError(f"{weights}: not weights of this model ({error})") from None
+    expected = _tensor_shapes(dataclasses.astuple(config))
+    for name, shape in sorted(stored.items()):
+        if name in expected and expected[name] != shape:
+            raise ValueError(
+                f"{weights}: tensor {name} is {shape} in the file but {expected[name]} in the "
+                f"model the config describes ({_config_line(config)}); the config is not that "
+                "of these weights"
+            )
+    missing = sorted(
+        set(expected) - set(stored) - (set(TIED) if set(TIED) & set(stored) else set())
+    )
+    extra = sorted(set(stored) - set(expected))
+    if missing or extra:
+        lacks = f"lacks {_first(missing)} of" if missing else f"holds {_first(extra)} beyond"
+        raise ValueError(
+            f"{weights}: the file {lacks} the model the config describes "
+            f"({_config_line(config)}); the config is not that of these weights"
+        )
+    recorded, where = _recorded_architecture(Path(weights), metadata)
+    for field in ARCHITECTURE:
+        if field in recorded and recorded[field] != getattr(config, field):
+            raise ValueError(
+                f"{weights}: these weights are of a model with {field} = {recorded[field]} "
+                f"({where}), but the config gives {field} = {getattr(config, field)}"
+            )
+
+
+@functools.lru_cache(maxsize=8)
+def _tensor_shapes(config_fields: tuple) -> dict[str, list[int]]:
+    """The state dict's tensor shapes of `LM(ModelConfig(*config_fields))`, built on meta."""
+    names = [field.name for field in dataclasses.fields(ModelConfig)]
+    with torch.device("meta"):
+        model = LM(ModelConfig(**dict(zip(names, config_fields, strict=True))))
+    return {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def _recorded_architecture(weights: Path, metadata: dict[str, str]) -> tuple[dict, str]:
+    """The ModelConfig fields a weights file records, and where: training writes them into the
+    header (`save_weights`), an export into the config.json beside `model.safetensors`."""
+    try:
+        recorded = json.loads(metadata.get(METADATA_KEY, "{}")).get("model_config")
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(
+            f"{weights}: its header's '{METADATA_KEY}' entry is not a JSON object"
+        ) from None
+    if isinstance(recorded, dict):
+        return recorded, "recorded in its header"
+    beside = weights.with_name("config.json")
+    if weights.name == WEIGHTS and beside.is_file():
+        try:
+            hf_config = json.loads(beside.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{beside}: not valid JSON ({error})") from None
+        if isinstance(hf_config, dict) and hf_config.get("model_type") == "smalltalk":
+            return hf_config, f"recorded in {beside}"
+    return {}, ""
+
+
+def _config_line(config: ModelConfig) -> str:
+    return ", ".join(f"{field} = {getattr(config, field)}" for field in ARCHITECTURE[:-1])
+
+
+def _first(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"tensor{'s' if len(names) > 1 else ''} " + ", ".join(names[:shown]) + more
+
+
 def load_model(config: ModelConfig, weights: str | os.PathLike, device: str = "auto") -> LM:
     """`LM(config)` in eval mode on `device` with the weights of a safetensors file.
 
@@ -275,6 +373,7 @@ def load_model(config: ModelConfig, weights: str | os.PathLike, device: str = "a
     overwrites every parameter: a 335M expert's random initialisation alone takes seconds.
     """
     device = resolve_device(device)
+    check_architecture(config, weights)  # before a byte is allocated for the model
     with torch.device("meta"):
         model = LM(config)
     model = model.to_empty(device=device)

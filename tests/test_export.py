@@ -239,6 +239,22 @@ def test_an_export_inside_the_results_directory_is_refused_and_deletes_nothing(
     assert sorted(path.relative_to(copy) for path in copy.rglob("*")) == before
 
 
+def test_an_export_whose_config_is_not_that_of_its_experts_is_refused(exported, tmp_path, capsys):
+    changed = tmp_path / "changed"
+    shutil.copytree(exported, changed)
+    config = changed / "config.yaml"
+    assert "\nseq_len: 32\n" in config.read_text()
+    config.write_text(config.read_text().replace("\nseq_len: 32\n", "\nseq_len: 65536\n"))
+    expert = changed.resolve() / "experts" / "e0" / "model.safetensors"
+    assert cli.main(["generate", "--results", str(changed), "--max-new-tokens", "2", "x"]) == 1
+    printed = capsys.readouterr()
+    assert printed.err == (
+        f"smalltalk generate: error: {expert}: these weights are of a model with seq_len = 32 "
+        f"(recorded in {expert.with_name('config.json')}), but the config gives seq_len = 65536\n"
+    )
+    assert printed.out == ""
+
+
 def test_load_runs_no_code_from_an_export(exported, tmp_path):
     planted = tmp_path / "planted"
     shutil.copytree(exported, planted)

@@ -8,6 +8,7 @@ through `smalltalk.load`.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -476,6 +477,49 @@ def test_a_broken_results_directory_fails_naming_the_file(results, tmp_path, cap
     assert cli.main(["score", "--results", str(broken), TEXTS[0]]) == 1
     error = capsys.readouterr().err
     assert message in error and error.startswith("smalltalk score: error: ")
+
+
+def with_config_changed(results: Path, copy: Path, change: str) -> tuple[Path, str]:
+    """A copy of `results` whose config.yaml is not that of its weights, and what the error
+    must say: the file refused, the tensor or field, and both values."""
+    shutil.copytree(results, copy, ignore=shutil.ignore_patterns("shards", "harness", "tokens"))
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    router = copy / "routers" / "final" / "e0.safetensors"
+    if change == "router width":
+        config["models"]["router"]["n_embd"] = 4_000_000  # ~10^14 parameters
+        said = f"{router}: tensor blocks.0.attn.c_attn.weight is [96, 32] in the file but "
+        said += "[12000000, 4000000] in the model the config describes"
+    elif change == "expert depth":
+        config["models"]["expert"]["n_layer"] = 6
+        said = f"{copy / 'experts' / 'e0' / 'model.safetensors'}: the file lacks tensors "
+        said += "blocks.1.attn.c_attn.weight, blocks.1.attn.c_proj.weight, blocks.1.mlp.c_fc"
+    else:  # the context length, which no tensor's shape records but training's header does
+        router_config = smalltalk.load(results).router_config
+        model = checkpoint.load_model(router_config, router, "cpu")
+        recorded = {"role": "router", "model_config": dataclasses.asdict(router_config)}
+        checkpoint.save_weights(model, router, metadata=recorded)
+        config["seq_len"] = 64
+        said = f"{router}: these weights are of a model with seq_len = 32 (recorded in its "
+        said += "header), but the config gives seq_len = 64"
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    return copy, said
+
+
+@pytest.mark.parametrize("change", ["router width", "expert depth", "context length"])
+def test_a_config_that_is_not_that_of_the_weights_is_refused_before_any_model_is_built(
+    results, tmp_path, capsys, monkeypatch, change
+):
+    changed, said = with_config_changed(results, tmp_path / "changed", change)
+
+    def allocate(*args, **kwargs):
+        raise AssertionError("a model was allocated before its weights were checked")
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", allocate)
+    assert cli.main(["score", "--results", str(changed), TEXTS[0]]) == 1
+    printed = capsys.readouterr()
+    assert printed.err.startswith(f"smalltalk score: error: {said}") and printed.out == ""
+    with pytest.raises(ValueError, match="the config"):
+        smalltalk.load(changed)
 
 
 def test_texts_that_are_not_utf8_or_missing_are_refused(results, tmp_path, capsys, monkeypatch):

@@ -92,6 +92,12 @@ class Mixture:
         self.expert_config = model_config(self.config, "expert", vocab_size=vocab_size)
         self.expert_paths = {e: self.files.expert(e) for e in self.experts}
         self.dense_path = self.files.dense
+        # Experts load on first use, but each file's header is checked against the config now
+        # (the routers' are, as they load): a config that is not that of the weights is refused
+        # at `load`, naming the file, not halfway through serving.
+        for path in [*self.expert_paths.values(), self.dense_path]:
+            if path.is_file():
+                checkpoint.check_architecture(self.expert_config, path)
         self.router = load_router(
             method=self.method,
             paths=self.files.routers(self.experts),
