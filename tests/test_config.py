@@ -83,6 +83,7 @@ REJECTIONS = [
     ("unknown nested key", "tokenizer.vocab", 10, r"tokenizer: Additional properties .*'vocab'"),
     ("wrong type", "seq_len", "long", r"seq_len: 'long' is not of type 'integer'"),
     ("zero experts", "routing.n_experts", 0, r"routing.n_experts: 0 is less than the minimum"),
+    ("seed too large", "seed", 10**23, r"seed: 100000000000000000000000 is greater than the max"),
     ("prefix too long", "routing.prefix_len", 128, r"routing.prefix_len: .*M=128.*S=128"),
     ("splits do not sum to 1", "splits.val", 0.2, r"splits: fractions must sum to 1, got 1.15"),
     ("negative split", "splits.test", -0.05, r"splits.test: -0.05 is less than the minimum"),
