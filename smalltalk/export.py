@@ -17,12 +17,14 @@ reads the export with the code that reads a results directory, and routes, score
 exactly as it does there. The folder is built beside `out` and renamed into place; an existing
 `out` is replaced only with `force`. Expert weights are rewritten for transformers (the tied
 embedding stored as `wte.weight`, `format: pt` in the header); the values are unchanged.
+
+An export exported again is first checked against its manifest (`smalltalk.verify`), as loading
+it would be: its files get new digests here, which would otherwise vouch for changed weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.resources
 import json
 import os
@@ -41,6 +43,7 @@ from smalltalk.layout import (
     served_experts,
     workflow_path,
 )
+from smalltalk.verify import check_mixture, mixture_paths, sha256_of
 
 RECORDS = (
     "eval/summary/*.parquet",  # test perplexities with their intervals (`aggregate.AGGREGATES`)
@@ -67,12 +70,17 @@ def export_mixture(
     experts: Sequence[int] | None = None,
     dense: bool = False,
     force: bool = False,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Export the mixture in `results` (a results directory, or an export) to `out`: all its
     experts or those in `experts`, the dense baseline's weights with `dense`. Returns the
-    manifest. Refuses an existing non-empty `out` unless `force`."""
+    manifest. Refuses an existing non-empty `out` unless `force`, and an export `results` whose
+    files fail their check against its manifest unless `verify` is False."""
     source = mixture_files(results)
     kept = served_experts(experts, source.available_experts, source.n_experts)
+    if verify:  # (dense weights it does not hold are "not found" below, not "not listed")
+        held_dense = dense and bool((source.manifest or {}).get("dense"))
+        check_mixture(source, mixture_paths(source, kept, dense=held_dense))
     out = Path(out).resolve()
     _check_destination(out, [source.root, *_files_to_copy(source, kept, dense)], force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +186,7 @@ def _build(source: MixtureFiles, kept: Sequence[int], dense: bool, build: Path) 
     card = model_card(target, config, provenance, exported_from=source.root)
     (build / "README.md").write_text(card, encoding="utf-8")
     manifest["files"] = {
-        path.relative_to(build).as_posix(): _sha256(path)
+        path.relative_to(build).as_posix(): sha256_of(path)
         for path in sorted(build.rglob("*"))
         if path.is_file() and path.name != EXPORT_MANIFEST
     }
@@ -193,11 +201,6 @@ def _copy(source: Path, target: Path) -> None:
 
 def _write_json(value: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def write_hf_model(
@@ -513,7 +516,8 @@ def _usage(experts: Sequence[int]) -> list[str]:
         "## How to load",
         "",
         "With the `smalltalk` package (routing, scoring and generation as in the run; it reads "
-        "data files only and runs no code from this folder):",
+        "data files only, each checked against its sha256 in `export.json` first, and runs no "
+        "code from this folder):",
         "",
         "```python",
         "import smalltalk",
@@ -525,6 +529,7 @@ def _usage(experts: Sequence[int]) -> list[str]:
         "",
         "```bash",
         'smalltalk generate --results path/to/this/folder --temperature 0 "It is a truth"',
+        "smalltalk verify path/to/this/folder   # every file against its sha256 in export.json",
         "```",
         "",
         "One expert alone with Hugging Face transformers (`pip install smalltalk[hf]`); the "

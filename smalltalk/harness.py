@@ -58,7 +58,8 @@ class SmallTalkLM(TemplateLM):
     (`mixture` or `dense`), `experts` (the experts to serve, retiring the others: a list, or in
     a `model_args` string indices joined by `;`, e.g. `experts=0;2`), `max_experts` (experts
     kept in memory), `topk` (1: the routed expert; k: the c-BTM mixture of the top k),
-    `prefix_tokens` (routing prefix M-hat; default M), `max_gen_toks`.
+    `prefix_tokens` (routing prefix M-hat; default M), `max_gen_toks`, `verify` (False: read an
+    export without checking its files against export.json first).
     Requests are routed first and scored expert by expert, so each expert loads once per call.
     """
 
@@ -73,6 +74,7 @@ class SmallTalkLM(TemplateLM):
         max_gen_toks: int = 256,
         batch_size: int | str | None = None,
         device: str | None = None,
+        verify: bool | str = True,
         **unused: Any,
     ):
         super().__init__()
@@ -82,8 +84,14 @@ class SmallTalkLM(TemplateLM):
             experts = [int(e) for e in experts.replace(";", ",").split(",") if e.strip()]
         elif isinstance(experts, int):  # model_args "experts=2" arrives as a number
             experts = [experts]
+        if isinstance(verify, str):  # from a model_args string
+            verify = verify.strip().lower() not in ("false", "0", "no")
         self.mixture = load(
-            results, experts=experts, max_experts=int(max_experts), device=device or "auto"
+            results,
+            experts=experts,
+            max_experts=int(max_experts),
+            device=device or "auto",
+            verify=verify,
         )
         self.dense = model == "dense"
         self.topk = int(topk)
@@ -319,13 +327,14 @@ def run_lm_eval(
     experts: Sequence[int] | None = None,
     batch_size: int = SCORE_BATCH,
     seed: int = 1234,
+    verify: bool = True,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Run lm-eval's `simple_evaluate` with each of `models` (`mixture`, `dense`) on `tasks`,
     offline. Tasks are looked up among the workflow's continuation-choice questions
     (`{results}/harness/continuation_choice/`) and in `include_paths`, and among lm-eval's own
     tasks only when not all are found there (their data must then be cached). `experts` serves
-    only those experts (`smalltalk.load`). Returns the `SCORES_SCHEMA` table and lm-eval's
-    results per model.
+    only those experts, and `verify` checks an export's files first (`smalltalk.load`). Returns
+    the `SCORES_SCHEMA` table and lm-eval's results per model.
 
     A task YAML may import Python from its directory (`!function utils.f`), so none is read from
     the results directory, which holds what jobs wrote: the continuation-choice task is written
@@ -356,6 +365,7 @@ def run_lm_eval(
                 max_experts=max_experts,
                 topk=topk,
                 batch_size=batch_size,
+                verify=verify,
             )
             output = simple_evaluate(
                 model=lm,

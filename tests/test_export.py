@@ -7,6 +7,7 @@ leaves (test perplexities with intervals, the FLOPs ledger, training summaries) 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -175,6 +176,7 @@ def test_an_export_holds_its_files_tables_and_a_model_card(run, exported):
     assert "| dense baseline (Eq. 10) | 1.400e+15 | 1.000 |" in card  # the FLOPs ledger
     assert "| expert 0 | 36,000 | 1.200e+14 | 12 |" in card
     assert "smalltalk.load(" in card and "trust_remote_code=True" in card
+    assert "smalltalk verify path/to/this/folder" in card
 
 
 def test_the_same_run_exports_the_same_bytes(run, exported, tmp_path):
@@ -245,8 +247,14 @@ def test_an_export_whose_config_is_not_that_of_its_experts_is_refused(exported, 
     config = changed / "config.yaml"
     assert "\nseq_len: 32\n" in config.read_text()
     config.write_text(config.read_text().replace("\nseq_len: 32\n", "\nseq_len: 65536\n"))
+    generate = ["generate", "--results", str(changed), "--max-new-tokens", "2", "x"]
+    assert cli.main(generate) == 1  # its sha256 is no longer the one export.json records
+    assert capsys.readouterr().err.startswith(
+        f"smalltalk generate: error: {config.resolve()}: changed since the export"
+    )
+    # Unchecked, the config is still compared with the weights' own record of their shapes.
     expert = changed.resolve() / "experts" / "e0" / "model.safetensors"
-    assert cli.main(["generate", "--results", str(changed), "--max-new-tokens", "2", "x"]) == 1
+    assert cli.main([*generate, "--no-verify"]) == 1
     printed = capsys.readouterr()
     assert printed.err == (
         f"smalltalk generate: error: {expert}: these weights are of a model with seq_len = 32 "
@@ -264,7 +272,7 @@ def test_load_runs_no_code_from_an_export(exported, tmp_path):
         path.write_text(payload + path.read_text())
     (planted / "tokenizer" / "__init__.py").write_text(payload)
     before = set(sys.modules)
-    mixture = smalltalk.load(planted)
+    mixture = smalltalk.load(planted)  # it reads no Python file, so none of them is checked
     mixture.score(TEXTS, topk=2)
     mixture.generate(TEXTS[0], max_new_tokens=4, temperature=0)
     mixture.score(TEXTS[0], dense=True)
@@ -272,6 +280,116 @@ def test_load_runs_no_code_from_an_export(exported, tmp_path):
     assert not {
         name for name in set(sys.modules) - before if "smalltalk" in name and "modeling" in name
     }
+    assert cli.main(["verify", str(planted)]) == 1  # but transformers would run them
+
+
+# ---- checked against its manifest ------------------------------------------------------------
+
+
+def zero_every_tensor(path: Path) -> None:
+    """Rewrite a safetensors file with every tensor zeroed: the same names, shapes and header
+    metadata, so that only the digest tells."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, "pt") as weights:
+        metadata, names = weights.metadata(), weights.keys()
+        tensors = {name: torch.zeros_like(weights.get_tensor(name)) for name in names}
+    save_file(tensors, path, metadata=metadata)
+
+
+CHANGED = "changed since the export (its sha256 is not the one export.json records)"
+DAMAGES = {  # what happened to the copy: (the file it names, what is wrong with it)
+    "zeroed": ("experts/e1/model.safetensors", CHANGED),
+    "deleted": ("experts/e0/model.safetensors", "missing (export.json lists it)"),
+    "stray": ("routers/final/e3.safetensors", "not listed in export.json"),
+    "tokenizer": ("tokenizer/spm.model", CHANGED),
+}
+
+
+def damaged_copy(exported: Path, copy: Path, damage: str) -> Path:
+    shutil.copytree(exported, copy)
+    name = DAMAGES[damage][0]
+    if damage == "zeroed":
+        zero_every_tensor(copy / name)
+    elif damage == "deleted":
+        (copy / name).unlink()
+    elif damage == "stray":
+        shutil.copyfile(copy / "routers" / "final" / "e0.safetensors", copy / name)
+    else:
+        with open(copy / name, "ab") as file:
+            file.write(b"\0")
+    return copy.resolve()
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_load_and_verify_refuse_an_export_whose_files_are_not_those_it_lists(
+    exported, tmp_path, capsys, damage
+):
+    damaged = damaged_copy(exported, tmp_path / "damaged", damage)
+    name, problem = DAMAGES[damage]
+    with pytest.raises(ValueError) as refused:
+        smalltalk.load(damaged)
+    assert str(refused.value).startswith(f"{damaged / name}: {problem}")
+
+    assert cli.main(["score", "--results", str(damaged), TEXTS[0]]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err.startswith(f"smalltalk score: error: {damaged / name}: {problem}")
+    assert printed.err.count("\n") == 1 and "Traceback" not in printed.err
+
+    assert cli.main(["verify", str(damaged)]) == 1
+    printed = capsys.readouterr()
+    lines = printed.out.splitlines()
+    assert [line for line in lines if not line.endswith(": ok")] == [f"{name}: {problem}"]
+    listed = json.loads((damaged / "export.json").read_text())["files"]
+    assert len(lines) == len(listed) + (damage == "stray")  # every file listed, one line each
+    assert (
+        printed.err
+        == f"smalltalk verify: error: {damaged}: 1 of {len(lines)} files fail the check\n"
+    )
+
+    out = tmp_path / "again"  # exported again, it would get digests vouching for the damage
+    assert cli.main(["export", "--results", str(damaged), "--out", str(out)]) == 1
+    assert f"error: {damaged / name}: {problem}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@torch.no_grad()
+def test_an_export_loads_unchecked_with_verify_false(exported, tmp_path, capsys):
+    zeroed = damaged_copy(exported, tmp_path / "zeroed", "zeroed")
+    mixture = smalltalk.load(zeroed, experts=[1], verify=False)
+    vocab_size = mixture.expert_config.vocab_size
+    # Zeroed weights give every token the same logit: perplexity V, and not a word said.
+    assert mixture.score(TEXTS[0]).perplexity == pytest.approx(vocab_size, rel=1e-5)
+    assert cli.main(["score", "--results", str(zeroed), "--no-verify", "--json", TEXTS[0]]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == TEXTS[0]
+    deleted = damaged_copy(exported, tmp_path / "deleted", "deleted")
+    assert smalltalk.load(deleted, experts=[1, 2], verify=False).experts == (1, 2)
+
+
+def test_verify_passes_a_sound_export_file_by_file_and_refuses_a_results_directory(
+    run, exported, capsys
+):
+    assert cli.main(["verify", str(exported)]) == 0
+    listed = json.loads((exported / "export.json").read_text())["files"]
+    assert capsys.readouterr().out.splitlines() == [f"{name}: ok" for name in listed]
+    assert cli.main(["verify", str(run)]) == 1
+    assert capsys.readouterr().err == (
+        f"smalltalk verify: error: {run.resolve()}: no export.json, so not an export (a results "
+        "directory records no sha256 to check)\n"
+    )
+    assert smalltalk.load(run, verify=True).experts == tuple(range(N_EXPERTS))  # as before
+
+
+def test_files_are_hashed_in_chunks_as_hashlib_hashes_them_whole(tmp_path):
+    from smalltalk.verify import CHUNK_BYTES, sha256_of
+
+    for size in (0, 1, CHUNK_BYTES, 2 * CHUNK_BYTES + 17):
+        path = tmp_path / f"{size}.bin"
+        data = np.random.default_rng(size).bytes(size)
+        path.write_bytes(data)
+        assert sha256_of(path) == hashlib.sha256(data).hexdigest()
 
 
 # ---- Hugging Face transformers ---------------------------------------------------------------

@@ -46,13 +46,15 @@ def load_routers(config: dict, args: argparse.Namespace, keep_loaded: bool = Fal
 
 
 def load_mixture(args: argparse.Namespace):
-    """The trained mixture of `--results`, served with `--experts`, `--max-experts` in memory."""
+    """The trained mixture of `--results`, served with `--experts`, `--max-experts` in memory;
+    an export checked against its manifest unless `--no-verify`."""
     from smalltalk.serve import load
 
     set_torch_threads(args.threads)
     return load(
         args.results,
         experts=args.experts,
+        verify=not args.no_verify,
         **({} if args.max_experts is None else {"max_experts": args.max_experts}),
     )
 

@@ -122,6 +122,11 @@ EXPERTS = arg(
     type=expert_list,
     help="serve only these experts, e.g. 0,2, retiring the others (default: all)",
 )
+NO_VERIFY = arg(
+    "--no-verify",
+    action="store_true",
+    help="read an export without checking its files against export.json's sha256 first",
+)
 
 
 def serving_flags(texts: str = "texts") -> tuple[Arg, ...]:
@@ -135,6 +140,7 @@ def serving_flags(texts: str = "texts") -> tuple[Arg, ...]:
         ),
         RESULTS,
         EXPERTS,
+        NO_VERIFY,
         arg(
             "--max-experts",
             type=int_at_least(1),

@@ -1,15 +1,17 @@
 """Using a trained mixture: route, score, generate and explain texts, run lm-evaluation-harness,
-export the mixture as one self-contained folder."""
+export the mixture as one self-contained folder, check an export against its manifest."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+from pathlib import Path
 
 from smalltalk.cli.inputs import load_mixture, read_texts, set_torch_threads
 from smalltalk.cli.registry import (
     EXPERTS,
+    NO_VERIFY,
     RESULTS,
     SERVING,
     THREADS,
@@ -131,12 +133,18 @@ def explain(args: argparse.Namespace) -> int:
     arg("--experts", type=expert_list, help="export only these experts, e.g. 0,2"),
     arg("--dense", action="store_true", help="include the dense baseline's weights"),
     arg("--force", action="store_true", help="replace --out if it exists and is not empty"),
+    NO_VERIFY,
 )
 def export(args: argparse.Namespace) -> int:
     from smalltalk.export import export_mixture
 
     manifest = export_mixture(
-        args.results, args.out, experts=args.experts, dense=args.dense, force=args.force
+        args.results,
+        args.out,
+        experts=args.experts,
+        dense=args.dense,
+        force=args.force,
+        verify=not args.no_verify,
     )
     experts = ",".join(map(str, manifest["experts"]))
     dense = " and the dense baseline" if manifest["dense"] else ""
@@ -151,6 +159,7 @@ def export(args: argparse.Namespace) -> int:
     "run lm-evaluation-harness tasks on the mixture, offline",
     RESULTS,
     EXPERTS,
+    NO_VERIFY,
     arg("--tasks", nargs="+", default=["continuation_choice"], help="lm-eval task names"),
     arg(
         "--models",
@@ -187,6 +196,7 @@ def lm_eval(args: argparse.Namespace) -> int:
         include_paths=args.include_path,
         topk=args.topk,
         experts=args.experts,
+        verify=not args.no_verify,
         **({} if args.max_experts is None else {"max_experts": args.max_experts}),
     )
     if args.out:
@@ -195,4 +205,32 @@ def lm_eval(args: argparse.Namespace) -> int:
         write_text_atomically(json.dumps(raw, indent=2, default=str) + "\n", args.raw)
     for row in table.to_pylist():
         print(json_line(row) if args.json else lm_eval_line(row))
+    return 0
+
+
+@command(
+    "verify",
+    "check an export's files against the sha256 that its export.json records, one line each",
+    arg("export", type=Path, help="the export's folder (`smalltalk export --out`)"),
+)
+def verify(args: argparse.Namespace) -> int:
+    from smalltalk.layout import EXPORT_MANIFEST, read_manifest
+    from smalltalk.verify import check_export
+
+    root = args.export.resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise ValueError(
+            f"{root}: no {EXPORT_MANIFEST}, so not an export (a results directory records no "
+            "sha256 to check)"
+        )
+    checks = check_export(root, manifest)
+    for check in checks:
+        print(check.line())
+    failed = sum(check.problem is not None for check in checks)
+    if failed:
+        raise ValueError(f"{root}: {failed} of {len(checks)} files fail the check")
+    log.info("%s: all %d files have the sha256 export.json records", root, len(checks))
     return 0

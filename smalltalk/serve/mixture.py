@@ -17,6 +17,10 @@ Optionally the top k experts by router score are mixed per token, with weights s
 `load(results, experts=[0, 2])` retires the other experts: only the kept experts' routers are
 asked, a text goes to the kept expert whose router gives its prefix the lowest NLL, top-k mixes
 only kept experts, and a retired expert is never loaded. Expert indices stay those of the run.
+
+An export is checked against its manifest before anything is read from it: the files the mixture
+reads must have the sha256 that export.json records, and no weights file may lie there unlisted
+(`smalltalk.verify`). `verify=False` skips the hashing, for a large export already checked once.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from smalltalk.serve.decoding import (
 from smalltalk.serve.experts import DEFAULT_MAX_EXPERTS, ExpertCache
 from smalltalk.serve.results import Generation, Routing, Score
 from smalltalk.unicode import check_texts, check_unicode
+from smalltalk.verify import check_mixture, mixture_paths
 
 MAX_NEW_TOKENS = 1 << 16  # the longest generation asked for at once, as long as the longest S
 SCORE_BATCH = 16  # requests per forward pass in `Mixture.loglikelihoods`
@@ -68,6 +73,7 @@ class Mixture:
         experts: Sequence[int] | None = None,
         max_experts: int = DEFAULT_MAX_EXPERTS,
         device: str = "auto",
+        verify: bool = True,
     ):
 
         self._experts = ExpertCache(self._load_expert, max_experts)
@@ -80,6 +86,9 @@ class Mixture:
         self.experts: tuple[int, ...] = served_experts(
             experts, self.files.available_experts, self.n_experts
         )
+        if verify:  # before any file is read: changed weights would serve without a word
+            exported_dense = bool((self.files.manifest or {}).get("dense"))
+            check_mixture(self.files, mixture_paths(self.files, self.experts, dense=exported_dense))
         self.prefix_len: int = self.config["routing"]["prefix_len"]
         self.method: str = self.files.method
         self.temperature: float = self.config["eval"]["temperature"]
@@ -412,10 +421,12 @@ def load(
     experts: Sequence[int] | None = None,
     max_experts: int = DEFAULT_MAX_EXPERTS,
     device: str = "auto",
+    verify: bool = True,
 ) -> Mixture:
     """The trained mixture in `results` (the workflow's results directory, e.g. `results`, or an
-    export of it), serving all its experts or only those in `experts` (the others retired)."""
-    return Mixture(results, experts=experts, max_experts=max_experts, device=device)
+    export of it), serving all its experts or only those in `experts` (the others retired). An
+    export's files are first checked against export.json's sha256, unless `verify` is False."""
+    return Mixture(results, experts=experts, max_experts=max_experts, device=device, verify=verify)
 
 
 def _read_tokenizer(path: Path):
