@@ -21,7 +21,11 @@ import pyarrow.parquet as pq
 
 from smalltalk.config import SPLITS, DataConfig
 from smalltalk.corpus import BadRecordError, Document, OnBadRecord, read_documents
-from smalltalk.files import parquet_writers, write_text_atomically
+from smalltalk.files import (
+    new_folders_removed_on_failure,
+    parquet_writers,
+    write_text_atomically,
+)
 from smalltalk.tokens import token_dtype, token_schema
 
 GLOB_CHARS = "*?["
@@ -342,7 +346,8 @@ def tokenize_chunk(
     """Tokenize one chunk into `{out_dir}/{split}/{chunk.name}.parquet` and a stats JSON.
 
     Outputs appear only when the whole chunk succeeded: everything is written to
-    temporary names and renamed at the end, and removed if anything fails.
+    temporary names and renamed at the end, and removed if anything fails, with the folders
+    made for them.
     """
     import sentencepiece as spm
 
@@ -383,19 +388,21 @@ def tokenize_chunk(
                 )
 
     finals = [Path(out_dir) / split / f"{chunk.name}.parquet" for split in SPLITS]
-    with parquet_writers(finals, schema) as split_writers:
-        writers.update(zip(SPLITS, split_writers, strict=True))
-        for batch in _document_batches(chunk, data, handler, stats):
-            flush(batch)
-        for split, packer in packers.items():
-            stats.splits[split].dropped_tokens = len(packer.carry)
-    # Stats last: their presence says the chunk's token files are complete.
-    try:
-        write_text_atomically(json.dumps(stats.as_dict(), indent=2) + "\n", stats_path)
-    except BaseException:
-        for final in finals:  # token files without stats would pass for a finished chunk
-            final.unlink(missing_ok=True)
-        raise
+    folders = [*(final.parent for final in finals), Path(stats_path).parent]
+    with new_folders_removed_on_failure(folders):  # a failed chunk leaves no empty split folder
+        with parquet_writers(finals, schema) as split_writers:
+            writers.update(zip(SPLITS, split_writers, strict=True))
+            for batch in _document_batches(chunk, data, handler, stats):
+                flush(batch)
+            for split, packer in packers.items():
+                stats.splits[split].dropped_tokens = len(packer.carry)
+        # Stats last: their presence says the chunk's token files are complete.
+        try:
+            write_text_atomically(json.dumps(stats.as_dict(), indent=2) + "\n", stats_path)
+        except BaseException:
+            for final in finals:  # token files without stats would pass for a finished chunk
+                final.unlink(missing_ok=True)
+            raise
     return stats
 
 

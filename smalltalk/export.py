@@ -15,8 +15,10 @@
 Every file is copied to the place `smalltalk.layout` gives it in an export, so `smalltalk.load`
 reads the export with the code that reads a results directory, and routes, scores and generates
 exactly as it does there. The folder is built beside `out` and renamed into place; an existing
-`out` is replaced only with `force`. Expert weights are rewritten for transformers (the tied
-embedding stored as `wte.weight`, `format: pt` in the header); the values are unchanged.
+`out` is replaced only with `force`, and a failure (a full disk included: an OSError naming
+`out`) leaves everything as it was, without even the folders made to hold `out`. Expert weights
+are rewritten for transformers (the tied embedding stored as `wte.weight`, `format: pt` in the
+header); the values are unchanged.
 
 An export exported again is first checked against its manifest (`smalltalk.verify`), as loading
 it would be: its files get new digests here, which would otherwise vouch for changed weights.
@@ -36,6 +38,7 @@ from typing import Any
 
 from smalltalk import __version__
 from smalltalk.config import ModelConfig
+from smalltalk.files import DISK_FULL, new_folders_removed_on_failure
 from smalltalk.layout import (
     EXPORT_MANIFEST,
     MixtureFiles,
@@ -57,6 +60,7 @@ RECORDS = (
 """The aggregate tables and records of a run that an export carries, where they exist."""
 TRAINING_RECORDS = ("summary.json", "metrics.parquet")  # beside each expert's weights
 HF_FILES = ("configuration_smalltalk.py", "modeling_smalltalk.py")  # from smalltalk/hf/
+OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors' messages end with an errno
 AUTO_MAP = {
     "AutoConfig": "configuration_smalltalk.SmallTalkConfig",
     "AutoModelForCausalLM": "modeling_smalltalk.SmallTalkForCausalLM",
@@ -83,10 +87,23 @@ def export_mixture(
         check_mixture(source, mixture_paths(source, kept, dense=held_dense))
     out = Path(out).resolve()
     _check_destination(out, [source.root, *_files_to_copy(source, kept, dense)], force)
-    out.parent.mkdir(parents=True, exist_ok=True)
     build = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(build, ignore_errors=True)  # left by a run of this process killed earlier
-    build.mkdir()
+    try:
+        with new_folders_removed_on_failure([out.parent]):
+            return _build_and_replace(source, kept, dense, build, out)
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        # Named after `out`: the file it failed on lay in the build folder, removed since.
+        raise OSError(error.errno, os.strerror(error.errno), str(out)) from error
+
+
+def _build_and_replace(
+    source: MixtureFiles, kept: Sequence[int], dense: bool, build: Path, out: Path
+) -> dict[str, Any]:
+    """Build the export in `build`, then rename it to `out`; `build` is removed if that fails."""
+    build.mkdir(parents=True)
     try:
         manifest = _build(source, kept, dense, build)
         _replace(build, out)
@@ -213,6 +230,7 @@ def write_hf_model(
 ) -> None:
     """`folder` in the Hugging Face layout: `config.json` naming our model classes (`auto_map`),
     `model.safetensors` and the two modules that define them (`smalltalk/hf/`)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from smalltalk.checkpoint import load_model
@@ -225,8 +243,16 @@ def write_hf_model(
         if name != "lm_head.weight"
     }
     folder.mkdir(parents=True, exist_ok=True)
-    # One metadata entry, so that the same weights give the same bytes (`save_weights`).
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    path = folder / "model.safetensors"
+    try:
+        # One metadata entry, so that the same weights give the same bytes (`save_weights`).
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as error:
+        # safetensors reports the OS's errors (a full disk) as its own, with the errno in words.
+        if (wrapped := OS_ERROR.search(str(error))) is None:
+            raise
+        code = int(wrapped[1])
+        raise OSError(code, os.strerror(code), str(path)) from error
     hf_config = {
         "architectures": ["SmallTalkForCausalLM"],
         "auto_map": AUTO_MAP,

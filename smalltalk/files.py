@@ -7,7 +7,7 @@ import contextlib
 import errno
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +39,30 @@ def naming_a_full_disk(path: str | os.PathLike) -> Iterator[None]:
         if error.errno not in DISK_FULL or error.filename is not None:
             raise
         raise OSError(error.errno, os.strerror(error.errno), str(path)) from error
+
+
+@contextmanager
+def new_folders_removed_on_failure(folders: Iterable[str | os.PathLike]) -> Iterator[None]:
+    """The folders among `folders` and their parents that do not exist yet are removed again,
+    deepest first, if the block fails: a failed job leaves no empty folder behind.
+
+    Only empty ones: a folder that another job has written into meanwhile stays, with its files.
+    (Snakemake creates a job's output folders before it starts, so under the workflow none of
+    them is new; this is for the commands run by hand.)
+    """
+    missing = set()
+    for folder in folders:
+        for path in [Path(folder).absolute(), *Path(folder).absolute().parents]:
+            if path.exists():
+                break
+            missing.add(path)
+    try:
+        yield
+    except BaseException:
+        for path in sorted(missing, key=lambda path: len(path.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty, or gone already
+                path.rmdir()
+        raise
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import N_EXPERTS, REPO, TEXTS, with_random_router
+from conftest import N_EXPERTS, REPO, TEXTS, fill, with_random_router
 
 import smalltalk
 from smalltalk import checkpoint, cli, export
@@ -221,6 +221,56 @@ def test_an_export_never_overwrites_unless_forced_and_leaves_nothing_when_it_fai
         assert cli.main(["export", "--results", str(run), "--out", str(inside), "--force"]) == 1
         assert "which the export reads; choose another --out" in capsys.readouterr().err
     assert (run / "config.yaml").is_file()
+
+
+NO_SPACE = "Error while serializing: I/O error: No space left on device (os error 28)"
+"""What safetensors 0.8 raises when the disk fills under `save_file` (a SafetensorError)."""
+
+
+def test_an_export_onto_a_full_disk_fails_in_one_line_naming_it_and_leaves_nothing(
+    run, tmp_path, capsys, monkeypatch
+):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real_save_file, saved = safetensors.torch.save_file, []
+
+    def save_file(tensors, path, metadata=None):
+        if saved:  # the disk fills during the second expert
+            raise SafetensorError(NO_SPACE)
+        saved.append(path)
+        real_save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    out = tmp_path / "exports" / "of" / "mixture"  # in folders that the export makes
+    assert cli.main(["export", "--results", str(run), "--out", str(out)]) == 1
+    assert saved and capsys.readouterr().err == (
+        f"smalltalk export: error: {out}: No space left on device\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # no build folder, nor the folders made for `out`
+
+
+def test_an_export_onto_a_really_full_disk_fails_in_one_line_and_leaves_nothing(
+    run, small_disk, capsys, monkeypatch
+):
+    import safetensors.torch
+
+    real_save_file, raised = safetensors.torch.save_file, []
+
+    def save_file(*args, **kwargs):
+        try:
+            return real_save_file(*args, **kwargs)
+        except Exception as error:
+            raised.append(type(error).__name__)
+            raise
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    fill(small_disk, leave=400_000)  # room for the tokenizer and routers, not for an expert too
+    out = small_disk / "exports" / "mixture"
+    assert cli.main(["export", "--results", str(run), "--out", str(out)]) == 1
+    assert raised == ["SafetensorError"]  # the expert's weights met the full disk
+    assert capsys.readouterr().err == f"smalltalk export: error: {out}: No space left on device\n"
+    assert [path.name for path in small_disk.iterdir()] == ["filler"]
 
 
 def test_an_export_inside_the_results_directory_is_refused_and_deletes_nothing(

@@ -12,7 +12,12 @@ from conftest import fill
 
 from smalltalk import checkpoint
 from smalltalk.config import write_resolved_config
-from smalltalk.files import write_atomically, write_parquet_atomically, write_text_atomically
+from smalltalk.files import (
+    new_folders_removed_on_failure,
+    write_atomically,
+    write_parquet_atomically,
+    write_text_atomically,
+)
 from smalltalk.report.style import new_figure, save
 from smalltalk.report.tables import tables_html
 
@@ -71,3 +76,20 @@ def test_every_writer_fails_on_a_really_full_disk_naming_the_file_and_leaving_no
     assert raised.value.errno == errno.ENOSPC
     assert raised.value.filename == str(out)
     assert list(out.parent.iterdir()) == []
+
+
+def test_a_failed_block_removes_the_empty_folders_it_made_and_no_other(tmp_path):
+    (tmp_path / "there").mkdir()
+    made = [tmp_path / "there" / "new", tmp_path / "a" / "b" / "c", tmp_path / "a" / "d"]
+    with pytest.raises(OSError), new_folders_removed_on_failure(made):
+        for folder in made:
+            folder.mkdir(parents=True)
+        (tmp_path / "a" / "d" / "theirs").write_text("another job's file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    left = sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*"))
+    assert left == ["a", "a/d", "a/d/theirs", "there"]
+
+    with new_folders_removed_on_failure(made):  # a block that succeeds keeps what it made
+        for folder in made:
+            folder.mkdir(parents=True, exist_ok=True)
+    assert all(folder.is_dir() for folder in made)

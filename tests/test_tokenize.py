@@ -339,7 +339,7 @@ def assert_failed_cleanly_on_a_full_disk(status, stderr, out_dir):
     assert status == 1
     assert "Traceback" not in stderr
     assert f"smalltalk tokenize: error: {out_dir}: No space left on device" in stderr
-    assert not [path for path in out_dir.rglob("*") if path.is_file()]
+    assert not out_dir.exists()  # nothing new: no file, and no split folder made for one
 
 
 def test_a_full_disk_at_the_stats_file_leaves_no_token_file_either(
@@ -358,7 +358,7 @@ def test_a_full_disk_at_the_stats_file_leaves_no_token_file_either(
     stderr = capsys.readouterr().err
     assert status == 1
     assert f"{out_dir / 'stats' / 'c00000.json'}: No space left on device" in stderr
-    assert not [path for path in out_dir.rglob("*") if path.is_file()]
+    assert not out_dir.exists()
 
 
 @pytest.mark.parametrize("fails", ["mid-write and on close", "on close"])
@@ -387,6 +387,28 @@ def test_a_full_disk_fails_cleanly_naming_the_path_and_leaves_no_temporary_file(
     out_dir = tmp_path / "tokens"
     status = cli.main(tokenize_command(tmp_path, tokenizer_model, out_dir))
     assert_failed_cleanly_on_a_full_disk(status, capsys.readouterr().err, out_dir)
+
+
+def test_a_full_disk_removes_the_folders_tokenize_made_and_keeps_those_it_found(
+    tmp_path, corpus, tokenizer_model, monkeypatch, capsys
+):
+    out_dir = tmp_path / "tokens"
+    (out_dir / "train").mkdir(parents=True)
+    (out_dir / "train" / "c00001.parquet").write_bytes(b"another chunk's tokens")
+    before = sorted(out_dir.rglob("*"))
+    real_write = pq.ParquetWriter.write_table
+    writes = []
+
+    def write_table(self, *args, **kwargs):
+        writes.append(1)
+        if len(writes) == 2:
+            raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28]")
+        real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", write_table)
+    assert cli.main(tokenize_command(tmp_path, tokenizer_model, out_dir)) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(out_dir.rglob("*")) == before  # no val/, test/ or stats/ left empty
 
 
 def test_a_really_full_disk_fails_cleanly(tmp_path, corpus, tokenizer_model, small_disk, capsys):
