@@ -1,16 +1,29 @@
 """The workflow on SLURM: `snakemake --profile slurm` on a real single-node cluster started on this
-host (tests/slurm/cluster.sh), and dry runs of the RedPajama-V2 recipes."""
+host (tests/slurm/cluster.sh), or on the cluster a login node submits to, and dry runs of the
+RedPajama-V2 recipes.
+
+On a cluster's login node (its slurm.conf is the cluster's, which cluster.sh never touches) the
+SLURM test is skipped, saying so, unless SMALLTALK_SLURM_PARTITION names a partition to run it
+on there: `SMALLTALK_SLURM_PARTITION=debug python -m pytest tests/test_slurm.py`. Its jobs then
+run in SMALLTALK_SLURM_RUNS (default: results/slurm-tests in this repository), which the
+cluster's nodes must see, as they must see this repository and its .venv; the account is the
+executor's guess (`cluster.account`), and the executor reads job states as it would for a user.
+"""
 
 from __future__ import annotations
 
+import getpass
 import gzip
 import json
 import os
 import re
 import shutil
 import subprocess
+import uuid
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,22 +40,105 @@ RECIPES = PROFILE / "recipes"
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 # CI must run the cluster test; elsewhere it needs root and Slurm's packages.
 ON_CI = os.environ.get("CI") == "true"
+PARTITION = "SMALLTALK_SLURM_PARTITION"  # run on this partition of the cluster that is here
+SHARED_RUNS = "SMALLTALK_SLURM_RUNS"  # where, on a filesystem the cluster's nodes see
+FOREIGN_CONF = 3  # `cluster.sh check`'s status where a real cluster's slurm.conf is here
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    """A running single-node SLURM cluster on this host, stopped after the module's tests."""
+@dataclass(frozen=True)
+class SlurmCluster:
+    """Where the SLURM test submits its jobs."""
+
+    partition: str | None
+    """The real cluster's partition (SMALLTALK_SLURM_PARTITION); None: the test cluster's."""
+    shared_runs: Path | None
+    """A folder the real cluster's nodes see, for the runs; None: the test's own tmp_path."""
+    jobname_prefix: str
+    """The prefix of the run's job names: a real cluster's jobs left behind are cancelled by it."""
+
+    def workdir(self, tmp_path: Path) -> Path:
+        folder = tmp_path if self.shared_runs is None else self.shared_runs / self.jobname_prefix
+        workdir = folder / "slurm"
+        workdir.mkdir(parents=True)
+        return workdir
+
+    def snakemake_options(self) -> list[str]:
+        if self.partition is None:
+            # No accounting database here, so `sacct` cannot answer: job states come from
+            # squeue, which shows finished jobs for MinJobAge = 300 s. The jobs take seconds,
+            # so the first status check comes early.
+            status = ["--slurm-status-command", "squeue"]
+            return [*status, "--slurm-init-seconds-before-status-checks", "5"]
+        # The CPU-only switch (the test's configs) sends every job to `cluster.partition`.
+        partition = f"cluster={{partition: {self.partition}}}"
+        return ["--slurm-jobname-prefix", self.jobname_prefix, "--config", partition]
+
+
+def slurm_cluster_here() -> Iterator[SlurmCluster]:
+    """The SLURM cluster to test on: the one this host submits to, on SMALLTALK_SLURM_PARTITION,
+    where that is set; else a single-node cluster that tests/slurm/cluster.sh starts here and
+    stops afterwards. Skips, saying why, where a slurm.conf that cluster.sh did not write is
+    here (a real cluster's), and off CI where starting one needs root or Slurm's packages."""
+    partition = os.environ.get(PARTITION)
+    if partition:
+        yield from real_cluster(partition)
+        return
+    check = subprocess.run(
+        ["bash", str(CLUSTER), "check"], capture_output=True, text=True, timeout=60
+    )
+    if check.returncode == FOREIGN_CONF:
+        pytest.skip(
+            f"{check.stderr.strip()} ({PARTITION}=<partition> runs this test on the cluster "
+            "it belongs to)"
+        )
+    assert check.returncode == 0, check.stderr
     if not ON_CI:
         if os.geteuid() != 0:
             pytest.skip("starting a SLURM cluster needs root (CI runs this test)")
         if shutil.which("sbatch") is None:
             pytest.skip("no Slurm here: bash tests/slurm/cluster.sh install (CI runs this test)")
     subprocess.run(["bash", str(CLUSTER), "start"], check=True, timeout=600)
-    yield
+    yield SlurmCluster(partition=None, shared_runs=None, jobname_prefix="smalltalk")
     subprocess.run(["bash", str(CLUSTER), "stop"], check=True, timeout=120)
 
 
-def snakemake_on_slurm(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+def real_cluster(partition: str) -> Iterator[SlurmCluster]:
+    """The partition named by SMALLTALK_SLURM_PARTITION, checked to be one; the run's jobs
+    still queued or running afterwards (the run timed out) are cancelled, and no others."""
+    if not re.fullmatch(r"[\w.-]+", partition):
+        pytest.fail(f"{PARTITION}={partition!r}: not a partition name")
+    if shutil.which("sbatch") is None:
+        pytest.fail(f"{PARTITION}={partition}: no sbatch here, so no cluster to submit to")
+    listed = subprocess.run(
+        ["sinfo", "-h", "-p", partition, "-o", "%P"], capture_output=True, text=True, timeout=60
+    )
+    if listed.returncode != 0 or not listed.stdout.strip():
+        pytest.fail(f"{PARTITION}={partition}: sinfo knows no such partition {listed.stderr}")
+    shared_runs = Path(os.environ.get(SHARED_RUNS) or REPO / "results" / "slurm-tests")
+    prefix = f"smalltalk-test-{uuid.uuid4().hex[:12]}"
+    yield SlurmCluster(partition=partition, shared_runs=shared_runs, jobname_prefix=prefix)
+    queued = subprocess.run(
+        ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %j"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    jobs = [line.strip().partition(" ") for line in queued.stdout.splitlines()]
+    # The executor names a run's jobs {prefix}_{run id}: no job of anyone else's matches.
+    left = [job for job, _, name in jobs if name.startswith(f"{prefix}_")]
+    if left:
+        subprocess.run(["scancel", *left], check=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    yield from slurm_cluster_here()
+
+
+def snakemake_on_slurm(
+    workdir: Path, cluster: SlurmCluster, *args: str
+) -> subprocess.CompletedProcess:
     """`snakemake --profile slurm` in `workdir`, set up like test_workflow's runs."""
     for name in ("data", "config.yaml"):
         (workdir / name).symlink_to(REPO / name)
@@ -54,13 +150,7 @@ def snakemake_on_slurm(workdir: Path, *args: str) -> subprocess.CompletedProcess
         str(workdir),
         "--profile",
         str(PROFILE),
-        # No accounting database here, so `sacct` cannot answer: job states come from
-        # squeue, which shows finished jobs for MinJobAge = 300 s. The jobs take seconds,
-        # so the first status check comes early.
-        "--slurm-status-command",
-        "squeue",
-        "--slurm-init-seconds-before-status-checks",
-        "5",
+        *cluster.snakemake_options(),
         "--slurm-keep-successful-logs",  # the job logs SLURM wrote are the proof
         # The local reference run has 2 cores: the tokenizer trains with 2 threads in both.
         "--max-threads",
@@ -68,7 +158,7 @@ def snakemake_on_slurm(workdir: Path, *args: str) -> subprocess.CompletedProcess
         *args,
     ]
     # The executor ignores SIGTERM: on time-out subprocess kills it (SIGKILL) and the
-    # fixture's `cluster.sh stop` cancels whatever it left queued.
+    # fixture cancels whatever it left queued (`cluster.sh stop`, or the run's jobs by name).
     return subprocess.run(
         command,
         capture_output=True,
@@ -76,6 +166,84 @@ def snakemake_on_slurm(workdir: Path, *args: str) -> subprocess.CompletedProcess
         timeout=1500,
         env=os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}"},
     )
+
+
+# ---- which cluster: tested without one ---------------------------------------------------
+
+
+def write_slurm_conf(path: Path, *lines: str) -> Path:
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
+def test_a_real_clusters_slurm_conf_skips_the_cluster_test_saying_why(tmp_path, monkeypatch):
+    theirs = write_slurm_conf(tmp_path / "slurm.conf", "ClusterName=theirs", "SlurmctldHost=head")
+    monkeypatch.setenv("SLURM_CONF", str(theirs))  # where Slurm's commands and cluster.sh look
+    monkeypatch.delenv(PARTITION, raising=False)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        next(slurm_cluster_here())
+    assert skipped.value.msg == (
+        f"cluster.sh: {theirs} exists and was not written by this script; not touching it "
+        f"({PARTITION}=<partition> runs this test on the cluster it belongs to)"
+    )
+    assert theirs.read_text() == "ClusterName=theirs\nSlurmctldHost=head\n"
+
+
+def test_cluster_sh_takes_a_slurm_conf_of_its_own_or_none_and_no_other(tmp_path):
+    def check(conf: Path) -> int:
+        environment = os.environ | {"SLURM_CONF": str(conf)}
+        command = ["bash", str(CLUSTER), "check"]
+        return subprocess.run(command, env=environment, capture_output=True, timeout=60).returncode
+
+    marker = "# Written by smalltalk tests/slurm/cluster.sh"
+    assert check(tmp_path / "none.conf") == 0
+    assert check(write_slurm_conf(tmp_path / "ours.conf", marker, "ClusterName=x")) == 0
+    assert check(write_slurm_conf(tmp_path / "theirs.conf", "ClusterName=x")) == FOREIGN_CONF
+
+
+def fake_slurm(folder: Path) -> None:
+    """sbatch, sinfo (one partition: debug), squeue (prints $FAKE_QUEUE) and scancel (writes
+    its arguments to $FAKE_CANCELLED), enough for the fixture's questions."""
+    folder.mkdir()
+    scripts = {
+        "sbatch": "exit 0",
+        "sinfo": '[ "$3" = debug ] && echo "debug*"; exit 0',
+        "squeue": 'cat "$FAKE_QUEUE"',
+        "scancel": 'echo "$@" >> "$FAKE_CANCELLED"',
+    }
+    for name, body in scripts.items():
+        (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+        (folder / name).chmod(0o755)
+
+
+def test_a_named_partition_runs_the_test_on_the_real_cluster_and_cancels_only_its_jobs(
+    tmp_path, monkeypatch
+):
+    fake_slurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    theirs = write_slurm_conf(tmp_path / "slurm.conf", "ClusterName=theirs")
+    monkeypatch.setenv("SLURM_CONF", str(theirs))  # a login node's: no test cluster started
+    monkeypatch.setenv(SHARED_RUNS, str(tmp_path / "shared"))
+    monkeypatch.setenv("FAKE_QUEUE", str(tmp_path / "queue"))
+    monkeypatch.setenv("FAKE_CANCELLED", str(tmp_path / "cancelled"))
+
+    monkeypatch.setenv(PARTITION, "gpu")
+    with pytest.raises(pytest.fail.Exception, match=f"{PARTITION}=gpu: sinfo knows no such"):
+        next(slurm_cluster_here())
+
+    monkeypatch.setenv(PARTITION, "debug")
+    cluster = slurm_cluster_here()
+    debug = next(cluster)
+    prefix = debug.jobname_prefix
+    assert debug.partition == "debug" and prefix.startswith("smalltalk-test-")
+    options = debug.snakemake_options()
+    assert options == ["--slurm-jobname-prefix", prefix, "--config", "cluster={partition: debug}"]
+    assert debug.workdir(tmp_path) == tmp_path / "shared" / prefix / "slurm"
+    queue = [f"101 {prefix}_0f3c", "102 smalltalk_0f3c", "103 someone else's", f"104 {prefix}_1"]
+    (tmp_path / "queue").write_text("\n".join(queue) + "\n")
+    assert next(cluster, None) is None  # the fixture's teardown
+    assert (tmp_path / "cancelled").read_text() == "101 104\n"
+    assert theirs.read_text() == "ClusterName=theirs\n"
 
 
 def same_outputs(reference: Path, other: Path) -> list[str]:
@@ -108,14 +276,13 @@ def same_outputs(reference: Path, other: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_tiny_config_through_slurm_equals_a_local_run(tmp_path, slurm_cluster):
-    local, cluster = tmp_path / "local", tmp_path / "slurm"
+    local, cluster = tmp_path / "local", slurm_cluster.workdir(tmp_path)
     local.mkdir()
-    cluster.mkdir()
     configs = ("--configfile", str(TINY), str(CPU_ONLY))
     # The local reference runs while the SLURM run mostly waits for the queue.
     with ThreadPoolExecutor(max_workers=1) as pool:
         reference = pool.submit(snakemake, local, "--cores", "2", *configs)
-        result = snakemake_on_slurm(cluster, *configs)
+        result = snakemake_on_slurm(cluster, slurm_cluster, *configs)
         local_run = reference.result()
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
 

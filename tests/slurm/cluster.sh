@@ -4,6 +4,8 @@
 #   tests/slurm/cluster.sh install   apt-get install slurm-wlm and munge if they are missing
 #   tests/slurm/cluster.sh start     install if needed, write slurm.conf, start munged, slurmctld, slurmd
 #   tests/slurm/cluster.sh stop      cancel the cluster's jobs and stop what `start` started
+#   tests/slurm/cluster.sh check     exit 3, saying why, where a slurm.conf this script did not
+#                                    write is in the way (a real cluster's: `start` would refuse)
 #
 # Debian's Slurm (22.05 on Debian 12) without an accounting database: `sacct` cannot answer,
 # so clients must ask `squeue` (MinJobAge keeps finished jobs visible there for 5 minutes).
@@ -11,13 +13,15 @@
 # `slurmd -C`; its partition is `debug`. State, spool and logs go to $SMALLTALK_SLURM_DIR
 # (default /tmp/smalltalk-slurm); slurm.conf goes to /etc/slurm, where every Slurm command and
 # the job steps inside jobs find it, and is only ever written or removed when it carries this
-# script's marker line, so a real cluster's configuration is never touched.
+# script's marker line, so a real cluster's configuration is never touched. Where $SLURM_CONF is
+# set, Slurm's commands read their configuration from there instead, and so does this script.
 set -euo pipefail
 
 STATE_DIR=${SMALLTALK_SLURM_DIR:-/tmp/smalltalk-slurm}
-SLURM_CONF=/etc/slurm/slurm.conf
+SLURM_CONF=${SLURM_CONF:-/etc/slurm/slurm.conf}
 MARKER="# Written by smalltalk tests/slurm/cluster.sh"
 PARTITION=debug
+FOREIGN_CONF=3  # the exit status of `check` where another's slurm.conf is in the way
 
 log() { echo "cluster.sh: $*" >&2; }
 
@@ -43,6 +47,16 @@ install_packages() {
 
 munge_answers() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 
+# No slurm.conf, or one this script wrote: nobody else's configuration to overwrite.
+conf_is_free() { [[ ! -e $SLURM_CONF ]] || grep -qxF "$MARKER" "$SLURM_CONF"; }
+
+check() {
+    if ! conf_is_free; then
+        log "$SLURM_CONF exists and was not written by this script; not touching it"
+        exit "$FOREIGN_CONF"
+    fi
+}
+
 cluster_answers() { timeout 10 sinfo -h >/dev/null 2>&1; }
 
 start_munge() {
@@ -65,15 +79,12 @@ start_munge() {
 }
 
 write_conf() {
-    if [[ -e $SLURM_CONF ]] && ! grep -qxF "$MARKER" "$SLURM_CONF"; then
-        log "$SLURM_CONF exists and was not written by this script; not touching it"
-        exit 1
-    fi
+    check
     local host node
     host=$(hostname -s)
     # slurmd -C prints this host's NodeName line (CPUs, sockets, cores, RealMemory) and UpTime.
     node=$(slurmd -C | head -n 1)
-    mkdir -p /etc/slurm "$STATE_DIR/state" "$STATE_DIR/spool"
+    mkdir -p "$(dirname "$SLURM_CONF")" "$STATE_DIR/state" "$STATE_DIR/spool"
     cat >"$SLURM_CONF" <<EOF
 $MARKER
 # A single-node test cluster on 127.0.0.1; no accounting database, no cgroups.
@@ -162,8 +173,9 @@ case ${1:-} in
     install) install_packages ;;
     start) start ;;
     stop) stop ;;
+    check) check ;;
     *)
-        echo "usage: $0 install|start|stop" >&2
+        echo "usage: $0 install|start|stop|check" >&2
         exit 2
         ;;
 esac
