@@ -29,5 +29,5 @@ for summary in results/robustness/*/default@*/eval/val/summary/overall.parquet \
   runs+=(--run "${name%@1234}=$out")
 done
 "$smalltalk" compare --split val "${runs[@]}" --out results/study/validation.parquet \
-  --markdown benchmarks/study/validation.md
+  --markdown benchmarks/study/validation.md --stamp
 cat benchmarks/study/validation.md
