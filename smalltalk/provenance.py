@@ -14,22 +14,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def commit(repo: Path = REPO) -> str:
     """The checkout's commit, with "+changes" when tracked files differ from it; "unknown"
     outside a git checkout (an installed package)."""
     try:
-        head = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--short=10", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        head = _git(repo, "rev-parse", "--short=10", "HEAD")
+        dirty = _git(repo, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+changes" if dirty else "")

@@ -22,6 +22,11 @@ from smalltalk.cli.registry import (
 )
 
 TOKEN_FILES = arg("--tokens", nargs="+", required=True, help="token files, read in order")
+ROUTING_COST_FILES = (  # what the routers spent: their training summaries and scoring passes
+    arg("--router-summaries", nargs="*", default=[], help="router summary.json"),
+    arg("--em-scores", nargs="*", default=[], help="EM score files"),
+    arg("--shard-scores", nargs="+", required=True, help="per-chunk shard scores"),
+)
 
 
 @command(
@@ -242,9 +247,7 @@ def aggregate(args: argparse.Namespace) -> int:
     "the run's FLOPs (Eq. 10-16) and the paper's",
     CONFIG,
     TOKENIZER,
-    arg("--router-summaries", nargs="*", default=[], help="router summary.json"),
-    arg("--em-scores", nargs="*", default=[], help="EM score files"),
-    arg("--shard-scores", nargs="+", required=True, help="per-chunk shard scores"),
+    *ROUTING_COST_FILES,
     arg("--expert-summaries", nargs="+", required=True, help="expert summary.json"),
     arg("--dense-summary", required=True, help="dense summary.json"),
     arg(
@@ -291,9 +294,7 @@ def ledger_flops(args: argparse.Namespace) -> int:
     "the mixture's whole training FLOPs, and the steps of each dense baseline given them",
     CONFIG,
     TOKENIZER,
-    arg("--router-summaries", nargs="*", default=[], help="router summary.json"),
-    arg("--em-scores", nargs="*", default=[], help="EM score files"),
-    arg("--shard-scores", nargs="+", required=True, help="per-chunk shard scores"),
+    *ROUTING_COST_FILES,
     arg("--out", required=True, help="the budget (JSON)"),
 )
 def baseline_budget(args: argparse.Namespace) -> int:
