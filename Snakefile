@@ -31,8 +31,23 @@ rule all:
         get_final_outputs(),
 
 
+# One run at a time per results directory: a lock (RESULTS/run.lock, smalltalk/runlock.py)
+# rather than a config snapshot per run, because two runs at once would still write the same
+# files, leaving a results directory made by two configs. It is taken before the run's config
+# is written, so a second run stops here having changed nothing, naming the first, and held by
+# this process (on a cluster, the one on the login node), not its jobs, until the run ends or
+# dies: the kernel drops it with the process, so a killed run leaves nothing to unlock.
 onstart:
+    hold_run_lock(config["results"])
     write_run_config()
     # Only SLURM runs: local ones submit nothing and need no sinfo.
     if workflow.executor_plugin.name == "slurm":
         check_slurm_requests(workflow.dag.needrun_jobs())
+
+
+onsuccess:
+    release_run_lock(config["results"])
+
+
+onerror:
+    release_run_lock(config["results"])

@@ -18,6 +18,7 @@ from smalltalk.config import (
     validate_config,
     write_resolved_config,
 )
+from smalltalk.runlock import hold_run_lock, release_run_lock
 
 # Snakemake keeps the last of a key given twice in a config file: refuse that instead.
 for configfile in workflow.configfiles:
@@ -30,14 +31,16 @@ validate(config, str(SCHEMA_PATH))
 
 
 # Jobs read the resolved config (command-line overrides included) from one file, written by
-# `onstart` (write_run_config): only when a run starts, holding the results' lock, never by a dry
-# run or while parsing, which would change the config of a running or finished run under its
-# jobs. It is a param of every job, not an input: as the output of a job (there is no other way
-# to make it an input that exists before the first run), any change would re-run that job, and
-# Snakemake then stops looking at its descendants' own reasons to re-run ("masked" in
-# snakemake.dag.update_needrun): with the file as an `ancient` input no job would ever re-run for
-# a changed setting, without `ancient` every job would re-run for any. So each job re-runs when
-# the settings it reads change, through its `rerun_when` params.
+# `onstart` (write_run_config): only when a run starts, holding the results' run lock
+# (smalltalk/runlock.py: one run at a time per results directory, so no second run rewrites it
+# under the first one's jobs), never by a dry run or while parsing, which would change the
+# config of a running or finished run under its jobs. It is a param of every job, not an input:
+# as the output of a job (there is no other way to make it an input that exists before the
+# first run), any change would re-run that job, and Snakemake then stops looking at its
+# descendants' own reasons to re-run ("masked" in snakemake.dag.update_needrun): with the file
+# as an `ancient` input no job would ever re-run for a changed setting, without `ancient` every
+# job would re-run for any. So each job re-runs when the settings it reads change, through its
+# `rerun_when` params.
 CONFIG_FILE = os.path.join(config["results"], "config.yaml")
 
 

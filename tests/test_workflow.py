@@ -6,8 +6,11 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,23 +22,28 @@ BIN = Path(sys.executable).parent
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the repo's workflow in `workdir`, which sees the repo's data/ and config.yaml."""
+def snakemake_command(workdir: Path, *args: str) -> list[str]:
+    """The repo's workflow run in `workdir`, which sees the repo's data/ and config.yaml."""
     for name in ("data", "config.yaml"):
         if not (workdir / name).exists():
             (workdir / name).symlink_to(REPO / name)
+    return [
+        str(BIN / "snakemake"),
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        *args,
+    ]
+
+
+SNAKEMAKE_ENV = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}"}
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the repo's workflow in `workdir`, which sees the repo's data/ and config.yaml."""
     result = subprocess.run(
-        [
-            str(BIN / "snakemake"),
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(workdir),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        env=os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}"},
+        snakemake_command(workdir, *args), capture_output=True, text=True, env=SNAKEMAKE_ENV
     )
     if check and result.returncode != 0:
         raise AssertionError(
@@ -384,6 +392,104 @@ def test_a_run_rebuilds_deleted_experts_that_serving_needs(odd_run):
     plan = snakemake(workdir, "-n", "--cores", "2", *odd_config_args(workdir))
     jobs = [line.split() for line in plan.stdout.splitlines()]
     assert ["train_expert", "2"] in jobs
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """The tiny config run to the end in a workdir of its own: (workdir, results). The tests
+    that use it run parts of it again, and the last one leaves it finished."""
+    workdir = tmp_path_factory.mktemp("finished")
+    snakemake(workdir, "--cores", "2", "--configfile", str(TINY))
+    return workdir, workdir / "results" / "tiny"
+
+
+def start_snakemake(workdir: Path, log: Path, *args: str) -> subprocess.Popen:
+    """Snakemake in the background, in a process group of its own with its jobs."""
+    with open(log, "w") as output:
+        return subprocess.Popen(
+            snakemake_command(workdir, *args),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=SNAKEMAKE_ENV,
+            start_new_session=True,
+        )
+
+
+def wait_until_it_holds_the_run_lock(run: subprocess.Popen, results: Path, log: Path) -> None:
+    from smalltalk.runlock import read_holder
+
+    deadline = time.monotonic() + 300
+    while (read_holder(results / "run.lock") or {}).get("pid") != run.pid:
+        assert run.poll() is None, f"it ended first:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"it never took the lock:\n{log.read_text()}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_results_is_refused_and_the_first_keeps_its_settings(
+    finished_run, tmp_path
+):
+    """Run A retrains the experts with other steps; run B (other targets, so Snakemake's own
+    lock lets it by) would rewrite the run's config under A's jobs. B must stop, naming A."""
+    workdir, results = finished_run
+    overlay = tmp_path / "steps.yaml"
+    overlay.write_text("training:\n  expert: {steps: 40}\n")
+    config_a = ["--cores", "1", "--configfile", str(TINY), str(overlay)]
+    experts = [f"results/tiny/experts/e{e}/model.safetensors" for e in (0, 1)]
+    log = tmp_path / "a.log"
+    run_a = start_snakemake(workdir, log, *experts, *config_a, "--forcerun", "train_expert")
+    try:
+        wait_until_it_holds_the_run_lock(run_a, results, log)
+        # A waits mid-run however long B takes to start (its jobs go on; Snakemake itself waits).
+        os.kill(run_a.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        summary = "results/tiny/tokens/summary.tsv"
+        args_b = ["--cores", "1", "--configfile", str(TINY), "--forcerun", "summarize_tokens"]
+        run_b = snakemake(workdir, summary, *args_b, check=False)
+        refused_after = time.monotonic() - started
+        os.kill(run_a.pid, signal.SIGCONT)
+        output = run_b.stdout + run_b.stderr
+        assert run_b.returncode != 0, output
+        assert f"is in use by another run of the workflow: process {run_a.pid} on " in output
+        assert f"{socket.gethostname()}, started " in output and "Wait for that run" in output
+        assert refused_after < 120  # at once: it does not wait for A
+        assert "localrule summarize_tokens" not in output  # it started nothing
+        assert (
+            yaml.safe_load((results / "config.yaml").read_text())["training"]["expert"]["steps"]
+            == 40
+        )
+        assert run_a.wait(timeout=600) == 0, log.read_text()
+    finally:
+        if run_a.poll() is None:
+            os.killpg(run_a.pid, signal.SIGKILL)
+            run_a.wait()
+    for e in (0, 1):  # A's experts trained as A was told
+        assert json.loads((results / f"experts/e{e}/summary.json").read_text())["steps"] == 40
+    from smalltalk.runlock import read_holder
+
+    assert read_holder(results / "run.lock") is None  # given back at the end
+    plan = snakemake(workdir, "-n", *experts, *config_a)
+    assert "Nothing to be done" in plan.stdout + plan.stderr
+
+
+@pytest.mark.slow
+def test_a_run_killed_holding_the_run_lock_does_not_block_the_next(finished_run, tmp_path):
+    from smalltalk.runlock import read_holder
+
+    workdir, results = finished_run
+    args = ["results/tiny/experts/e0/model.safetensors", "--cores", "1"]
+    args += ["--configfile", str(TINY), "--forcerun", "train_expert"]
+    log = tmp_path / "killed.log"
+    killed = start_snakemake(workdir, log, *args)
+    try:
+        wait_until_it_holds_the_run_lock(killed, results, log)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)  # Snakemake and its jobs, with no clean-up
+        killed.wait()
+    assert read_holder(results / "run.lock")["pid"] == killed.pid  # its record stays
+    snakemake(workdir, "--unlock", "--configfile", str(TINY))  # Snakemake's own lock only
+    snakemake(workdir, *args)  # not refused: the kernel dropped the dead run's lock
+    assert read_holder(results / "run.lock") is None
 
 
 def test_dry_run_plans_every_em_round_only_under_the_fixed_schedule(tmp_path):
