@@ -25,6 +25,14 @@ ZSTD_MAX_FRAME_HEADER = 18
 ZSTD_SKIPPABLE_MAGIC = 0x184D2A50  # low 4 bits free
 ZSTD_RLE_BLOCK = 1  # its content is one byte, whatever the size it decodes to
 COMPRESSION_ERRORS = (EOFError, OSError, zlib.error, zstandard.ZstdError)
+# What json.loads raises on a line it cannot read: a JSONDecodeError, a UnicodeDecodeError (both
+# ValueErrors), a ValueError for an integer of more than sys.get_int_max_str_digits() digits, or a
+# RecursionError for arrays or objects nested deeper than the interpreter's stack.
+JSON_ERRORS = (ValueError, RecursionError)
+# What pyarrow raises on a Parquet file it cannot read, footer or pages: its own errors
+# (ArrowInvalid, ArrowNotImplementedError, ArrowMemoryError for a size read from garbage...) and
+# OSError.
+PARQUET_ERRORS = (pa.ArrowException, OSError)
 
 
 @dataclass(slots=True, frozen=True)
@@ -40,7 +48,8 @@ class BadRecordError(ValueError):
     def __init__(self, path: str | os.PathLike, line: int | None, reason: str):
         self.path = str(path)
         self.line = line
-        self.reason = reason
+        # One line, as the command line prints it: pyarrow's and zstd's own words may hold several.
+        self.reason = reason = " ".join(part.strip() for part in reason.strip().splitlines())
         where = f"{self.path}, line {line}" if line is not None else self.path
         super().__init__(f"{where}: {reason}")
 
@@ -149,6 +158,16 @@ def _truncated_or_corrupt(error: object) -> str:
     return f"truncated or corrupt compressed data ({error})"
 
 
+def _not_an_id(field: str, value: object) -> str | None:
+    """Why a record's id cannot be one, or None. An id names a document and decides its split by
+    its text (`str(value)`): a JSON array or object would be named by Python's spelling of it,
+    which is almost surely a wrong `fields.id`, not an id."""
+    if isinstance(value, (list, dict)):
+        kind = "an array" if isinstance(value, list) else "an object"
+        return f"field '{field}' is {kind}, not a string or number"
+    return None
+
+
 def _not_unicode(fields: dict[str, object]) -> str | None:
     """Why one of a record's strings is not valid Unicode, naming the field, or None. JSON can
     spell a lone surrogate ("\\ud800"), which no tokenizer, Parquet file or UTF-8 codec takes."""
@@ -190,7 +209,7 @@ def _json_lines(
             records += 1
             try:
                 record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            except JSON_ERRORS as error:
                 # Corrupt compressed data often decodes to garbage long before the checksum
                 # that proves it, so blame the compression if the file fails its own test.
                 fault = _compression_fault(path) if compressed else None
@@ -215,7 +234,9 @@ def _json_lines(
                 continue
             doc_id = record.get(id_field, record.get("doc_id"))
             source = record.get(source_field)
-            problem = _not_unicode({text_field: text, id_field: doc_id, source_field: source})
+            problem = _not_an_id(id_field, doc_id) or _not_unicode(
+                {text_field: text, id_field: doc_id, source_field: source}
+            )
             if problem is not None:
                 _report(BadRecordError(path, line_no, problem), on_bad_record)
                 continue
@@ -240,44 +261,42 @@ def _parquet(
 ) -> Iterator[Document]:
     try:
         parquet = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as error:
+        schema = parquet.schema_arrow
+        rows_in_file = parquet.metadata.num_rows
+    except PARQUET_ERRORS as error:
         _report(BadRecordError(path, None, f"not a readable Parquet file ({error})"), on_bad_record)
         return
-    names = set(parquet.schema_arrow.names)
-    if text_field not in names:
-        _report(
-            BadRecordError(path, None, f"no text column '{text_field}' (has {sorted(names)})"),
-            on_bad_record,
-        )
+    problem = _column_problem(schema, text_field, id_field, source_field)
+    if problem is not None:
+        _report(BadRecordError(path, None, problem), on_bad_record)
         return
-    text_type = parquet.schema_arrow.field(text_field).type
-    if not _holds_strings(text_type):
-        _report(
-            BadRecordError(
-                path, None, f"text column '{text_field}' holds {text_type}, not strings"
-            ),
-            on_bad_record,
-        )
-        return
-    columns = [name for name in (text_field, id_field, source_field) if name in names]
-    if parquet.metadata.num_rows == 0:
+    if rows_in_file == 0:
         _report(BadRecordError(path, None, "file is empty (no records)"), on_bad_record)
         return
+    fields = (text_field, id_field, source_field)
+    columns = [name for name in fields if name in schema.names]
+    batches = parquet.iter_batches(columns=columns, batch_size=1024)
     row = 0
-    for batch in parquet.iter_batches(columns=columns, batch_size=1024):
-        data = batch.to_pydict()
-        texts = data[text_field]
-        ids = data.get(id_field, [None] * len(texts))
-        sources = data.get(source_field, [None] * len(texts))
+    while True:
+        try:
+            batch = next(batches)
+            texts, ids, sources = (_column_values(batch, name) for name in fields)
+        except StopIteration:
+            break
+        except PARQUET_ERRORS as error:
+            # The footer reads but a page does not (a corrupt or cut file): the rows after it
+            # are lost with it, so go on with the next file, as with a broken compressed stream.
+            _report(
+                BadRecordError(path, row + 1, f"unreadable Parquet data ({error})"), on_bad_record
+            )
+            return
         for text, doc_id, source in zip(texts, ids, sources, strict=True):
             row += 1
-            if not isinstance(text, str):
-                _report(
-                    BadRecordError(path, row, f"no text (column '{text_field}' is null)"),
-                    on_bad_record,
-                )
-                continue
-            problem = _not_unicode({text_field: text, id_field: doc_id, source_field: source})
+            values = {text_field: text, id_field: doc_id, source_field: source}
+            problem = _not_utf8(values)
+            if problem is None and not isinstance(text, str):
+                problem = f"no text (column '{text_field}' is null)"
+            problem = problem or _not_unicode(values)
             if problem is not None:
                 _report(BadRecordError(path, row, problem), on_bad_record)
                 continue
@@ -286,6 +305,56 @@ def _parquet(
                 text=text,
                 source=source if isinstance(source, str) and source else UNKNOWN_SOURCE,
             )
+
+
+def _column_problem(
+    schema: pa.Schema, text_field: str, id_field: str, source_field: str
+) -> str | None:
+    """Why the columns of a Parquet file cannot give documents, naming the column, or None. A
+    column of another type would otherwise be read as Python spells its values: an id column
+    of lists gives ids "[1, 2]", a source column of numbers gives no source at all."""
+    if text_field not in schema.names:
+        return f"no text column '{text_field}' (has {sorted(set(schema.names))})"
+    wanted = (
+        ("text", text_field, "strings", _holds_strings),
+        ("id", id_field, "strings or integers", _holds_ids),
+        ("source", source_field, "strings", _holds_sources),
+    )
+    for role, name, kind, holds in wanted:
+        count = len(schema.get_all_field_indices(name))
+        if count > 1:  # which of them is meant cannot be told
+            return f"{role} column '{name}' appears {count} times"
+        if count == 1 and not holds(schema.field(name).type):
+            return f"{role} column '{name}' holds {schema.field(name).type}, not {kind}"
+    return None
+
+
+def _column_values(batch: pa.RecordBatch, name: str) -> list:
+    """A column's values as Python objects (None where the file has no such column). A string that
+    is not UTF-8, which a writer that does not check can store, is given as its
+    UnicodeDecodeError, so that its row is named instead of the whole batch failing."""
+    if name not in batch.schema.names:
+        return [None] * batch.num_rows
+    column = batch.column(name)
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        return [_python_value(value) for value in column]
+
+
+def _python_value(scalar: pa.Scalar) -> object:
+    try:
+        return scalar.as_py()
+    except UnicodeDecodeError as error:
+        return error
+
+
+def _not_utf8(fields: dict[str, object]) -> str | None:
+    """Why one of a row's strings is not UTF-8 (`_column_values`), naming the field, or None."""
+    for name, value in fields.items():
+        if isinstance(value, UnicodeDecodeError):
+            return f"field '{name}' is not UTF-8 ({value})"
+    return None
 
 
 def _holds_strings(column: pa.DataType) -> bool:
@@ -297,6 +366,17 @@ def _holds_strings(column: pa.DataType) -> bool:
         or pa.types.is_large_string(column)
         or pa.types.is_string_view(column)
     )
+
+
+def _holds_ids(column: pa.DataType) -> bool:
+    """Strings or integers (an id column of nulls only: every id is generated)."""
+    value_type = column.value_type if pa.types.is_dictionary(column) else column
+    return _holds_strings(column) or pa.types.is_integer(value_type) or pa.types.is_null(column)
+
+
+def _holds_sources(column: pa.DataType) -> bool:
+    """Strings (a source column of nulls only: every source is unknown)."""
+    return _holds_strings(column) or pa.types.is_null(column)
 
 
 def _report(error: BadRecordError, on_bad_record: OnBadRecord) -> None:
@@ -324,7 +404,7 @@ def read_documents(
 
     A bad record raises BadRecordError naming the file and line, unless `on_bad_record`
     is given: then it receives the error and reading goes on (with the next file, when
-    the compressed stream itself is broken).
+    the compressed stream or a Parquet page itself is broken).
     """
     path = Path(path)
     doc_key = doc_key if doc_key is not None else str(path)

@@ -40,6 +40,8 @@ def sample_sentences(
 ) -> Iterator[str]:
     """Lines of train-split documents, an equal byte budget per sampled file."""
     chosen = sample_files(sorted(files), tokenizer.sample_files)
+    if not chosen:  # else a division by zero below, or SentencePiece's "[!sentences_.empty()]"
+        raise ValueError("the tokenizer has no files to sample: give it at least one input file")
     budget_per_file = max(1, tokenizer.sample_bytes // len(chosen))
     skipped: list[BadRecordError] = []
     handler = skipped.append if data.on_bad_record == "skip" else None
