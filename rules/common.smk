@@ -1,5 +1,6 @@
 # The results layout and the input functions of the rules; logic lives in smalltalk/.
 import os
+from types import SimpleNamespace
 
 from smalltalk.config import SPLITS
 from smalltalk.data import plan_chunks, plan_grown_chunks
@@ -415,10 +416,60 @@ def get_ledger_table_flags(wildcards, input):
     ]
 
 
-def get_final_outputs():
-    """Every result, and what serving the mixture reads (smalltalk.load), so that a deleted
-    model or config is rebuilt rather than found missing when the mixture is loaded."""
+def get_test_evaluation_parts():
+    """Every file the test split's evaluation writes part by part: each router's routes, each
+    model's scores, the merged rows (and, for a grown mixture, its rows before growing).
+    """
+    parts = [SimpleNamespace(split="test", part=part) for part in EVAL_PARTS]
+    pieces = [
+        path
+        for part in parts
+        for path in (
+            *get_route_files(part),
+            *get_expert_score_files(part),
+            R(f"eval/test/scores/dense/{part.part}.parquet"),
+            *get_baseline_score_files(part),
+        )
+    ]
+    before_growing = f"eval/{{split}}/subsets/{BEFORE_GROWING}/{{part}}.parquet"
     return [
+        *pieces,
+        *get_eval_files("eval/{split}/{part}.parquet", "test"),
+        *(get_eval_files(before_growing, "test") if GROWN_EXPERTS else []),
+    ]
+
+
+def get_intermediate_outputs():
+    """The files jobs write for later jobs from the shards on (the shards, their routing scores,
+    the evaluation's parts, lm-eval's task and scores), made targets of the run as well.
+
+    Snakemake does not rebuild a missing input whose consumers' outputs are there and newer
+    than their other inputs (snakemake#1978), and a job that starts removes its outputs first:
+    a run killed in a forced re-shard left `shards/expert=*/c00001.parquet` missing for good,
+    the experts as they were and `explain` reporting on half the shards. As targets, a missing
+    one is rebuilt and, newer than what read it, re-runs its consumers, so a run resumed after
+    a kill ends as the uninterrupted one would. Not here: EM's rounds (routers/r{r}/...), known
+    only once EM has run, and the outputs of jobs that have another output among the targets
+    (a target job with any output missing runs again).
+    """
+    return [
+        *get_shard_files(),
+        *expand(R("segmentation/scores/{chunk}.parquet"), chunk=CHUNKS),
+        *get_test_evaluation_parts(),
+        R("harness/continuation_choice/continuation_choice.jsonl"),
+        R("harness/continuation_choice/continuation_choice.yaml"),
+        R("harness/scores.parquet"),
+        R("harness/lm_eval.json"),
+    ]
+
+
+def get_final_outputs():
+    """Every result, what serving the mixture reads (smalltalk.load) and what `explain` reads
+    (the shards), so that a deleted model, config or shard is rebuilt rather than found missing
+    when the mixture is loaded; and the files later jobs read (get_intermediate_outputs).
+    """
+    return [
+        *get_intermediate_outputs(),
         get_tokenizer_model(),
         *get_all_routers(),
         *get_expert_models(),

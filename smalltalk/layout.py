@@ -7,6 +7,7 @@
     {root}/experts/e{e}/model.safetensors   expert e
     {root}/dense/model.safetensors          or, in a results directory, `training.dense_from`
     {root}/shards/expert={e}/*.parquet      EM expert e's training data (a results directory only)
+    {root}/segmentation/check.json          the shards, each listed with its rows, found complete
     {root}/export.json                      an export only: which experts it holds, its files
 
 `smalltalk export` copies each file of a results directory to the place this resolver gives it
@@ -79,6 +80,11 @@ class MixtureFiles:
     @property
     def shards(self) -> Path:
         return self.root / "shards"
+
+    @property
+    def shard_check(self) -> Path:
+        """The shard check's report, which lists every shard (`smalltalk.shard.checked_shards`)."""
+        return self.root / "segmentation" / "check.json"
 
 
 def mixture_files(root: str | os.PathLike) -> MixtureFiles:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -126,6 +127,8 @@ def check_shards(
         "not_in_train": foreign,
         "over_capacity": [list(map(_plain, row)) for row in over_capacity],
         "sequences_per_expert": {str(k): v for k, v in per_expert.items()},
+        # The shards checked, with their rows: what `checked_shards` compares those present with.
+        "shards": {shard_name(path): pq.read_metadata(path).num_rows for path in shard_files},
     }
     problems = []
     if missing:
@@ -143,6 +146,65 @@ def check_shards(
         raise ValueError("shard check failed: " + "; ".join(problems))
     write_text_atomically(json.dumps(report, indent=2) + "\n", out)
     return report
+
+
+def shard_name(path: str | os.PathLike) -> str:
+    """A shard's name under the shards folder: expert={e}/{chunk}.parquet."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}"
+
+
+def checked_shards(shards: Path, check: Path) -> list[Path]:
+    """The shards in `shards` (`shards/expert={e}/*.parquet`), once they are the very ones the
+    shard check `check` (segmentation/check.json) found complete: none missing, none it did not
+    see, each with the rows it counted. Raises FileNotFoundError or ValueError naming the first
+    shard that differs, so that no report is made from part of the segmentation (a run killed
+    while it re-sharded leaves the shards of the chunks it had not finished missing)."""
+    rerun = "run the workflow again, which rebuilds and checks the shards"
+    if not check.is_file():
+        raise FileNotFoundError(
+            f"{check}: missing, so nothing says the shards in {shards} are complete; {rerun}"
+        )
+    report = json.loads(check.read_text())
+    present = {shard_name(path): path for path in sorted(shards.glob("expert=*/*.parquet"))}
+    listed = report.get("shards")
+    if listed is None:  # a check written before it listed the shards: each expert's rows
+        return _shards_as_counted(present, report["sequences_per_expert"], check, rerun)
+    missing = sorted(set(listed) - set(present))
+    if missing:
+        more = f" (and {len(missing) - 1} more shards)" if len(missing) > 1 else ""
+        raise FileNotFoundError(
+            f"{shards / missing[0]}: missing{more}, though {check} lists it; {rerun}"
+        )
+    unlisted = sorted(set(present) - set(listed))
+    if unlisted:
+        raise ValueError(
+            f"{present[unlisted[0]]}: a shard that {check} does not list (left by another "
+            f"run?); delete it or {rerun}"
+        )
+    for name, rows in sorted(listed.items()):
+        found = pq.read_metadata(present[name]).num_rows
+        if found != rows:
+            raise ValueError(
+                f"{present[name]}: {found} rows, but {rows} when {check} was written; {rerun}"
+            )
+    return [present[name] for name in sorted(listed)]
+
+
+def _shards_as_counted(
+    present: dict[str, Path], counted: dict[str, int], check: Path, rerun: str
+) -> list[Path]:
+    rows: dict[str, int] = {}
+    for name, path in present.items():
+        expert = name.split("/")[0].removeprefix("expert=")
+        rows[expert] = rows.get(expert, 0) + pq.read_metadata(path).num_rows
+    for expert in sorted(set(rows) | set(counted), key=int):
+        if rows.get(expert, 0) != counted.get(expert, 0):
+            raise ValueError(
+                f"shards of expert {expert}: {rows.get(expert, 0)} rows, but {check} counted "
+                f"{counted.get(expert, 0)}: a shard is missing or changed since; {rerun}"
+            )
+    return list(present.values())
 
 
 def _require_parquet(path: str | os.PathLike) -> None:

@@ -166,6 +166,7 @@ def results(tmp_path_factory) -> Path:
     )
     from smalltalk.data import plan_chunks, tokenize_chunk
     from smalltalk.model import LM
+    from smalltalk.shard import shard_name
     from smalltalk.tokenizer import train_tokenizer
 
     torch.set_num_threads(1)
@@ -219,6 +220,21 @@ def results(tmp_path_factory) -> Path:
         shard = root / "shards" / f"expert={e}" / "c00000.parquet"
         shard.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(train.filter(pa.array(experts == e)), shard)
+    # The shard check's listing, which `explain` compares the shards with (by source, these
+    # shards would fail its capacity check, so the report is written here).
+    shards = sorted((root / "shards").glob("expert=*/*.parquet"))
+    (root / "segmentation").mkdir()
+    (root / "segmentation" / "check.json").write_text(
+        json.dumps(
+            {
+                "ok": True,
+                "sequences_per_expert": {
+                    str(e): int((experts == e).sum()) for e in range(N_EXPERTS)
+                },
+                "shards": {shard_name(path): pq.read_metadata(path).num_rows for path in shards},
+            }
+        )
+    )
     cli.main(
         ["harness-task", "--config", str(root / "config.yaml"), "--tokenizer", str(spm_model),
          "--out-dir", str(root / "harness" / "continuation_choice"),

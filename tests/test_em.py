@@ -195,6 +195,11 @@ def test_shard_chunk_writes_every_row_once_and_check_passes(tmp_path):
         train_files=train, shard_files=shard_files, n_experts=3, out=tmp_path / "check.json"
     )
     assert report["ok"] and report["train_sequences"] == 202
+    # Every shard checked is listed with its rows, for `explain` to compare the shards with.
+    assert sorted(report["shards"]) == [
+        f"expert={e}/c{c}.parquet" for e in range(3) for c in (0, 1)
+    ]
+    assert sum(report["shards"].values()) == 202
     assert json.loads((tmp_path / "check.json").read_text())["missing"] == 0
     scores = pq.read_table(tmp_path / "scores/c0.parquet")
     assert scores.schema.field("nll").type.value_type == pa.float16()

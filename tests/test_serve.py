@@ -269,6 +269,44 @@ def test_explain_shows_every_router_and_what_each_segment_holds(results):
     assert sum(s["share"] for s in segments) == pytest.approx(1.0)
 
 
+def test_explain_refuses_shards_other_than_those_the_shard_check_listed(results, tmp_path, capsys):
+    """A run killed while re-sharding leaves some chunks' shards missing: explain must not
+    report segment sizes and sources from the rest, and names the file that differs."""
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    shard = copy / "shards" / "expert=1" / "c00000.parquet"
+    kept = shard.read_bytes()
+
+    def refusal() -> str:
+        assert cli.main(["explain", "--results", str(copy), TEXTS[0]]) == 1
+        captured = capsys.readouterr()
+        assert not captured.out and "Traceback" not in captured.err
+        return captured.err
+
+    shard.unlink()
+    error = refusal()
+    assert f"{shard}: missing, though {copy / 'segmentation' / 'check.json'} lists it" in error
+    shard.write_bytes(kept)
+    stray = copy / "shards" / "expert=0" / "c00007.parquet"
+    shutil.copy(shard, stray)  # left by a run of more chunks
+    assert f"{stray}: a shard that" in refusal()
+    stray.unlink()
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(0, table.num_rows - 1), shard)  # rewritten since the check
+    assert f"{shard}: {table.num_rows - 1} rows, but {table.num_rows} when" in refusal()
+    pq.write_table(table, shard)
+    check = copy / "segmentation" / "check.json"
+    listing = json.loads(check.read_text())
+    check.write_text(json.dumps({k: v for k, v in listing.items() if k != "shards"}))
+    shard.unlink()  # a check written before it listed the shards: each expert's rows count
+    assert "shards of expert 1: 0 rows, but" in refusal()
+    check.unlink()
+    assert f"{check}: missing, so nothing says the shards" in refusal()
+    check.write_text(json.dumps(listing))
+    pq.write_table(table, shard)
+    assert cli.main(["explain", "--results", str(copy), TEXTS[0]]) == 0
+
+
 # ---- retiring experts ------------------------------------------------------------------------
 
 

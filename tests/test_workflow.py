@@ -492,6 +492,87 @@ def test_a_run_killed_holding_the_run_lock_does_not_block_the_next(finished_run,
     assert read_holder(results / "run.lock") is None
 
 
+def jobs_run(output: str) -> set[str]:
+    """The rules of the jobs a run started, from its log."""
+    return set(re.findall(r"^(?:local)?rule (\w+):$", output, re.MULTILINE))
+
+
+@pytest.mark.slow
+def test_a_shard_a_killed_run_left_missing_is_rebuilt_and_checked_again_byte_for_byte(
+    finished_run,
+):
+    """A forced re-shard killed while it shards a chunk leaves that chunk's shards removed (a
+    job removes its outputs when it starts) and what read them still there, newer than all else
+    they read: here, one of them deleted. A plain run must rebuild the shard, check the shards
+    again and end as before; meanwhile `explain` refuses to describe the segments from the rest.
+    """
+    workdir, results = finished_run
+    args = ["--cores", "2", "--configfile", str(TINY)]
+    snakemake(workdir, *args)  # finished, whatever the tests before did to it
+    kept = sharded_and_trained(results)
+    missing = results / "shards" / "expert=1" / "c00001.parquet"
+    missing.unlink()
+
+    explain = [str(BIN / "python"), "-m", "smalltalk", "explain", "--results", str(results)]
+    refused = subprocess.run([*explain, "def main():"], capture_output=True, text=True)
+    assert refused.returncode == 1 and not refused.stdout
+    assert f"{missing}: missing, though {results / 'segmentation' / 'check.json'} lists it" in (
+        refused.stderr
+    )
+
+    rerun = snakemake(workdir, *args)
+    assert {"shard_chunk", "check_shards"} <= jobs_run(rerun.stdout + rerun.stderr)
+    for path, content in kept.items():
+        assert path.read_bytes() == content, path
+    again = snakemake(workdir, "-n", *args)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    assert subprocess.run([*explain, "def main():"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_forced_re_shard_killed_midway_resumes_to_the_same_results(finished_run, tmp_path):
+    """The kill itself (kill -9 of Snakemake and its jobs), then `--unlock` and a plain run: it
+    must re-shard, check the shards and end byte for byte where the uninterrupted run would."""
+    workdir, results = finished_run
+    args = ["--cores", "1", "--configfile", str(TINY)]
+    snakemake(workdir, *args)  # finished, whatever the tests before did to it
+    kept = sharded_and_trained(results)
+    shard_log = results / "logs" / "shard" / "c00001.log"
+    before = shard_log.stat().st_mtime_ns
+    log = tmp_path / "reshard.log"
+    reshard = start_snakemake(workdir, log, *args, "--forcerun", "shard_chunk")
+    try:
+        deadline = time.monotonic() + 300
+        while not shard_log.exists() or shard_log.stat().st_mtime_ns == before:
+            assert reshard.poll() is None, f"it ended first:\n{log.read_text()}"
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        os.killpg(reshard.pid, signal.SIGKILL)  # once it has started to shard chunk c00001
+        reshard.wait()
+    snakemake(workdir, "--unlock", *args)
+    resumed = snakemake(workdir, *args)
+    assert {"shard_chunk", "check_shards"} <= jobs_run(resumed.stdout + resumed.stderr)
+    for path, content in kept.items():
+        assert path.read_bytes() == content, path
+    again = snakemake(workdir, "-n", *args)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def sharded_and_trained(results: Path) -> dict[Path, bytes]:
+    """The shards, the shard check and the experts' weights, which the same config and seed
+    make byte for byte the same (their metrics and checkpoints hold wall-clock times)."""
+    kept = {
+        path: path.read_bytes()
+        for folder in ("shards", "segmentation", "experts")
+        for path in sorted((results / folder).rglob("*"))
+        if path.suffix in (".parquet", ".safetensors") or path.name == "check.json"
+        if path.name != "metrics.parquet" and "ckpt" not in path.parts
+    }
+    assert len([path for path in kept if "shards" in path.parts]) == 4
+    return kept
+
+
 def test_dry_run_plans_every_em_round_only_under_the_fixed_schedule(tmp_path):
     """With routing.stop each round's diagnostics decide whether the next runs, so a fresh dry
     run plans round 1 only; with `stop: null` all T rounds are known before any has run."""

@@ -1,8 +1,9 @@
 """What each segment holds, and a text's routing beside it: `smalltalk explain`.
 
 Reads the training shards of the results directory a mixture was loaded from (an export holds
-none): each EM segment's size and source mix by DuckDB over every shard, and its most
-characteristic tokens by TF-IDF over a sample of its sequences.
+none), once they are the ones the workflow's shard check listed (segmentation/check.json): each
+EM segment's size and source mix by DuckDB over every shard, and its most characteristic tokens
+by TF-IDF over a sample of its sequences.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def segments(mixture: Mixture, top_tokens: int = 10, sample: int = 5000) -> list
                 f"{mixture.results}: an export holds no training shards, so it cannot tell "
                 "what each segment holds; ask the results directory it was exported from"
             )
+        from smalltalk.shard import checked_shards
+
+        # Every shard the shard check saw, or no report: a segment's size and source mix from
+        # part of its shards (a run killed while re-sharding) would mislead without a word.
+        checked_shards(mixture.files.shards, mixture.files.shard_check)
         # EM's segments only: a grown expert's segment is its whole corpus, not a shard.
         profiles = segment_profiles(
             mixture.files.shards,
