@@ -239,8 +239,8 @@ def _final_points(ax, overall: PathLike, ledger: PathLike | None) -> None:
             linestyle="none",
             label=f"{label}: {ppl:.2f}",
         )
-    ax.set_xscale("log")
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))  # the costs differ by percents
     ax.set_xlabel("total training FLOPs (mixture: routers included)")
     ax.set_ylabel("test perplexity (M\u0302 = M)")
     ax.set_title("Every model at its whole training cost")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
