@@ -30,9 +30,9 @@ COMPRESSION_ERRORS = (EOFError, OSError, zlib.error, zstandard.ZstdError)
 # RecursionError for arrays or objects nested deeper than the interpreter's stack.
 JSON_ERRORS = (ValueError, RecursionError)
 # What pyarrow raises on a Parquet file it cannot read, footer or pages: its own errors
-# (ArrowInvalid, ArrowNotImplementedError, ArrowMemoryError for a size read from garbage...) and
-# OSError.
-PARQUET_ERRORS = (pa.ArrowException, OSError)
+# (ArrowInvalid, ArrowNotImplementedError, ArrowMemoryError for a size read from garbage...),
+# OSError, and a UnicodeDecodeError (a ValueError) for a column name that is not UTF-8.
+PARQUET_ERRORS = (pa.ArrowException, OSError, ValueError)
 
 
 @dataclass(slots=True, frozen=True)

@@ -7,20 +7,28 @@ be fed to `smalltalk` by hand; the few too large to commit are written here (`GE
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import runpy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
+import zstandard
 from conftest import REPO
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import smalltalk
 from smalltalk import cli
 from smalltalk.corpus import BadRecordError, read_documents
 from smalltalk.serve.mixture import Mixture
+from smalltalk.unicode import unicode_problem
 
 BAD = REPO / "tests" / "data" / "bad"
 HUGE_LINE_CHARS = 5 << 20  # one line of 5 MB
@@ -258,6 +266,11 @@ BAD_INPUTS = [
     ),
     Bad("corrupt-page.parquet", "read", "{path}, line 1: unreadable Parquet data ("),
     Bad(
+        "not-utf8-column-name.parquet",
+        "read",
+        "{path}: not a readable Parquet file ('utf-8' codec can't decode byte 0xe9",
+    ),
+    Bad(
         "corrupt-page.parquet",
         "tokenize_skipping",
         "tokenized 0 documents, 0 empty; skipped and counted: 1 ({path}, line 1: unreadable "
@@ -468,3 +481,225 @@ def test_a_tokenizer_without_files_to_sample_says_so(tmp_path, capsys):
             tokenizer=TokenizerConfig.from_config(config),
             out_model=tmp_path / "spm.model",
         )
+
+
+# ---- property tests: random input through every reader and through `Mixture.route` -------------
+
+FORMATS = [".jsonl", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".parquet"]
+JSON_FORMATS = [".jsonl", ".jsonl.gz", ".json.gz", ".jsonl.zst"]
+# Every code point, lone surrogates included: JSON spells them as "\ud800" escapes. Hypothesis
+# draws few of the 2048 surrogates among 1.1 million code points, so `any_text` puts one in half
+# of its texts.
+ANY_CHARACTER = st.characters(exclude_categories=())
+LONE_SURROGATE = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, exclude_categories=())
+
+
+def any_text(max_size: int) -> st.SearchStrategy[str]:
+    text = st.text(ANY_CHARACTER, max_size=max_size)
+    return text | st.builds(
+        lambda before, lone, after: before + lone + after, text, LONE_SURROGATE, text
+    )
+
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()  # NaN and infinities too: json.dumps writes them and json.loads reads them
+    | any_text(20)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(any_text(8), inner, max_size=4),
+    max_leaves=12,
+)
+# Objects with the fields the readers look for, so that random values reach every check; a
+# string, valid or not, in half of them, so that some files are read to the end.
+records = st.fixed_dictionaries(
+    {"text": any_text(20) | json_values},
+    optional={
+        "raw_content": json_values,
+        "id": json_values,
+        "doc_id": json_values,
+        "source": json_values,
+        "meta": json_values | st.builds(json.dumps, json_values),
+    },
+)
+json_lines = st.lists(records, min_size=1, max_size=6) | st.lists(
+    records | json_values, min_size=1, max_size=6
+)
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    """One folder for a property test's examples (hypothesis runs them one after the other, and
+    takes no function-scoped fixture)."""
+    return tmp_path_factory.mktemp("random-input")
+
+
+def compressed(data: bytes, suffix: str) -> bytes:
+    if suffix.endswith(".gz"):
+        return gzip.compress(data, mtime=0)
+    if suffix.endswith(".zst"):
+        return zstandard.ZstdCompressor(write_checksum=True).compress(data)
+    return data
+
+
+def a_valid_file(suffix: str) -> bytes:
+    """A small good corpus file of the format, for the edits of `test_damaged_files_...`."""
+    rows = [{"text": f"document {i}", "id": f"d{i}", "source": "web"} for i in range(20)]
+    if suffix == ".parquet":
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buffer, compression="snappy")
+        return buffer.getvalue()
+    return compressed(b"".join(json.dumps(row).encode() + b"\n" for row in rows), suffix)
+
+
+def read_or_named_error(path: Path) -> None:
+    """What every reader must do with any input: give documents of valid text, or raise a
+    BadRecordError of one line naming the file. Any other exception (a UnicodeDecodeError, a
+    pyarrow or zstd error, a RecursionError) fails the test where it is raised. Skipping bad
+    records, it must never raise at all."""
+    try:
+        documents = list(read_documents(path))
+    except BadRecordError as error:
+        assert str(path) in str(error) and "\n" not in str(error), str(error)
+        documents = None
+    skipped: list[BadRecordError] = []
+    kept = list(read_documents(path, on_bad_record=skipped.append))
+    for document in kept:
+        assert isinstance(document.text, str) and unicode_problem(document.text) is None
+        assert isinstance(document.id, str) and unicode_problem(document.id) is None
+        assert isinstance(document.source, str) and document.source
+    assert all(error.path == str(path) and "\n" not in str(error) for error in skipped)
+    if documents is not None:  # nothing bad: skipping changes nothing
+        assert kept == documents and not skipped
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_random_bytes_are_read_or_named(scratch, suffix, data):
+    path = scratch / f"random-bytes{suffix}"
+    path.write_bytes(data)
+    read_or_named_error(path)
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_damaged_files_are_read_or_named(scratch, suffix, data):
+    """Random bytes seldom get past a format's magic number; a good file with a few bytes changed,
+    and at times its end cut off, reaches the decoders, the Parquet pages and each record's JSON.
+    (Cut every time, a Parquet file would lose its footer and never be read further.)"""
+    damaged = bytearray(a_valid_file(suffix))
+    places = st.integers(0, len(damaged) - 1)
+    for place, byte in data.draw(st.lists(st.tuples(places, st.integers(0, 255)), max_size=4)):
+        damaged[place] = byte
+    cut = data.draw(st.none() | st.integers(0, len(damaged)), label="cut")
+    path = scratch / f"damaged{suffix}"
+    path.write_bytes(bytes(damaged[:cut]))
+    read_or_named_error(path)
+
+
+@pytest.mark.parametrize("suffix", JSON_FORMATS)
+@settings(max_examples=100, deadline=None)
+@given(lines=json_lines, ascii_only=st.booleans())
+def test_random_json_lines_are_read_or_named(scratch, suffix, lines, ascii_only):
+    """Any JSON value as a line, escaped ASCII or raw UTF-8 (a lone surrogate written raw, as
+    "surrogatepass" writes it, is bytes that are not UTF-8)."""
+    text = "".join(json.dumps(value, ensure_ascii=ascii_only) + "\n" for value in lines)
+    path = scratch / f"random-json{suffix}"
+    path.write_bytes(compressed(text.encode("utf-8", "surrogatepass"), suffix))
+    read_or_named_error(path)
+
+
+@st.composite
+def parquet_columns(draw, rows: int, kinds: list[str]) -> pa.Array:
+    """A column of `rows` values, of one of `kinds` of PARQUET_COLUMN_TYPES, with nulls among
+    them or not."""
+    nulls = draw(st.booleans())
+
+    def values(strategy):
+        return draw(
+            st.lists(st.none() | strategy if nulls else strategy, min_size=rows, max_size=rows)
+        )
+
+    kind = draw(st.sampled_from(kinds))
+    if kind == "null":
+        return pa.nulls(rows)
+    if kind == "not UTF-8":
+        return pa.array(values(st.binary(max_size=8)), pa.binary()).view(pa.string())
+    if kind == "dictionary":
+        return pa.array(values(st.text(max_size=8)), pa.string()).dictionary_encode()
+    strategy, arrow_type = PARQUET_COLUMN_TYPES[kind]
+    return pa.array(values(strategy), arrow_type)
+
+
+# The types a Parquet column may hold, strings that are not UTF-8 included (pyarrow writes them
+# unchecked, as other writers may).
+PARQUET_COLUMN_TYPES = {
+    "string": (st.text(max_size=20), pa.string()),
+    "large string": (st.text(max_size=20), pa.large_string()),
+    "int64": (st.integers(-(2**63), 2**63 - 1), pa.int64()),
+    "uint8": (st.integers(0, 255), pa.uint8()),
+    "float64": (st.floats(), pa.float64()),
+    "bool": (st.booleans(), pa.bool_()),
+    "binary": (st.binary(max_size=8), pa.binary()),
+    "list": (st.lists(st.integers(-5, 5), max_size=3), pa.list_(pa.int64())),
+    "struct": (st.fixed_dictionaries({"a": st.text(max_size=3)}), pa.struct([("a", pa.string())])),
+    "null": None,
+    "not UTF-8": None,
+    "dictionary": None,
+}
+
+
+STRING_COLUMNS = ["string", "large string", "dictionary", "not UTF-8"]
+
+
+@st.composite
+def parquet_tables(draw) -> pa.Table:
+    """0 to 6 rows: a text column (of strings in half the tables, else of any type; under
+    another name at times), and some of the other columns the reader looks for, and one it
+    does not, each of any type."""
+    rows = draw(st.integers(0, 6))
+    any_kind = sorted(PARQUET_COLUMN_TYPES)
+    text_kinds = draw(st.sampled_from([STRING_COLUMNS, any_kind]))
+    text_name = draw(st.sampled_from(["text", "text", "text", "body"]))
+    columns = {text_name: draw(parquet_columns(rows, text_kinds))}
+    for name in draw(st.lists(st.sampled_from(["id", "source", "other"]), unique=True)):
+        columns[name] = draw(parquet_columns(rows, any_kind))
+    return pa.table(columns)
+
+
+@settings(max_examples=100, deadline=None)
+@given(table=parquet_tables())
+def test_random_parquet_columns_are_read_or_named(scratch, table):
+    path = scratch / "random-columns.parquet"
+    pq.write_table(table, path)
+    read_or_named_error(path)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    texts=st.lists(any_text(40), min_size=1, max_size=3),
+    single=st.booleans(),
+)
+def test_random_text_is_routed_or_named(mixture, texts, single):
+    """Any text, lone surrogates included: routed, or a ValueError naming the text (by its place
+    in the list) and what is wrong with it."""
+    asked = texts[0] if single else texts
+    problems = [(number, unicode_problem(text)) for number, text in enumerate(texts, 1)]
+    first_bad = next(((n, p) for n, p in problems if p is not None), None)
+    if single and first_bad is not None and first_bad[0] != 1:
+        first_bad = None  # only the first text was asked
+    if first_bad is None:
+        routed = mixture.route(asked)
+        for routing in [routed] if single else routed:
+            assert routing.expert in mixture.experts
+        return
+    with pytest.raises(ValueError) as raised:
+        mixture.route(asked)
+    number, problem = first_bad
+    named = "text" if single else f"text {number}"
+    assert str(raised.value) == f"{named} is not valid Unicode ({problem})"

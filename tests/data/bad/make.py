@@ -43,6 +43,15 @@ def corrupt_page(good: pa.Table) -> bytes:
     return bytes(data)
 
 
+def not_utf8_column_name() -> bytes:
+    """A Parquet file whose footer names a column in bytes that are not UTF-8: its "\u00e9" (C3
+    A9) turned into Latin-1's E9 E9, of the same length, so that the footer still parses (in the
+    schema and in the column chunk's path both)."""
+    data = parquet(pa.table({"text": ["a"], "\u00e9tiquette": ["b"]}), store_schema=False)
+    assert "\u00e9tiquette".encode() in data
+    return data.replace("\u00e9tiquette".encode(), b"\xe9\xe9tiquette")
+
+
 def not_utf8_strings() -> pa.Array:
     """A string column holding bytes that are not UTF-8: pyarrow writes what it is given, and so
     do other writers."""
@@ -83,6 +92,7 @@ def corpus() -> dict[str, bytes]:
         "null-text.parquet": parquet(pa.table({"text": ["a", None, "c"]})),
         "not-utf8.parquet": parquet(pa.table({"text": not_utf8_strings()})),
         "corrupt-page.parquet": corrupt_page(texts),
+        "not-utf8-column-name.parquet": not_utf8_column_name(),
         # --- texts for the serving commands (`--file`)
         "texts-not-utf8.txt": b"a first text\ncaf\xe9 au lait\n",
         "texts-no-text-field.jsonl": b'{"text": "fine"}\n{"prompt": "no text field"}\n',
