@@ -12,6 +12,7 @@ executor's guess (`cluster.account`), and the executor reads job states as it wo
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import gzip
 import json
@@ -32,7 +33,7 @@ from safetensors import safe_open
 from snakemake.utils import update_config
 from test_workflow import BIN, REPO, TINY, snakemake
 
-from smalltalk.config import validate_config
+from smalltalk.config import PRESETS, model_config, validate_config
 
 PROFILE = REPO / "slurm"
 CPU_ONLY = PROFILE / "cpu-only.yaml"
@@ -338,6 +339,13 @@ def test_rpv2_recipes_give_the_paper_setups(size, experts):
     # App. A.4: each router passes once over its share of N between two exchanges of scores.
     assert config["routing"]["sequences_per_round"] == experts * 1373 * 32
     assert config["models"]["expert"]["preset"] == f"expert-{size}"
+    # The sizes of Table 1, whatever the demo's config.yaml overrides beneath the recipe.
+    presets = {"router": "router-4.4m", "expert": f"expert-{size}"}
+    for role, preset in presets.items():
+        assert model_config(config, role, vocab_size=32000) == dataclasses.replace(
+            PRESETS[preset], vocab_size=32000, seq_len=1024
+        ), role
+    assert config["training"]["baselines"] == []
     expert = config["training"]["expert"]
     assert (expert["steps"], expert["batch_size"]) == (
         {"335m": 256_000, "1.3b": 512_000}[size],
