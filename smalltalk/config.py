@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,9 @@ def semantic_errors(config: dict[str, Any]) -> list[str]:
         for path, value in _numbers(config)
         if not math.isfinite(value)
     ]
+    results = config.get("results")
+    if isinstance(results, str) and os.path.exists(results) and not os.path.isdir(results):
+        errors.append(f"results: {results!r} is a file, not a directory for the run's results")
     errors += _split_errors(config.get("splits", {}))
     for role in ("router", "expert", "dense_large"):
         errors += _model_errors(config, role)

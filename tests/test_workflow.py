@@ -753,3 +753,14 @@ def test_the_robustness_benchmark_plans_every_corpus_and_seed_with_its_own_dense
     dense = {job: n for job, n in counts.items() if job.endswith("_train_dense")}
     assert len(dense) == runs and set(dense.values()) == {"1"}
     assert counts["robustness_results"] == "1"
+
+
+def test_results_pointing_at_a_file_stops_the_run_naming_the_key(tmp_path):
+    (tmp_path / "not-a-folder").write_text("a file\n")
+    result = snakemake(
+        tmp_path, "-n", "--cores", "1", "--config", "results=not-a-folder", check=False
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "results: 'not-a-folder' is a file, not a directory for the run's results" in output
+    assert "NotADirectoryError" not in output and "Traceback" not in output
