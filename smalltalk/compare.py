@@ -27,6 +27,7 @@ import yaml
 
 from smalltalk.aggregate import BASELINE_NAMES
 from smalltalk.files import write_parquet_atomically, write_text_atomically
+from smalltalk.ledger import BASELINE_LEDGER_NAMES
 from smalltalk.stats import MIN_SEEDS, seed_spread, verdict
 
 PathLike = str | os.PathLike
@@ -75,11 +76,6 @@ BASELINE_COLUMNS = {
 }
 """The same against each dense baseline on the mixture's whole budget, where the run has it
 (None where it has not)."""
-
-BASELINE_FLOPS = {
-    "dense_compute": "dense, compute-matched (Eq. 10)",
-    "dense_large": "dense, larger (Eq. 10)",
-}
 
 
 def group_of(run: str) -> str:
@@ -169,13 +165,13 @@ def compare_runs(
                     },
                     **{
                         f"{baseline}_train_flops": _flops(ledger, component)
-                        for baseline, component in BASELINE_FLOPS.items()
+                        for baseline, component in BASELINE_LEDGER_NAMES.items()
                     },
                     "mixture_inference_flops": _flops(
                         ledger, "mixture total", "inference per sequence"
                     ),
                     "dense_large_inference_flops": _flops(
-                        ledger, BASELINE_FLOPS["dense_large"], "inference per sequence"
+                        ledger, BASELINE_LEDGER_NAMES["dense_large"], "inference per sequence"
                     ),
                 }
             )

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from smalltalk.files import write_text_atomically
+from smalltalk.ledger import BASELINE_LEDGER_NAMES
 from smalltalk.stats import MIN_SEEDS, seed_spread, verdict
 
 PathLike = str | os.PathLike
@@ -31,11 +32,7 @@ FIELDS = (
     *("corpus", "seed", "recipe", "E", "baseline", "ratio", "ci_low", "ci_high", "flops_ratio"),
     *("nmi", "wall_s"),
 )
-BASELINE_LEDGER_ROWS = {
-    "dense": "dense baseline (Eq. 10)",
-    "dense_compute": "dense, compute-matched (Eq. 10)",
-    "dense_large": "dense, larger (Eq. 10)",
-}
+BASELINE_LEDGER_ROWS = {"dense": "dense baseline (Eq. 10)", **BASELINE_LEDGER_NAMES}
 """Each baseline's training FLOPs in the run's ledger."""
 
 

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from smalltalk.ledger import BASELINE_LEDGER_NAMES
 from smalltalk.report.columns import read_columns
 from smalltalk.report.style import (
     DENSE,
@@ -206,10 +207,6 @@ def _final_points(ax, overall: PathLike, ledger: PathLike | None) -> None:
             "",
         ),
     ]
-    ledger_rows = {
-        "dense_compute": "dense, compute-matched (Eq. 10)",
-        "dense_large": "dense, larger (Eq. 10)",
-    }
     for name, (label, colour, marker) in BASELINE_STYLES.items():
         if f"ppl_{name}" in rows:
             points.append(
@@ -217,7 +214,7 @@ def _final_points(ax, overall: PathLike, ledger: PathLike | None) -> None:
                     label,
                     colour,
                     marker,
-                    costs.get(ledger_rows[name]),
+                    costs.get(BASELINE_LEDGER_NAMES[name]),
                     float(rows[f"ppl_{name}"][at]),
                     name,
                 )
